@@ -1,0 +1,1 @@
+"""Components of the recursive-distill recipes: models, losses, data, training, checkpointing."""

@@ -1,0 +1,101 @@
+"""The teacher: a frozen encoder in eval mode, run under inference mode, plus its tokenizer."""
+
+from typing import Collection, Optional
+
+import torch
+from torch import nn
+
+from components.models.output import EncoderOutput, EncoderSpec
+
+
+class FrozenTeacher(nn.Module):
+    """Wraps any encoder that returns an :class:`EncoderOutput` and never lets it train.
+
+    The encoder stays in eval mode (no dropout: the original MiniALBERT code left it on) and
+    runs under ``torch.inference_mode``. Tensors from inference mode cannot be saved for the
+    student's backward pass, so the ones the caller asks for are returned as ordinary copies;
+    hidden states it did not ask for come back as ``None``.
+
+    Args:
+        encoder: the teacher network.
+        tokenizer: its Hugging Face tokenizer; the student and the data use the same one.
+        name: where the teacher came from, for messages.
+    """
+
+    def __init__(self, encoder: nn.Module, tokenizer=None, name: str = "teacher"):
+        super().__init__()
+        self.encoder = encoder.eval()
+        self.encoder.requires_grad_(False)
+        self.tokenizer = tokenizer
+        self.name = name
+
+    def train(self, mode: bool = True) -> "FrozenTeacher":
+        return super().train(False)
+
+    @property
+    def spec(self) -> EncoderSpec:
+        return self.encoder.spec
+
+    @property
+    def max_sequence_length(self) -> int:
+        return self.encoder.max_sequence_length
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: Optional[torch.Tensor] = None,
+        token_type_ids: Optional[torch.Tensor] = None,
+        *,
+        hidden_layers: Optional[Collection[int]] = None,
+        attention_layers: Collection[int] = (),
+        logits_mask: Optional[torch.Tensor] = None,
+        return_logits: bool = True,
+    ) -> EncoderOutput:
+        """Like the student's forward; ``hidden_layers`` (0 = embeddings) selects which hidden
+        states to return, ``None`` meaning all of them."""
+        with torch.inference_mode():
+            out = self.encoder(
+                input_ids,
+                attention_mask,
+                token_type_ids,
+                attention_layers=attention_layers,
+                logits_mask=logits_mask,
+                return_logits=return_logits,
+            )
+        keep = range(len(out.hidden_states)) if hidden_layers is None else set(hidden_layers)
+        return EncoderOutput(
+            hidden_states=tuple(
+                h.clone() if i in keep else None for i, h in enumerate(out.hidden_states)
+            ),
+            attentions={i: a.clone() for i, a in out.attentions.items()},
+            logits=None if out.logits is None else out.logits.clone(),
+        )
+
+
+def hf_teacher(path: str, revision: Optional[str] = None) -> FrozenTeacher:
+    """A teacher from a Hugging Face BERT-family checkpoint: a Hub id or a local folder.
+
+    The folder needs ``config.json``, weights (``model.safetensors`` or ``pytorch_model.bin``,
+    sharded or not) and tokenizer files. A checkpoint without an MLM head (a plain ``BertModel``)
+    loads too; then only hidden-state and attention losses can use it.
+    """
+    from transformers import AutoTokenizer
+
+    from components.checkpointing.hf_bert import (
+        CheckpointError,
+        load_hf_encoder,
+        resolve_checkpoint_dir,
+    )
+
+    folder = resolve_checkpoint_dir(path, revision)
+    encoder, _ = load_hf_encoder(folder)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    except Exception as e:
+        raise CheckpointError(f"Could not load the tokenizer from {folder}: {e}") from e
+    if len(tokenizer) > encoder.spec.vocab_size:
+        raise CheckpointError(
+            f"{folder}: the tokenizer has {len(tokenizer)} tokens but the model only "
+            f"{encoder.spec.vocab_size} embeddings"
+        )
+    return FrozenTeacher(encoder, tokenizer, name=str(path))
