@@ -1,0 +1,208 @@
+"""The composite distillation loss: weights, the layer map, and every term for logging.
+
+    total = w_mlm * mlm + w_output * output
+          + w_hidden * sum_{(s, t) in map} hidden(s, t)
+          + w_attention * sum_{(s, t) in map} attention(s, t)
+          + w_embedding * hidden(embeddings)
+
+Each mapped layer has weight 1 (MiniALBERT). Token-level terms are divided by the number of
+masked tokens (mlm, output) or non-padding tokens (hidden, attention, embedding) of the whole
+optimizer step when the caller passes those counts.
+"""
+
+from dataclasses import dataclass
+from typing import Dict, List, Mapping, Optional, Sequence, Set, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from components.losses.terms import AttentionKLLoss, HiddenAlignmentLoss, MaskedLMLoss, OutputKLLoss
+from components.models.output import EncoderOutput, EncoderSpec
+
+TERMS = ("mlm", "output", "hidden", "attention", "embedding")
+
+# MiniALBERT: 1 * mlm + 3 * (attention + hidden) + 5 * output, T = 1.
+MINIALBERT_WEIGHTS = {"mlm": 1.0, "output": 5.0, "hidden": 3.0, "attention": 3.0, "embedding": 0.0}
+
+LayerMap = Union[str, Sequence[Optional[int]], Mapping[int, int]]
+
+
+def resolve_layer_map(layer_map: LayerMap, num_student: int, num_teacher: int) -> List[Tuple[int, int]]:
+    """(student layer, teacher layer) pairs, 1-based.
+
+    ``"uniform"``: student layer ``i`` -> teacher layer ``round(i * L / N)``, so 6 iterations over
+    12 layers give 2, 4, ..., 12 and over 24 layers 4, 8, ..., 24. A list gives the teacher
+    layer of each student layer in order (``null`` skips one); a mapping gives pairs directly.
+    """
+    if isinstance(layer_map, str):
+        if layer_map != "uniform":
+            raise ValueError(f"layer_map must be 'uniform', a list or a mapping, got {layer_map!r}")
+        pairs = [(i, max(1, round(i * num_teacher / num_student))) for i in range(1, num_student + 1)]
+    elif isinstance(layer_map, Mapping):
+        pairs = sorted((int(s), int(t)) for s, t in layer_map.items())
+    else:
+        layer_map = list(layer_map)
+        if len(layer_map) != num_student:
+            raise ValueError(
+                f"layer_map lists {len(layer_map)} teacher layers for a student with {num_student} layers"
+            )
+        pairs = [(i, int(t)) for i, t in enumerate(layer_map, start=1) if t is not None]
+    for s, t in pairs:
+        if not 1 <= s <= num_student:
+            raise ValueError(f"layer_map: student layer {s} is outside 1..{num_student}")
+        if not 1 <= t <= num_teacher:
+            raise ValueError(f"layer_map: teacher layer {t} is outside 1..{num_teacher}")
+    return pairs
+
+
+@dataclass
+class LossOutput:
+    total: torch.Tensor
+    terms: Dict[str, torch.Tensor]  # unweighted value of every active term
+
+
+class DistillationLoss(nn.Module):
+    """Holds the weights, layer map and hidden-state projection; returns every term.
+
+    Args:
+        student, teacher: the two encoders' :class:`EncoderSpec`.
+        weights: weight of each term in ``TERMS``; missing terms weigh 0.
+        temperature: temperature of the output KL (scaled by ``T**2``).
+        layer_map: see :func:`resolve_layer_map`.
+        hidden_metric: ``"cosine"`` or ``"mse"``.
+
+    When the student is narrower than the teacher, a learned linear projection (one, shared by
+    all mapped layers and the embeddings) maps student hidden states to the teacher's width. It
+    trains with the student and is not part of the exported student.
+    """
+
+    def __init__(
+        self,
+        student: EncoderSpec,
+        teacher: EncoderSpec,
+        weights: Optional[Mapping[str, float]] = None,
+        temperature: float = 1.0,
+        layer_map: LayerMap = "uniform",
+        hidden_metric: str = "cosine",
+    ):
+        super().__init__()
+        if student.vocab_size != teacher.vocab_size:
+            raise ValueError(
+                f"Student vocabulary ({student.vocab_size}) differs from the teacher's ({teacher.vocab_size})"
+            )
+        self.student_spec, self.teacher_spec = student, teacher
+        self.layer_map = resolve_layer_map(layer_map, student.num_layers, teacher.num_layers)
+        self.projection = (
+            nn.Linear(student.hidden_size, teacher.hidden_size)
+            if student.hidden_size != teacher.hidden_size
+            else None
+        )
+        self.mlm = MaskedLMLoss()
+        self.output = OutputKLLoss(temperature)
+        self.hidden = HiddenAlignmentLoss(hidden_metric)
+        self.attention = AttentionKLLoss()
+        self.weights: Dict[str, float] = {}
+        self.set_weights(MINIALBERT_WEIGHTS if weights is None else weights)
+
+    def check_weights(self, weights: Mapping[str, float]) -> Dict[str, float]:
+        """Validated weights for every term (missing ones 0); raises on what cannot work."""
+        unknown = set(weights) - set(TERMS)
+        if unknown:
+            raise ValueError(f"Unknown loss terms {sorted(unknown)}; the terms are {list(TERMS)}")
+        full = {term: float(weights.get(term, 0.0)) for term in TERMS}
+        for term, w in full.items():
+            if w < 0:
+                raise ValueError(f"Loss weight {term}={w} is negative")
+        if full["output"] and not self.teacher_spec.has_mlm_head:
+            raise ValueError(
+                "The output loss needs the teacher's MLM logits, but the teacher has no MLM head "
+                "(a plain encoder checkpoint). Set its weight to 0: loss.weights.output=0"
+            )
+        if (full["output"] or full["mlm"]) and not self.student_spec.has_mlm_head:
+            raise ValueError("The mlm and output losses need a student with an MLM head")
+        if not any(full.values()):
+            raise ValueError("Every loss weight is 0: nothing to train")
+        return full
+
+    def set_weights(self, weights: Mapping[str, float]) -> None:
+        self.weights = self.check_weights(weights)
+
+    # What the encoders must return for the active terms.
+    def student_attention_layers(self) -> Set[int]:
+        return {s for s, _ in self.layer_map} if self.weights["attention"] else set()
+
+    def teacher_attention_layers(self) -> Set[int]:
+        return {t for _, t in self.layer_map} if self.weights["attention"] else set()
+
+    def teacher_hidden_layers(self) -> Set[int]:
+        layers = {t for _, t in self.layer_map} if self.weights["hidden"] else set()
+        return layers | ({0} if self.weights["embedding"] else set())
+
+    @property
+    def needs_student_logits(self) -> bool:
+        return bool(self.weights["mlm"] or self.weights["output"])
+
+    @property
+    def needs_teacher_logits(self) -> bool:
+        return bool(self.weights["output"])
+
+    def project(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.projection(hidden) if self.projection is not None else hidden
+
+    def forward(
+        self,
+        student: EncoderOutput,
+        teacher: EncoderOutput,
+        labels: torch.Tensor,
+        attention_mask: torch.Tensor,
+        num_masked: Optional[float] = None,
+        num_tokens: Optional[float] = None,
+    ) -> LossOutput:
+        """Compute every active term.
+
+        Args:
+            student, teacher: the encoders' records; logits are at the masked positions.
+            labels: ``[batch, seq]``, the original token at masked positions and -100 elsewhere.
+            attention_mask: ``[batch, seq]``, 1 for tokens and 0 for padding.
+            num_masked, num_tokens: masked / non-padding token counts to divide by (those of
+                the whole optimizer step); default to this batch's.
+        """
+        w = self.weights
+        masked_labels = labels[labels != -100]
+        num_masked = masked_labels.numel() if num_masked is None else num_masked
+        num_tokens = attention_mask.sum().item() if num_tokens is None else num_tokens
+        sums: Dict[str, torch.Tensor] = {}
+        if w["mlm"]:
+            sums["mlm"] = self.mlm(student.logits, masked_labels, "sum") / max(num_masked, 1)
+        if w["output"]:
+            sums["output"] = self.output(student.logits, teacher.logits, "sum") / max(num_masked, 1)
+        if w["hidden"]:
+            sums["hidden"] = sum(
+                self.hidden(self.project(student.hidden_states[s]), teacher.hidden_states[t], attention_mask, "sum")
+                for s, t in self.layer_map
+            ) / max(num_tokens, 1)
+        if w["attention"]:
+            sums["attention"] = sum(
+                self.attention(student.attentions[s], teacher.attentions[t], attention_mask, "sum")
+                for s, t in self.layer_map
+            ) / max(num_tokens, 1)
+        if w["embedding"]:
+            sums["embedding"] = self.hidden(
+                self.project(student.hidden_states[0]), teacher.hidden_states[0], attention_mask, "sum"
+            ) / max(num_tokens, 1)
+        total = sum(w[name] * value for name, value in sums.items())
+        return LossOutput(total=total, terms=sums)
+
+    @torch.no_grad()
+    def alignment_cosines(
+        self, student: EncoderOutput, teacher: EncoderOutput, attention_mask: torch.Tensor
+    ) -> Dict[int, float]:
+        """Mean cosine similarity of each mapped student layer with its teacher layer."""
+        mask = attention_mask.bool()
+        return {
+            s: F.cosine_similarity(
+                self.project(student.hidden_states[s]).float()[mask], teacher.hidden_states[t].float()[mask], dim=-1
+            ).mean().item()
+            for s, t in self.layer_map
+        }

@@ -1,0 +1,113 @@
+"""The distillation loss terms, each a small module usable on its own.
+
+Every term returns a *sum over tokens* when ``reduction="sum"`` and the mean over tokens when
+``reduction="mean"`` (the default). The composite uses sums and divides by token counts taken
+over the whole optimizer step, so gradient accumulation and data parallelism give exactly the
+loss of one large batch. All terms compute in fp32 whatever the autocast dtype.
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def _reduce(per_item: torch.Tensor, count, reduction: str) -> torch.Tensor:
+    total = per_item.sum()
+    if reduction == "sum":
+        return total
+    if reduction == "mean":
+        return total / max(float(count), 1.0)
+    raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+
+
+class MaskedLMLoss(nn.Module):
+    """Cross-entropy of the student's MLM logits at the masked positions.
+
+    Args (forward): ``logits`` ``[n, vocab]`` and ``labels`` ``[n]`` for the ``n`` masked positions.
+    """
+
+    def forward(self, logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+        per_position = F.cross_entropy(logits.float(), labels, reduction="none")
+        return _reduce(per_position, labels.numel(), reduction)
+
+
+class OutputKLLoss(nn.Module):
+    """KL(teacher || student) of the MLM distributions at temperature ``T``, times ``T**2``.
+
+    The ``T**2`` factor (Hinton et al.) keeps gradient magnitudes independent of ``T``; at the
+    default ``T = 1`` it is the plain KL divergence per masked position.
+    """
+
+    def __init__(self, temperature: float = 1.0):
+        super().__init__()
+        if temperature <= 0:
+            raise ValueError(f"temperature must be positive, got {temperature}")
+        self.temperature = temperature
+
+    def forward(
+        self, student_logits: torch.Tensor, teacher_logits: torch.Tensor, reduction: str = "mean"
+    ) -> torch.Tensor:
+        t = self.temperature
+        teacher_logp = F.log_softmax(teacher_logits.float() / t, dim=-1)
+        student_logp = F.log_softmax(student_logits.float() / t, dim=-1)
+        per_position = (teacher_logp.exp() * (teacher_logp - student_logp)).sum(-1) * t * t
+        return _reduce(per_position, per_position.numel(), reduction)
+
+
+class HiddenAlignmentLoss(nn.Module):
+    """Distance between student and teacher hidden states at non-padding tokens.
+
+    ``metric="cosine"``: 1 - cos(student, teacher) per token (MiniALBERT).
+    ``metric="mse"``: mean squared error over the hidden dimension per token (TinyBERT).
+    Both inputs must already have the same width (the composite projects the student).
+    """
+
+    def __init__(self, metric: str = "cosine"):
+        super().__init__()
+        if metric not in ("cosine", "mse"):
+            raise ValueError(f"hidden metric must be 'cosine' or 'mse', got {metric!r}")
+        self.metric = metric
+
+    def forward(
+        self,
+        student: torch.Tensor,
+        teacher: torch.Tensor,
+        attention_mask: torch.Tensor,
+        reduction: str = "mean",
+    ) -> torch.Tensor:
+        student, teacher = student.float(), teacher.float()
+        if self.metric == "cosine":
+            per_token = 1.0 - F.cosine_similarity(student, teacher, dim=-1)
+        else:
+            per_token = (student - teacher).pow(2).mean(-1)
+        mask = attention_mask.to(per_token.dtype)
+        return _reduce(per_token * mask, mask.sum(), reduction)
+
+
+class AttentionKLLoss(nn.Module):
+    """KL(teacher || student) of each attention distribution (one per query row and head),
+    averaged over heads, at non-padding query positions.
+
+    When the head counts differ, both sides are first averaged over their heads (the mean of
+    attention distributions is a distribution), and the KL is taken between the head means.
+    Padded keys carry zero probability on both sides and contribute nothing.
+
+    Note: the MiniALBERT code used ``KLDivLoss(reduction="mean")``, which also divides by the
+    sequence length; this is the per-distribution KL (MobileBERT's definition).
+    """
+
+    def forward(
+        self,
+        student: torch.Tensor,
+        teacher: torch.Tensor,
+        attention_mask: torch.Tensor,
+        reduction: str = "mean",
+    ) -> torch.Tensor:
+        student, teacher = student.float(), teacher.float()
+        if student.shape[1] != teacher.shape[1]:
+            student, teacher = student.mean(1, keepdim=True), teacher.mean(1, keepdim=True)
+        tiny = torch.finfo(student.dtype).tiny
+        per_row = (torch.xlogy(teacher, teacher) - teacher * student.clamp_min(tiny).log()).sum(-1)
+        per_query = per_row.mean(1)  # over heads -> [batch, seq]
+        mask = attention_mask.to(per_query.dtype)
+        return _reduce(per_query * mask, mask.sum(), reduction)
