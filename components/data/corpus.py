@@ -1,0 +1,209 @@
+"""Text -> documents -> token windows, through the ``datasets`` library.
+
+A corpus is local ``.txt`` / ``.jsonl`` / ``.json`` / ``.parquet`` files (paths, folders or
+globs, optionally compressed) or the name of a dataset on the Hugging Face Hub. Documents are
+tokenised with the teacher's tokenizer (no truncation) and cut into windows of ``max_length``
+tokens, special tokens included, whose starts are ``stride`` tokens apart.
+"""
+
+import glob
+import os
+from pathlib import Path
+from typing import List, Optional, Sequence, Tuple, Union
+
+import datasets
+
+BUILDERS = {".txt": "text", ".text": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+COMPRESSIONS = (".gz", ".bz2", ".xz", ".zst", ".lz4")
+
+
+class CorpusError(ValueError):
+    """A corpus that cannot be read, or has nothing to train on."""
+
+
+def _file_kind(path: str) -> Optional[str]:
+    name = path.lower()
+    for ext in COMPRESSIONS:
+        if name.endswith(ext):
+            name = name[: -len(ext)]
+    return BUILDERS.get(os.path.splitext(name)[1])
+
+
+def _looks_local(source: str) -> bool:
+    return (
+        source.startswith(("/", ".", "~"))
+        or any(c in source for c in "*?[")
+        or _file_kind(source) is not None
+        or source.count("/") > 1
+        or os.path.exists(source)
+    )
+
+
+def local_files(sources: Sequence[str]) -> List[str]:
+    """Expand paths, folders and globs into a sorted list of supported files."""
+    files: List[str] = []
+    for source in sources:
+        source = os.path.expanduser(source)
+        if os.path.isdir(source):
+            found = sorted(
+                str(p) for p in Path(source).rglob("*") if p.is_file() and _file_kind(str(p))
+            )
+            if not found:
+                raise CorpusError(f"Corpus folder {source} holds no {sorted(BUILDERS)} files")
+        else:
+            found = sorted(glob.glob(source, recursive=True))
+            if not found:
+                raise CorpusError(f"Corpus file not found: {source}")
+        unsupported = [f for f in found if _file_kind(f) is None]
+        if unsupported:
+            raise CorpusError(
+                f"Unsupported corpus file type: {unsupported[0]} (supported: {sorted(BUILDERS)})"
+            )
+        files.extend(found)
+    return files
+
+
+def load_documents(
+    source: Union[str, Sequence[str]],
+    text_column: str = "text",
+    hub_config: Optional[str] = None,
+    split: str = "train",
+    sample_by: str = "paragraph",
+) -> datasets.Dataset:
+    """A dataset with one non-empty document per row in the column ``text``.
+
+    Args:
+        source: local path(s)/folder(s)/glob(s), or a Hub dataset name.
+        text_column: the column holding text in .jsonl/.parquet/Hub data.
+        hub_config: the Hub dataset's configuration name (e.g. ``"20231101.en"``).
+        split: the split of a Hub dataset.
+        sample_by: how plain text files split into documents: ``"paragraph"`` (blank lines),
+            ``"line"`` or ``"document"`` (one per file).
+    """
+    sources = [source] if isinstance(source, (str, os.PathLike)) else list(source)
+    if not sources:
+        raise CorpusError("data.source is empty")
+    sources = [str(s) for s in sources]
+    if all(_looks_local(s) for s in sources):
+        files = local_files(sources)
+        kinds = {_file_kind(f) for f in files}
+        if len(kinds) > 1:
+            raise CorpusError(f"Corpus mixes file types {sorted(kinds)}; use one type per run")
+        kind = kinds.pop()
+        options = {"sample_by": sample_by} if kind == "text" else {}
+        described = files[0] if len(files) == 1 else f"{len(files)} files ({files[0]}, ...)"
+        try:
+            ds = datasets.load_dataset(kind, data_files=files, split="train", **options)
+        except Exception as e:
+            raise CorpusError(f"Could not read corpus {described}: {type(e).__name__}: {e}") from e
+        if kind == "text":
+            text_column = "text"
+    elif len(sources) == 1:
+        described = sources[0]
+        try:
+            ds = datasets.load_dataset(sources[0], hub_config, split=split)
+        except Exception as e:
+            raise CorpusError(
+                f"{sources[0]!r} is not a local file, and loading it as a Hugging Face dataset "
+                f"failed ({type(e).__name__}: {e})"
+            ) from e
+    else:
+        raise CorpusError(f"Corpus sources must all be local files, got {sources}")
+    if text_column not in ds.column_names:
+        raise CorpusError(
+            f"Corpus {described} has no column {text_column!r} (columns: {ds.column_names}); "
+            "set data.text_column"
+        )
+    ds = ds.select_columns([text_column])
+    if text_column != "text":
+        ds = ds.rename_column(text_column, "text")
+    total = len(ds)
+    ds = ds.filter(
+        lambda batch: [isinstance(t, str) and bool(t.strip()) for t in batch["text"]],
+        batched=True,
+        desc="Dropping empty documents",
+    )
+    if len(ds) == 0:
+        raise CorpusError(f"Corpus {described} is empty: {total} documents, none with text")
+    return ds
+
+
+def window_starts(num_tokens: int, body: int, stride: int) -> List[int]:
+    """Starts of the windows over a document: every ``stride`` tokens until one reaches the end."""
+    if num_tokens == 0:
+        return []
+    starts = [0]
+    while starts[-1] + body < num_tokens:
+        starts.append(starts[-1] + stride)
+    return starts
+
+
+def special_tokens_template(tokenizer) -> Tuple[List[int], List[int]]:
+    """The special tokens a tokenizer puts before and after a single sequence, e.g.
+    ([CLS], [SEP]) for BERT and (<s>, </s>) for RoBERTa."""
+    plain = tokenizer("a", add_special_tokens=False)["input_ids"]
+    full = tokenizer("a")["input_ids"]
+    for i in range(len(full) - len(plain) + 1):
+        if full[i : i + len(plain)] == plain:
+            return full[:i], full[i + len(plain) :]
+    raise ValueError(f"Cannot tell where {type(tokenizer).__name__} puts its special tokens")
+
+
+def tokenize_windows(
+    documents: datasets.Dataset,
+    tokenizer,
+    max_length: int,
+    stride: int,
+    num_proc: Optional[int] = None,
+) -> datasets.Dataset:
+    """Token windows (column ``input_ids``) of at most ``max_length`` tokens, special tokens
+    included. Each document is cut on its own; the last window of a document may be shorter."""
+    prefix, suffix = special_tokens_template(tokenizer)
+    body = max_length - len(prefix) - len(suffix)
+    if body < 1:
+        raise ValueError(f"data.max_length={max_length} leaves no room for text after special tokens")
+    if not 1 <= stride <= body:
+        raise ValueError(
+            f"data.stride={stride} must be between 1 and {body} (max_length minus special "
+            "tokens), or tokens between windows would be skipped"
+        )
+
+    def to_windows(batch):
+        encoded = tokenizer(
+            batch["text"],
+            add_special_tokens=False,
+            return_attention_mask=False,
+            return_token_type_ids=False,
+            verbose=False,
+        )["input_ids"]
+        windows = []
+        for ids in encoded:
+            for start in window_starts(len(ids), body, stride):
+                windows.append(prefix + ids[start : start + body] + suffix)
+        return {"input_ids": windows}
+
+    return documents.map(
+        to_windows,
+        batched=True,
+        remove_columns=documents.column_names,
+        num_proc=num_proc,
+        desc="Tokenising into windows",
+    )
+
+
+def split_documents(
+    documents: datasets.Dataset, eval_fraction: float, seed: int
+) -> Tuple[datasets.Dataset, Optional[datasets.Dataset]]:
+    """Hold out whole documents (windows overlap, so splitting windows would leak)."""
+    if not 0 <= eval_fraction < 1:
+        raise ValueError(f"data.eval_fraction must be in [0, 1), got {eval_fraction}")
+    if eval_fraction == 0:
+        return documents, None
+    if len(documents) < 2:
+        raise CorpusError(
+            f"Cannot hold out documents for evaluation from a corpus of {len(documents)} "
+            "document; set data.eval_fraction=0 or split the text into more documents"
+        )
+    n_eval = min(max(1, round(eval_fraction * len(documents))), len(documents) - 1)
+    parts = documents.train_test_split(test_size=n_eval, seed=seed, shuffle=True)
+    return parts["train"], parts["test"]
