@@ -1,0 +1,20 @@
+from components.training.config import check_config, ConfigError, instantiate, parse
+from components.training.stages import (
+    cosine_warmup_decay,
+    linear_warmup_decay,
+    resolve_stages,
+    Stage,
+    StageConfig,
+)
+
+__all__ = [
+    "check_config",
+    "ConfigError",
+    "cosine_warmup_decay",
+    "instantiate",
+    "linear_warmup_decay",
+    "parse",
+    "resolve_stages",
+    "Stage",
+    "StageConfig",
+]

@@ -1,0 +1,183 @@
+"""What one distillation step and one evaluation do, shared by the single-device and the
+distributed recipes (which differ only in how counts and metrics are reduced across ranks)."""
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Sequence
+
+import torch
+
+from components.data.mlm import GlobalBatchSampler, MLMMasker, pad_batch, step_generator
+from components.losses.distillation import DistillationLoss, LossOutput
+
+# Sums a tensor over ranks (identity on one device).
+Reduce = Callable[[torch.Tensor], torch.Tensor]
+
+
+def no_reduce(t: torch.Tensor) -> torch.Tensor:
+    return t
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss or the gradient norm became NaN or infinite."""
+
+
+@dataclass
+class MaskedBatch:
+    input_ids: torch.Tensor  # after masking
+    attention_mask: torch.Tensor
+    labels: torch.Tensor  # original token at masked positions, -100 elsewhere
+
+    def to(self, device: torch.device) -> "MaskedBatch":
+        return MaskedBatch(*(t.to(device, non_blocking=True) for t in (self.input_ids, self.attention_mask, self.labels)))
+
+    @property
+    def masked_positions(self) -> torch.Tensor:
+        return self.labels != -100
+
+
+def round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def step_batches(
+    windows,
+    sampler: GlobalBatchSampler,
+    masker: MLMMasker,
+    step: int,
+    seed: int,
+    pad_token_id: int,
+    max_length: int,
+    pad_to_multiple_of: int = 8,
+) -> List[MaskedBatch]:
+    """This rank's masked micro-batches for optimizer step ``step`` (see ``components.data.mlm``)."""
+    noise = masker.noise(sampler.global_batch, round_up(max_length, pad_to_multiple_of), step_generator(seed, step))
+    batches, row = [], sampler.row_offset()
+    for indices in sampler.next_step():
+        padded = pad_batch(windows[indices]["input_ids"], pad_token_id, pad_to_multiple_of)
+        length = padded["input_ids"].shape[1]
+        inputs, labels = masker(padded["input_ids"], padded["attention_mask"], noise.rows(row, row + len(indices), length))
+        batches.append(MaskedBatch(inputs, padded["attention_mask"], labels))
+        row += len(indices)
+    return batches
+
+
+def distill_forward(
+    student: torch.nn.Module,
+    teacher: torch.nn.Module,
+    loss_fn: DistillationLoss,
+    batch: MaskedBatch,
+    num_masked: Optional[float] = None,
+    num_tokens: Optional[float] = None,
+) -> LossOutput:
+    """Teacher and student forward on one micro-batch, and the loss terms, asking each encoder
+    only for what the active terms read."""
+    masked = batch.masked_positions
+    teacher_out = teacher(
+        batch.input_ids,
+        batch.attention_mask,
+        hidden_layers=loss_fn.teacher_hidden_layers(),
+        attention_layers=loss_fn.teacher_attention_layers(),
+        logits_mask=masked,
+        return_logits=loss_fn.needs_teacher_logits,
+    )
+    student_out = student(
+        batch.input_ids,
+        batch.attention_mask,
+        attention_layers=loss_fn.student_attention_layers(),
+        logits_mask=masked,
+        return_logits=loss_fn.needs_student_logits,
+    )
+    return loss_fn(student_out, teacher_out, batch.labels, batch.attention_mask, num_masked, num_tokens)
+
+
+def check_finite(value: torch.Tensor, step: int, what: str, terms: Dict[str, float]) -> None:
+    if not math.isfinite(float(value)):
+        detail = ", ".join(f"{k}={v:.4g}" for k, v in terms.items())
+        raise NonFiniteLossError(f"The {what} became {float(value)} at step {step} ({detail})")
+
+
+class Evaluator:
+    """Held-out metrics: the student's MLM loss and accuracy, the teacher's for reference, and
+    the cosine of each mapped student iteration with its teacher layer. The held-out batches
+    are masked once, so every evaluation scores the same predictions."""
+
+    def __init__(
+        self,
+        windows,
+        masker: MLMMasker,
+        batch_size: int,
+        pad_token_id: int,
+        seed: int,
+        pad_to_multiple_of: int = 8,
+        world_size: int = 1,
+        rank: int = 0,
+    ):
+        self.batches: List[MaskedBatch] = []
+        indices = list(range(rank, len(windows), world_size))  # each rank a share of the windows
+        for b, start in enumerate(range(0, len(indices), batch_size)):
+            chunk = indices[start : start + batch_size]
+            padded = pad_batch(windows[chunk]["input_ids"], pad_token_id, pad_to_multiple_of)
+            rows, length = padded["input_ids"].shape
+            noise = masker.noise(rows, length, step_generator(seed, b * world_size + rank, 2))
+            inputs, labels = masker(padded["input_ids"], padded["attention_mask"], noise)
+            self.batches.append(MaskedBatch(inputs, padded["attention_mask"], labels))
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        student: torch.nn.Module,
+        teacher: torch.nn.Module,
+        loss_fn: DistillationLoss,
+        device: torch.device,
+        autocast,
+        reduce: Reduce = no_reduce,
+    ) -> Dict[str, float]:
+        was_training = student.training
+        student.eval()
+        sums: Dict[str, torch.Tensor] = {}
+
+        def add(name: str, value) -> None:
+            sums[name] = sums.get(name, torch.zeros((), dtype=torch.float64, device=device)) + value
+
+        teacher_layers = {t for _, t in loss_fn.layer_map}
+        for batch in self.batches:
+            batch = batch.to(device)
+            masked = batch.masked_positions
+            labels = batch.labels[masked]
+            mask = batch.attention_mask.bool()
+            with autocast():
+                t_out = teacher(batch.input_ids, batch.attention_mask, hidden_layers=teacher_layers, logits_mask=masked)
+                s_out = student(batch.input_ids, batch.attention_mask, logits_mask=masked)
+            add("masked", labels.numel())
+            add("tokens", mask.sum())
+            for who, out in (("student", s_out), ("teacher", t_out)):
+                if out.logits is not None:
+                    logits = out.logits.float()
+                    add(f"{who}_loss", torch.nn.functional.cross_entropy(logits, labels, reduction="sum"))
+                    add(f"{who}_correct", (logits.argmax(-1) == labels).sum())
+            for s, t in loss_fn.layer_map:
+                cos = torch.nn.functional.cosine_similarity(
+                    loss_fn.project(s_out.hidden_states[s]).float()[mask], t_out.hidden_states[t].float()[mask], dim=-1
+                )
+                add(f"cos_{s}", cos.sum())
+        totals = {k: reduce(v).item() for k, v in sorted(sums.items())}
+        masked_total, tokens_total = max(totals["masked"], 1), max(totals["tokens"], 1)
+        metrics = {}
+        for who in ("student", "teacher"):
+            if f"{who}_loss" in totals:
+                metrics[f"eval/{who}_mlm_loss"] = totals[f"{who}_loss"] / masked_total
+                metrics[f"eval/{who}_mlm_accuracy"] = totals[f"{who}_correct"] / masked_total
+        for s, t in loss_fn.layer_map:
+            metrics[f"eval/alignment_cosine/student_{s}_teacher_{t}"] = totals[f"cos_{s}"] / tokens_total
+        student.train(was_training)
+        return metrics
+
+
+def count_tokens(batches: Sequence[MaskedBatch], reduce: Reduce = no_reduce) -> torch.Tensor:
+    """[masked tokens, non-padding tokens] over this step's micro-batches (and ranks)."""
+    counts = torch.tensor(
+        [sum(int(b.masked_positions.sum()) for b in batches), sum(int(b.attention_mask.sum()) for b in batches)],
+        dtype=torch.float64,
+    )
+    return reduce(counts)

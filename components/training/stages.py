@@ -1,0 +1,162 @@
+"""Stages: a distillation run is a list of them, each naming its losses, what trains and at
+which learning-rate multiplier, and how long it lasts. The recipe never special-cases a method:
+
+* MiniALBERT: one stage with every loss.
+* MobileBERT progressive transfer: stage k trains layer k only with its own layer-wise losses
+  (``lr_scale`` 0 before, 3 during, 0.3 after), then a last stage trains everything.
+
+Parameter names are those of the recipe's trainable modules, prefixed ``student.`` or
+``loss.`` (the hidden-state projection); patterns are ``fnmatch`` globs.
+"""
+
+import fnmatch
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+
+from torch import nn
+
+
+@dataclass
+class StageConfig:
+    """One stage of a run, as written in the config."""
+
+    name: str = "distill"
+    # Optimizer steps in this stage; at most one stage may leave it out to take the rest.
+    steps: Optional[int] = None
+    # Loss weights for this stage (missing terms weigh 0); null: the loss section's weights.
+    loss_weights: Optional[Dict[str, float]] = None
+    # Globs of parameters that train in this stage; the others are frozen.
+    trainable: List[str] = field(default_factory=lambda: ["*"])
+    # Learning-rate multipliers by glob, first match wins; unmatched parameters get 1.
+    lr_scale: Dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class Stage:
+    name: str
+    start: int  # first optimizer step (0-based) of the stage
+    end: int  # one past its last step
+    loss_weights: Optional[Dict[str, float]]
+    trainable: Tuple[str, ...]
+    lr_scale: Tuple[Tuple[str, float], ...]
+
+    def trains(self, name: str) -> bool:
+        return any(fnmatch.fnmatchcase(name, p) for p in self.trainable)
+
+    def scale(self, name: str) -> float:
+        return next((s for p, s in self.lr_scale if fnmatch.fnmatchcase(name, p)), 1.0)
+
+
+def resolve_stages(configs: Optional[Sequence[Mapping]], total_steps: int) -> List[Stage]:
+    """Lay the configured stages over ``total_steps`` optimizer steps."""
+    configs = [dict(c) for c in (configs or [{}])]
+    if not configs:
+        configs = [{}]
+    open_ended = [i for i, c in enumerate(configs) if c.get("steps") is None]
+    if len(open_ended) > 1:
+        raise ValueError("Only one stage may leave out 'steps' (it takes the remaining steps)")
+    fixed = sum(int(c["steps"]) for c in configs if c.get("steps") is not None)
+    if any(c.get("steps") is not None and int(c["steps"]) < 1 for c in configs):
+        raise ValueError("Every stage's 'steps' must be at least 1")
+    if open_ended:
+        rest = total_steps - fixed
+        if rest < 1:
+            raise ValueError(
+                f"The stages with fixed lengths take {fixed} steps, leaving none of max_steps={total_steps} "
+                f"for stage {configs[open_ended[0]].get('name', 'distill')!r}"
+            )
+        configs[open_ended[0]]["steps"] = rest
+    elif fixed != total_steps:
+        raise ValueError(f"The stages last {fixed} steps in all but max_steps is {total_steps}")
+    stages, start = [], 0
+    for c in configs:
+        steps = int(c["steps"])
+        stages.append(
+            Stage(
+                name=c.get("name", "distill"),
+                start=start,
+                end=start + steps,
+                loss_weights=dict(c["loss_weights"]) if c.get("loss_weights") is not None else None,
+                trainable=tuple(c.get("trainable") or ["*"]),
+                lr_scale=tuple((p, float(s)) for p, s in (c.get("lr_scale") or {}).items()),
+            )
+        )
+        start += steps
+    return stages
+
+
+def stage_at(stages: Sequence[Stage], step: int) -> Stage:
+    for stage in stages:
+        if stage.start <= step < stage.end:
+            return stage
+    return stages[-1]
+
+
+def no_weight_decay(name: str, param) -> bool:
+    """Biases and norm weights are not decayed (BERT's practice)."""
+    return param.ndim < 2
+
+
+def param_groups(
+    named_params: Iterable[Tuple[str, nn.Parameter]], stages: Sequence[Stage], weight_decay: float
+) -> List[dict]:
+    """Optimizer parameter groups: parameters grouped by their per-stage LR multipliers and
+    whether they decay. Each group carries ``lr_scales`` (one per stage) for the schedule."""
+    groups: Dict[Tuple, dict] = {}
+    for name, param in named_params:
+        scales = tuple(stage.scale(name) for stage in stages)
+        decays = not no_weight_decay(name, param)
+        key = (scales, decays)
+        group = groups.setdefault(
+            key,
+            {"params": [], "names": [], "weight_decay": weight_decay if decays else 0.0, "lr_scales": list(scales)},
+        )
+        group["params"].append(param)
+        group["names"].append(name)
+    return list(groups.values())
+
+
+def apply_trainable(named_params: Iterable[Tuple[str, nn.Parameter]], stage: Stage) -> None:
+    for name, param in named_params:
+        param.requires_grad_(stage.trains(name))
+
+
+def group_lambdas(
+    groups: Sequence[dict], stages: Sequence[Stage], schedule: Callable[[int], float]
+) -> List[Callable[[int], float]]:
+    """One LambdaLR function per group: the base schedule times the stage's multiplier."""
+
+    def make(scales: Sequence[float]) -> Callable[[int], float]:
+        return lambda step: schedule(step) * scales[stages.index(stage_at(stages, step))]
+
+    return [make(g["lr_scales"]) for g in groups]
+
+
+def linear_warmup_decay(total_steps: int, warmup_steps: int = 0, final_ratio: float = 0.0) -> Callable[[int], float]:
+    """LR multiplier: linear warm-up from 0 over ``warmup_steps``, then linear decay to
+    ``final_ratio`` at ``total_steps`` (BERT's and MiniALBERT's schedule)."""
+    if warmup_steps < 0 or total_steps < 1:
+        raise ValueError(f"Need warmup_steps >= 0 and total_steps >= 1, got {warmup_steps}, {total_steps}")
+
+    def multiplier(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        remaining = max(total_steps - warmup_steps, 1)
+        progress = min((step - warmup_steps) / remaining, 1.0)
+        return final_ratio + (1.0 - final_ratio) * (1.0 - progress)
+
+    return multiplier
+
+
+def cosine_warmup_decay(total_steps: int, warmup_steps: int = 0, final_ratio: float = 0.0) -> Callable[[int], float]:
+    """LR multiplier: linear warm-up, then half a cosine down to ``final_ratio``."""
+    linear = linear_warmup_decay(total_steps, warmup_steps, 0.0)
+
+    def multiplier(step: int) -> float:
+        if step < warmup_steps:
+            return linear(step)
+        progress = 1.0 - linear(step)
+        return final_ratio + (1.0 - final_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return multiplier
