@@ -92,14 +92,22 @@ def load_student(path: str, **overrides) -> RecursiveEncoder:
         config = json.loads(config_file.read_text())
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{config_file} is not valid JSON: {e}") from e
+    model_type = config.get("model_type")
+    if model_type not in (NATIVE_MODEL_TYPE, "albert"):
+        raise CheckpointError(
+            f"{config_file}: model_type {model_type!r} is not a student "
+            f"(expected {NATIVE_MODEL_TYPE!r} or 'albert')"
+        )
     weights = folder / "model.safetensors"
     if not weights.is_file():
         raise CheckpointError(f"No weights for the student at {folder}: {weights} does not exist")
-    state = load_file(str(weights))
-    model_type = config.get("model_type")
+    try:
+        state = load_file(str(weights))
+    except Exception as e:
+        raise CheckpointError(f"Could not read {weights}: {e}") from e
     if model_type == NATIVE_MODEL_TYPE:
         kwargs = config["recursive_encoder"]
-    elif model_type == "albert":
+    else:
         kwargs = recursive_kwargs_from_albert(config)
         state = albert_to_native(state, kwargs)
         if kwargs["embedding_size"] == kwargs["hidden_size"]:
@@ -109,11 +117,6 @@ def load_student(path: str, **overrides) -> RecursiveEncoder:
                     f"{folder}: an ALBERT with E == H and a non-identity embedding projection "
                     "is not a recursive student"
                 )
-    else:
-        raise CheckpointError(
-            f"{config_file}: model_type {model_type!r} is not a student "
-            f"(expected {NATIVE_MODEL_TYPE!r} or 'albert')"
-        )
     model = RecursiveEncoder(**{**kwargs, **overrides})
     if kwargs.get("tie_word_embeddings"):
         state.pop("mlm_head.decoder.weight", None)
