@@ -1,0 +1,32 @@
+"""Helpers for tests that build their own tiny checkpoints."""
+
+from pathlib import Path
+
+import torch
+
+
+def make_hf_teacher(folder: Path, tokenizer, kind: str = "bert", layers: int = 4, hidden: int = 32, seed: int = 0):
+    """Save a random tiny HF model of ``kind`` ("bert", "roberta", "bert-no-head") with the tokenizer."""
+    from transformers import BertConfig, BertForMaskedLM, BertModel, RobertaConfig, RobertaForMaskedLM
+
+    torch.manual_seed(seed)
+    common = dict(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        intermediate_size=2 * hidden,
+        max_position_embeddings=80,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    if kind == "bert":
+        model = BertForMaskedLM(BertConfig(**common))
+    elif kind == "bert-no-head":
+        model = BertModel(BertConfig(**common), add_pooling_layer=False)
+    elif kind == "roberta":
+        model = RobertaForMaskedLM(RobertaConfig(**common))
+    else:
+        raise ValueError(kind)
+    model.save_pretrained(str(folder))
+    tokenizer.save_pretrained(str(folder))
+    return folder

@@ -1,0 +1,59 @@
+"""Build small distillation configs and run the recipe in-process."""
+
+import json
+from pathlib import Path
+from typing import Dict
+
+from omegaconf import OmegaConf
+
+
+def tiny_config(output_dir: Path, teacher_dir: Path, corpus: Path, **overrides) -> Dict:
+    cfg = {
+        "output_dir": str(output_dir),
+        "seed": 0,
+        "teacher": {"_component_": "components.models.hf_teacher", "path": str(teacher_dir)},
+        "student": {"_component_": "components.models.recursive_tiny", "max_position_embeddings": 80},
+        "data": {
+            "source": str(corpus),
+            "max_length": 32,
+            "stride": 16,
+            "batch_size": 8,
+            "eval_fraction": 0.1,
+            "max_eval_windows": 32,
+        },
+        "loss": {"_component_": "components.losses.DistillationLoss"},
+        "optimizer": {"_component_": "torch.optim.AdamW", "lr": 1e-3, "weight_decay": 1e-4},
+        "lr_schedule": {"_component_": "components.training.linear_warmup_decay", "warmup_steps": 2},
+        "max_steps": 6,
+        "log_every_n_steps": 1,
+        "save_every_n_steps": 3,
+        "resume_from_checkpoint": False,
+    }
+    for key, value in overrides.items():
+        node = cfg
+        *parents, last = key.split(".")
+        for p in parents:
+            node = node[p]
+        node[last] = value
+    return cfg
+
+
+def run_recipe(cfg: Dict):
+    from recipes.distill_recursive import DistillRecursiveRecipe
+
+    recipe = DistillRecursiveRecipe(OmegaConf.create(cfg))
+    try:
+        recipe.setup()
+        recipe.train()
+    finally:
+        recipe.cleanup()
+    return recipe
+
+
+def logged(output_dir: Path) -> Dict[int, Dict]:
+    """The metrics.jsonl records by step (the last line of a step wins)."""
+    records: Dict[int, Dict] = {}
+    for line in (Path(output_dir) / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        records.setdefault(record["step"], {}).update(record)
+    return records

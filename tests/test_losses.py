@@ -1,0 +1,211 @@
+"""Each loss term against a value computed by hand, element by element."""
+
+import math
+
+import pytest
+import torch
+
+from components.losses import (
+    AttentionKLLoss,
+    DistillationLoss,
+    HiddenAlignmentLoss,
+    MaskedLMLoss,
+    MINIALBERT_WEIGHTS,
+    OutputKLLoss,
+    resolve_layer_map,
+)
+from components.models import EncoderOutput, EncoderSpec
+
+
+def softmax(row):
+    m = max(row)
+    e = [math.exp(v - m) for v in row]
+    return [v / sum(e) for v in e]
+
+
+def kl(p, q):
+    return sum(a * (math.log(a) - math.log(b)) for a, b in zip(p, q) if a > 0)
+
+
+def cosine(a, b):
+    dot = sum(x * y for x, y in zip(a, b))
+    return dot / (math.sqrt(sum(x * x for x in a)) * math.sqrt(sum(y * y for y in b)))
+
+
+def test_masked_lm_loss():
+    logits = torch.tensor([[2.0, 0.5, -1.0], [0.0, 1.0, 3.0]])
+    labels = torch.tensor([0, 1])
+    expected = (-math.log(softmax([2.0, 0.5, -1.0])[0]) - math.log(softmax([0.0, 1.0, 3.0])[1])) / 2
+    assert MaskedLMLoss()(logits, labels).item() == pytest.approx(expected, rel=1e-6)
+    assert MaskedLMLoss()(logits, labels, "sum").item() == pytest.approx(2 * expected, rel=1e-6)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_output_kl_with_temperature(temperature):
+    student = torch.tensor([[1.0, 0.0, -1.0], [0.5, 0.5, 2.0]])
+    teacher = torch.tensor([[2.0, -1.0, 0.0], [0.0, 1.0, 1.0]])
+    t = temperature
+    per_row = [
+        kl(softmax([v / t for v in tr]), softmax([v / t for v in sr])) * t * t
+        for sr, tr in zip(student.tolist(), teacher.tolist())
+    ]
+    loss = OutputKLLoss(temperature)(student, teacher)
+    assert loss.item() == pytest.approx(sum(per_row) / 2, rel=1e-6)
+    assert OutputKLLoss()(teacher, teacher).item() == pytest.approx(0.0, abs=1e-7)
+
+
+@pytest.mark.parametrize("metric", ["cosine", "mse"])
+def test_hidden_alignment_ignores_padding(metric):
+    g = torch.Generator().manual_seed(0)
+    student, teacher = torch.randn(2, 3, 4, generator=g), torch.randn(2, 3, 4, generator=g)
+    mask = torch.tensor([[1, 1, 1], [1, 0, 0]])
+    per_token = []
+    for b in range(2):
+        for i in range(3):
+            if mask[b, i]:
+                s, t = student[b, i].tolist(), teacher[b, i].tolist()
+                per_token.append(
+                    1 - cosine(s, t) if metric == "cosine" else sum((x - y) ** 2 for x, y in zip(s, t)) / 4
+                )
+    loss = HiddenAlignmentLoss(metric)(student, teacher, mask)
+    assert loss.item() == pytest.approx(sum(per_token) / 4, rel=1e-5)
+    # what padding holds does not matter
+    teacher[1, 1:] = 1e6
+    assert HiddenAlignmentLoss(metric)(student, teacher, mask).item() == pytest.approx(loss.item(), rel=1e-6)
+
+
+def attention_probs(heads, seq, mask_row, seed):
+    g = torch.Generator().manual_seed(seed)
+    scores = torch.randn(1, heads, seq, seq, generator=g)
+    scores = scores.masked_fill(torch.tensor(mask_row)[None, None, None, :] == 0, float("-inf"))
+    return scores.softmax(-1)
+
+
+def test_attention_kl_per_head_over_valid_queries():
+    mask_row = [1, 1, 1, 0]
+    student, teacher = attention_probs(2, 4, mask_row, 1), attention_probs(2, 4, mask_row, 2)
+    per_query = []
+    for q in range(3):  # valid query rows only
+        per_query.append(sum(kl(teacher[0, h, q].tolist(), student[0, h, q].tolist()) for h in range(2)) / 2)
+    loss = AttentionKLLoss()(student, teacher, torch.tensor([mask_row]))
+    assert loss.item() == pytest.approx(sum(per_query) / 3, rel=1e-5)
+    assert math.isfinite(loss.item())
+
+
+def test_attention_kl_averages_heads_when_counts_differ():
+    mask_row = [1, 1, 1]
+    student, teacher = attention_probs(2, 3, mask_row, 3), attention_probs(4, 3, mask_row, 4)
+    expected = 0.0
+    for q in range(3):
+        s = [sum(student[0, h, q, k].item() for h in range(2)) / 2 for k in range(3)]
+        t = [sum(teacher[0, h, q, k].item() for h in range(4)) / 4 for k in range(3)]
+        expected += kl(t, s)
+    loss = AttentionKLLoss()(student, teacher, torch.tensor([mask_row]))
+    assert loss.item() == pytest.approx(expected / 3, rel=1e-5)
+
+
+def test_layer_maps():
+    assert resolve_layer_map("uniform", 6, 12) == [(i, 2 * i) for i in range(1, 7)]
+    assert resolve_layer_map("uniform", 6, 24) == [(i, 4 * i) for i in range(1, 7)]
+    assert resolve_layer_map([3, None, 12], 3, 12) == [(1, 3), (3, 12)]
+    assert resolve_layer_map({2: 5, 1: 1}, 2, 6) == [(1, 1), (2, 5)]
+    with pytest.raises(ValueError, match="teacher layer 13 is outside 1..12"):
+        resolve_layer_map([13], 1, 12)
+    with pytest.raises(ValueError, match="lists 2 teacher layers for a student with 3"):
+        resolve_layer_map([1, 2], 3, 12)
+
+
+def specs(student_hidden=8, teacher_head=True):
+    return (
+        EncoderSpec(num_layers=2, hidden_size=student_hidden, num_heads=2, vocab_size=5, has_mlm_head=True),
+        EncoderSpec(num_layers=4, hidden_size=8, num_heads=2, vocab_size=5, has_mlm_head=teacher_head),
+    )
+
+
+def records(seed, batch=2, seq=3, student_hidden=8):
+    g = torch.Generator().manual_seed(seed)
+
+    def probs(heads):
+        return torch.randn(batch, heads, seq, seq, generator=g).softmax(-1)
+
+    labels = torch.full((batch, seq), -100)
+    labels[0, 1], labels[1, 0] = 2, 4
+    student = EncoderOutput(
+        hidden_states=tuple(torch.randn(batch, seq, student_hidden, generator=g) for _ in range(3)),
+        attentions={1: probs(2), 2: probs(2)},
+        logits=torch.randn(2, 5, generator=g),
+    )
+    teacher = EncoderOutput(
+        hidden_states=tuple(torch.randn(batch, seq, 8, generator=g) for _ in range(5)),
+        attentions={2: probs(2), 4: probs(2)},
+        logits=torch.randn(2, 5, generator=g),
+    )
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
+    return student, teacher, labels, mask
+
+
+def test_composite_is_the_weighted_sum_of_its_terms():
+    loss_fn = DistillationLoss(*specs(), weights={**MINIALBERT_WEIGHTS, "embedding": 2.0})
+    student, teacher, labels, mask = records(0)
+    out = loss_fn(student, teacher, labels, mask)
+    masked = labels[labels != -100]
+    expected = {
+        "mlm": MaskedLMLoss()(student.logits, masked),
+        "output": OutputKLLoss()(student.logits, teacher.logits),
+        "hidden": sum(HiddenAlignmentLoss()(student.hidden_states[s], teacher.hidden_states[t], mask) for s, t in [(1, 2), (2, 4)]),
+        "attention": sum(AttentionKLLoss()(student.attentions[s], teacher.attentions[t], mask) for s, t in [(1, 2), (2, 4)]),
+        "embedding": HiddenAlignmentLoss()(student.hidden_states[0], teacher.hidden_states[0], mask),
+    }
+    assert set(out.terms) == set(expected)
+    for name, value in expected.items():
+        assert out.terms[name].item() == pytest.approx(value.item(), rel=1e-6), name
+    weights = {**MINIALBERT_WEIGHTS, "embedding": 2.0}
+    assert out.total.item() == pytest.approx(sum(weights[k] * v.item() for k, v in expected.items()), rel=1e-6)
+    assert MINIALBERT_WEIGHTS == {"mlm": 1.0, "output": 5.0, "hidden": 3.0, "attention": 3.0, "embedding": 0.0}
+
+
+def test_split_batches_with_global_counts_equal_one_batch():
+    loss_fn = DistillationLoss(*specs())
+    student, teacher, labels, mask = records(1)
+    whole = loss_fn(student, teacher, labels, mask).total
+
+    def part(rec, rows, logit_rows):
+        return EncoderOutput(
+            tuple(h[rows] for h in rec.hidden_states), {k: a[rows] for k, a in rec.attentions.items()}, rec.logits[logit_rows]
+        )
+
+    total = 0.0
+    for row in (0, 1):
+        rows = slice(row, row + 1)
+        total += loss_fn(
+            part(student, rows, rows), part(teacher, rows, rows), labels[rows], mask[rows], num_masked=2, num_tokens=5
+        ).total
+    assert total.item() == pytest.approx(whole.item(), rel=1e-6)
+
+
+def test_projection_when_student_is_narrower():
+    loss_fn = DistillationLoss(*specs(student_hidden=4))
+    assert loss_fn.projection is not None and loss_fn.projection.weight.shape == (8, 4)
+    student, teacher, labels, mask = records(2, student_hidden=4)
+    out = loss_fn(student, teacher, labels, mask)
+    out.total.backward()
+    assert loss_fn.projection.weight.grad is not None
+
+
+def test_inactive_terms_ask_for_nothing():
+    loss_fn = DistillationLoss(*specs(), weights={"hidden": 1.0})
+    assert loss_fn.student_attention_layers() == set() and loss_fn.teacher_attention_layers() == set()
+    assert loss_fn.teacher_hidden_layers() == {2, 4}
+    assert not loss_fn.needs_student_logits and not loss_fn.needs_teacher_logits
+    student, teacher, labels, mask = records(3)
+    assert set(loss_fn(student, teacher, labels, mask).terms) == {"hidden"}
+
+
+def test_weight_errors_are_clear():
+    with pytest.raises(ValueError, match="teacher has no MLM head.*loss.weights.output=0"):
+        DistillationLoss(*specs(teacher_head=False))
+    assert DistillationLoss(*specs(teacher_head=False), weights={"mlm": 1, "hidden": 3}).weights["output"] == 0
+    with pytest.raises(ValueError, match=r"Unknown loss terms \['hiden'\]"):
+        DistillationLoss(*specs(), weights={"hiden": 1})
+    with pytest.raises(ValueError, match="vocabulary"):
+        DistillationLoss(specs()[0], EncoderSpec(4, 8, 2, vocab_size=6, has_mlm_head=True))

@@ -1,0 +1,204 @@
+"""Students and teachers against their reference implementations in transformers."""
+
+import pytest
+import torch
+from transformers import AlbertForMaskedLM, BertForMaskedLM, BertModel, RobertaForMaskedLM
+
+from components.checkpointing import CheckpointError, load_student, save_student
+from components.models import (
+    FrozenTeacher,
+    hf_teacher,
+    minialbert_128,
+    minialbert_312,
+    recursive_tiny,
+    RecursiveEncoder,
+)
+from tests.helpers import make_hf_teacher
+
+TOL = 1e-5
+
+
+def no_head_params(model):
+    return sum(p.numel() for n, p in model.named_parameters() if not n.startswith("mlm_head"))
+
+
+def batch(vocab=1000, pad_id=0, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(5, vocab, (3, 12), generator=g)
+    mask = torch.ones(3, 12, dtype=torch.long)
+    mask[1, 8:] = 0
+    mask[2, 5:] = 0
+    ids[mask == 0] = pad_id
+    return ids, mask
+
+
+def test_parameter_counts_match_the_paper():
+    # METHOD.md: 12.07M with adapters, 11.16M without; shared layer 7,087,872; adapters 912,960.
+    student = minialbert_128()
+    assert no_head_params(student) == 12_072_768
+    assert no_head_params(minialbert_128(adapter_placement=None)) == 11_159_808
+    assert sum(p.numel() for p in student.layer.parameters()) == 7_087_872
+    assert sum(p.numel() for p in student.adapter_parameters()) == 912_960
+    # E=312 with BioBERT's vocabulary: the paper's "17.5M"; no factorisation (E=768): 31.8M.
+    assert no_head_params(minialbert_312()) == 17_448_960
+    assert no_head_params(minialbert_128(embedding_size=768)) == 31_838_016
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_adapter_free_student_is_albert(tmp_path, tied):
+    torch.manual_seed(0)
+    student = recursive_tiny(adapter_placement=None, tie_word_embeddings=tied).eval()
+    assert save_student(student, tmp_path / "s") == "albert"
+    albert = AlbertForMaskedLM.from_pretrained(str(tmp_path / "s"), attn_implementation="eager").eval()
+    ids, mask = batch()
+    ours = student(ids, mask, attention_layers={1, 2})
+    theirs = albert(input_ids=ids, attention_mask=mask, output_hidden_states=True, output_attentions=True)
+    valid = mask.bool()
+    assert len(ours.hidden_states) == len(theirs.hidden_states) == 3
+    for a, b in zip(ours.hidden_states, theirs.hidden_states):
+        assert (a - b)[valid].abs().max() <= TOL
+    assert (ours.logits - theirs.logits)[valid].abs().max() <= TOL
+    for i in (1, 2):
+        assert (ours.attentions[i] - theirs.attentions[i - 1]).abs().max() <= TOL
+    # and our loader reads the ALBERT folder back
+    reloaded = load_student(str(tmp_path / "s")).eval()
+    assert torch.equal(reloaded(ids, mask, attention_layers={1, 2}).logits, ours.logits)
+
+
+@pytest.mark.parametrize("placement", ["minialbert", "houlsby", "pfeiffer"])
+def test_student_with_adapters_round_trips_exactly(tmp_path, tokenizer, placement):
+    torch.manual_seed(0)
+    student = recursive_tiny(adapter_placement=placement, vocab_size=len(tokenizer)).eval()
+    for p in student.adapter_parameters():  # make the adapters matter
+        torch.nn.init.normal_(p, std=0.1)
+    assert save_student(student, tmp_path / "s", tokenizer) == "native"
+    assert (tmp_path / "s" / "tokenizer.json").is_file()
+    reloaded = load_student(str(tmp_path / "s")).eval()
+    assert reloaded.config == student.config
+    for (k, a), (k2, b) in zip(student.state_dict().items(), reloaded.state_dict().items()):
+        assert k == k2 and torch.equal(a, b)
+    ids, mask = batch(len(tokenizer))
+    assert torch.equal(reloaded(ids, mask).logits, student(ids, mask).logits)
+
+
+def test_zero_initialised_houlsby_adapters_are_identities():
+    torch.manual_seed(0)
+    with_adapters = recursive_tiny(adapter_placement="houlsby").eval()
+    plain = recursive_tiny(adapter_placement=None).eval()
+    plain.load_state_dict({k: v for k, v in with_adapters.state_dict().items() if not k.startswith("adapters")})
+    ids, mask = batch()
+    assert torch.equal(with_adapters(ids, mask).logits, plain(ids, mask).logits)
+    torch.nn.init.normal_(with_adapters.adapters[1]["ffn_out"].up.weight, std=0.1)
+    assert not torch.allclose(with_adapters(ids, mask).logits, plain(ids, mask).logits)
+
+
+def test_adapter_sites_per_placement():
+    sites = {p: set(recursive_tiny(adapter_placement=p).adapters[0].keys()) for p in ("minialbert", "houlsby", "pfeiffer")}
+    assert sites == {
+        "minialbert": {"attention_in", "ffn_in"},
+        "houlsby": {"attention_out", "ffn_out"},
+        "pfeiffer": {"ffn_out"},
+    }
+    with pytest.raises(ValueError, match="Unknown adapter placement"):
+        recursive_tiny(adapter_placement="lora")
+
+
+def test_explicit_attention_path_matches_sdpa():
+    torch.manual_seed(0)
+    student = recursive_tiny().eval()
+    ids, mask = batch()
+    fast = student(ids, mask)
+    explicit = student(ids, mask, attention_layers={1, 2})
+    assert fast.attentions == {} and set(explicit.attentions) == {1, 2}
+    for a, b in zip(fast.hidden_states, explicit.hidden_states):
+        assert (a - b)[mask.bool()].abs().max() <= TOL
+    probs = explicit.attentions[1]
+    assert torch.allclose(probs.sum(-1), torch.ones(()), atol=1e-6)
+    assert probs[1, :, :, 8:].abs().max() == 0  # padded keys get no attention
+
+
+def test_logits_only_at_requested_positions():
+    torch.manual_seed(0)
+    student = recursive_tiny().eval()
+    ids, mask = batch()
+    where = torch.zeros_like(mask, dtype=torch.bool)
+    where[0, 3] = where[2, 1] = True
+    out = student(ids, mask, logits_mask=where)
+    full = student(ids, mask).logits
+    assert out.logits.shape == (2, 1000)
+    assert torch.allclose(out.logits, full[where], atol=1e-6)
+    assert student(ids, mask, return_logits=False).logits is None
+
+
+@pytest.mark.parametrize("kind", ["bert", "roberta", "bert-no-head"])
+def test_teacher_matches_transformers(tmp_path, tokenizer, kind):
+    folder = make_hf_teacher(tmp_path / kind, tokenizer, kind=kind, layers=3)
+    reference_class = {"bert": BertForMaskedLM, "roberta": RobertaForMaskedLM, "bert-no-head": BertModel}[kind]
+    reference = reference_class.from_pretrained(str(folder), attn_implementation="eager").eval()
+    teacher = hf_teacher(str(folder))
+    assert isinstance(teacher, FrozenTeacher) and len(teacher.tokenizer) == len(tokenizer)
+    assert teacher.spec.has_mlm_head == (kind != "bert-no-head")
+    ids, mask = batch(len(tokenizer), pad_id=tokenizer.pad_token_id)
+    ours = teacher(ids, mask, attention_layers={1, 3})
+    theirs = reference(input_ids=ids, attention_mask=mask, output_hidden_states=True, output_attentions=True)
+    valid = mask.bool()
+    for a, b in zip(ours.hidden_states, theirs.hidden_states, strict=True):
+        assert (a - b)[valid].abs().max() <= TOL
+    if kind != "bert-no-head":
+        assert (ours.logits - theirs.logits)[valid].abs().max() <= TOL
+    else:
+        assert ours.logits is None
+    # query rows of padding differ for RoBERTa (HF numbers pad positions differently); they
+    # are masked out everywhere, so compare the rows of real tokens
+    assert (ours.attentions[3] - theirs.attentions[2]).transpose(1, 2)[valid].abs().max() <= TOL
+
+
+def test_teacher_is_frozen_and_its_outputs_train_a_student(teacher_dir):
+    teacher = hf_teacher(str(teacher_dir))
+    teacher.train()
+    assert not teacher.encoder.training
+    assert not any(p.requires_grad for p in teacher.parameters())
+    ids, mask = batch(300)
+    first = teacher(ids, mask, hidden_layers={2})
+    assert torch.equal(first.hidden_states[2], teacher(ids, mask, hidden_layers={2}).hidden_states[2])  # no dropout
+    assert first.hidden_states[1] is None and first.hidden_states[2] is not None
+    student_hidden = torch.randn_like(first.hidden_states[2], requires_grad=True)
+    torch.nn.functional.cosine_similarity(student_hidden, first.hidden_states[2], dim=-1).sum().backward()
+    assert student_hidden.grad is not None
+
+
+def test_teacher_errors_name_what_is_wrong(tmp_path, tokenizer):
+    with pytest.raises(CheckpointError, match="Checkpoint folder not found: ./nowhere"):
+        hf_teacher("./nowhere")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(CheckpointError, match="has no config.json"):
+        hf_teacher(str(empty))
+    folder = make_hf_teacher(tmp_path / "t", tokenizer, layers=2)
+    (folder / "model.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="No weights in"):
+        hf_teacher(str(folder))
+    albert = tmp_path / "albert"
+    save_student(recursive_tiny(adapter_placement=None), albert)
+    with pytest.raises(CheckpointError, match="model_type 'albert' is not supported as a teacher"):
+        hf_teacher(str(albert))
+    with pytest.raises(CheckpointError, match="not a local folder, and fetching it from the Hugging Face Hub failed"):
+        hf_teacher("no-such-model-id")
+
+
+def test_student_loader_errors(tmp_path):
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_student(str(tmp_path))
+    (tmp_path / "config.json").write_text('{"model_type": "bert"}')
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    with pytest.raises(CheckpointError, match="is not a student"):
+        load_student(str(tmp_path))
+
+
+def test_builder_signature_lists_every_argument():
+    import inspect
+
+    params = inspect.signature(minialbert_128).parameters
+    assert params["embedding_size"].default == 128 and params["num_iterations"].default == 6
+    assert set(params) == set(inspect.signature(RecursiveEncoder).parameters)
+    assert minialbert_128(num_iterations=2, vocab_size=50).num_iterations == 2

@@ -1,0 +1,126 @@
+"""The single-device recipe in-process: resume equivalence, stages, bad input."""
+
+import shutil
+
+import pytest
+import torch
+
+from components.checkpointing import load_student
+from components.checkpointing.resume import list_checkpoints, load_checkpoint
+from components.training.config import ConfigError
+from components.training.distill import NonFiniteLossError
+from tests.helpers import make_hf_teacher
+from tests.recipe_helpers import logged, run_recipe, tiny_config
+
+
+def test_resumed_run_reproduces_the_uninterrupted_one(tmp_path, teacher_dir, corpus_file):
+    # dropout stays on (0.1): the resumed run must also restore the random state
+    straight = tmp_path / "straight"
+    run_recipe(tiny_config(straight, teacher_dir, corpus_file))
+    assert [p.name for p in list_checkpoints(straight)] == ["step_00000003", "step_00000006"]
+
+    # a run that died right after its step-3 checkpoint
+    resumed = tmp_path / "resumed"
+    shutil.copytree(straight / "checkpoints" / "step_00000003", resumed / "checkpoints" / "step_00000003")
+    recipe = run_recipe(tiny_config(resumed, teacher_dir, corpus_file, resume_from_checkpoint=True))
+    assert recipe.step == 6
+
+    a, b = logged(straight), logged(resumed)
+    assert sorted(b) == [4, 5, 6]
+    for step in (4, 5, 6):
+        for key in ("loss/total", "loss/mlm", "loss/output", "loss/hidden", "loss/attention", "grad_norm", "lr"):
+            assert b[step][key] == pytest.approx(a[step][key], rel=1e-6, abs=1e-9), (step, key)
+    first, second = load_student(str(straight / "student")), load_student(str(resumed / "student"))
+    for (name, x), (_, y) in zip(first.state_dict().items(), second.state_dict().items()):
+        assert torch.allclose(x, y, rtol=1e-6, atol=1e-7), name
+    assert (resumed / "tensorboard").is_dir()
+
+
+def test_run_outputs_and_falling_loss(tmp_path, teacher_dir, corpus_file):
+    out = tmp_path / "run"
+    recipe = run_recipe(tiny_config(out, teacher_dir, corpus_file, max_steps=30, save_every_n_steps=None, **{"optimizer.lr": 3e-3}))
+    records = logged(out)
+    early = sum(records[s]["loss/total"] for s in (1, 2, 3)) / 3
+    late = sum(records[s]["loss/total"] for s in (28, 29, 30)) / 3
+    assert late < 0.8 * early
+    assert {"eval/student_mlm_loss", "eval/teacher_mlm_accuracy", "eval/alignment_cosine/student_1_teacher_2"} <= set(records[30])
+    assert [p.name for p in list_checkpoints(out)] == ["step_00000030"]  # the final one
+    assert (out / "config.yaml").is_file()
+    student = load_student(str(out / "student"))
+    assert student.spec.vocab_size == recipe.teacher.spec.vocab_size
+    assert (out / "student" / "tokenizer.json").is_file()
+
+
+def test_stages_freeze_and_scale_what_they_say(tmp_path, teacher_dir, corpus_file):
+    stages = [
+        # adapters only, hidden loss only, shared layer frozen
+        {"name": "adapters", "steps": 2, "loss_weights": {"hidden": 1.0}, "trainable": ["student.adapters.*", "loss.*"]},
+        # everything trains, but the embeddings at learning rate 0
+        {"name": "all", "lr_scale": {"student.embeddings.*": 0.0}},
+    ]
+    cfg = tiny_config(tmp_path / "run", teacher_dir, corpus_file, max_steps=4, save_every_n_steps=2, stages=stages)
+    from recipes.distill_recursive import DistillRecursiveRecipe
+    from omegaconf import OmegaConf
+
+    fresh = DistillRecursiveRecipe(OmegaConf.create({**cfg, "output_dir": str(tmp_path / "fresh")}))
+    fresh.setup()
+    initial = {k: v.clone() for k, v in fresh.student.state_dict().items()}
+    fresh.cleanup()
+
+    run_recipe(cfg)
+    after_stage_1 = load_checkpoint(tmp_path / "run" / "checkpoints" / "step_00000002")["student"]
+    final = load_checkpoint(tmp_path / "run" / "checkpoints" / "step_00000004")["student"]
+    assert torch.equal(after_stage_1["layer.ffn_in.weight"], initial["layer.ffn_in.weight"])
+    assert torch.equal(after_stage_1["mlm_head.decoder.weight"], initial["mlm_head.decoder.weight"])
+    assert not torch.equal(after_stage_1["adapters.0.ffn_in.down.weight"], initial["adapters.0.ffn_in.down.weight"])
+    assert not torch.equal(final["layer.ffn_in.weight"], initial["layer.ffn_in.weight"])
+    assert torch.equal(final["embeddings.word_embeddings.weight"], initial["embeddings.word_embeddings.weight"])
+    records = logged(tmp_path / "run")
+    assert set(k for k in records[1] if k.startswith("loss/")) == {"loss/total", "loss/hidden"}
+    assert "loss/output" in records[3] and records[3]["stage"] == 1.0
+
+
+def test_student_vocabulary_must_match_the_teacher(tmp_path, teacher_dir, corpus_file):
+    cfg = tiny_config(tmp_path / "run", teacher_dir, corpus_file, **{"student.vocab_size": 301})
+    with pytest.raises(ConfigError, match=r"student vocabulary \(301, student.vocab_size\) differs from the teacher's \(300"):
+        run_recipe(cfg)
+
+
+def test_a_finished_output_dir_is_not_overwritten(tmp_path, teacher_dir, corpus_file):
+    cfg = tiny_config(tmp_path / "run", teacher_dir, corpus_file, max_steps=2)
+    run_recipe(cfg)
+    before = (tmp_path / "run" / "student" / "model.safetensors").read_bytes()
+    with pytest.raises(ConfigError, match="already holds a run. Continue it with resume_from_checkpoint=True"):
+        run_recipe(cfg)
+    assert (tmp_path / "run" / "student" / "model.safetensors").read_bytes() == before
+
+
+def test_teacher_without_mlm_head(tmp_path, tokenizer, corpus_file):
+    teacher = make_hf_teacher(tmp_path / "plain", tokenizer, kind="bert-no-head")
+    with pytest.raises(ValueError, match="teacher has no MLM head"):
+        run_recipe(tiny_config(tmp_path / "a", teacher, corpus_file, max_steps=2))
+    weights = {"mlm": 1.0, "hidden": 3.0, "attention": 3.0}
+    run_recipe(tiny_config(tmp_path / "b", teacher, corpus_file, max_steps=2, **{"loss.weights": weights}))
+    assert set(k for k in logged(tmp_path / "b")[2] if k.startswith("loss/")) == {"loss/total", "loss/mlm", "loss/hidden", "loss/attention"}
+
+
+def test_nan_loss_stops_the_run_and_keeps_the_last_checkpoint(tmp_path, teacher_dir, corpus_file, monkeypatch):
+    from components.losses import DistillationLoss
+
+    original = DistillationLoss.forward
+    calls = {"n": 0}
+
+    def poisoned(self, *args, **kwargs):
+        out = original(self, *args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] > 3:  # steps 1-3 are fine (one micro-batch each)
+            out.total = out.total * float("nan")
+        return out
+
+    monkeypatch.setattr(DistillationLoss, "forward", poisoned)
+    out = tmp_path / "run"
+    with pytest.raises(NonFiniteLossError, match="loss became nan at step 4.*checkpoint of step 3 is kept"):
+        run_recipe(tiny_config(out, teacher_dir, corpus_file))
+    assert [p.name for p in list_checkpoints(out)] == ["step_00000003"]
+    assert load_checkpoint(list_checkpoints(out)[0])["step"] == 3
+    assert not (out / "student").exists()

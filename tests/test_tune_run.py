@@ -1,0 +1,71 @@
+"""The README's command, exactly: ``tune run recipes/distill_recursive.py --config ...``."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def tune_run(*args, cwd=REPO, timeout=600):
+    tune = Path(sys.executable).with_name("tune")
+    return subprocess.run(
+        [str(tune), "run", "recipes/distill_recursive.py", *args],
+        cwd=cwd,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def test_tiny_config_end_to_end(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from components.checkpointing import load_student
+    from tests.recipe_helpers import logged
+
+    out = tmp_path / "tiny"
+    result = tune_run("--config", "configs/tiny.yaml", f"output_dir={out}", "max_steps=120", "eval_every_n_steps=60")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+    records = logged(out)
+    first, last = records[10]["loss/total"], records[120]["loss/total"]
+    assert last < 0.6 * first, (first, last)
+    assert records[120]["eval/student_mlm_loss"] < records[60]["eval/student_mlm_loss"]
+
+    events = list((out / "tensorboard").glob("events.out.tfevents.*"))
+    assert events
+    accumulator = EventAccumulator(str(out / "tensorboard"))
+    accumulator.Reload()
+    tags = set(accumulator.Tags()["scalars"])
+    assert {"loss/total", "loss/mlm", "loss/output", "loss/hidden", "loss/attention", "lr", "grad_norm", "tokens_per_second"} <= tags
+    assert {"eval/student_mlm_loss", "eval/teacher_mlm_loss"} <= tags
+
+    student = load_student(str(out / "student"))
+    assert student.num_iterations == 2 and student.adapters is not None
+    assert (out / "student" / "tokenizer.json").is_file()
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["output_dir=x", "max_stepz=3"], "Unknown config key 'max_stepz' (did you mean 'max_steps'?)"),
+        (["output_dir=x", "student.hiden_size=3"], "has no argument 'hiden_size' (did you mean 'hidden_size'?)"),
+        (["output_dir=x", "max_steps=ten"], "'max_steps' must be int or null, got str 'ten'"),
+    ],
+)
+def test_bad_overrides_fail_fast_with_one_line(tmp_path, args, message):
+    result = tune_run("--config", "configs/tiny.yaml", *args, cwd=REPO, timeout=120)
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (REPO / "x").exists()
+
+
+def test_missing_config_file():
+    result = tune_run("--config", "configs/nope.yaml", timeout=120)
+    assert result.returncode == 2 and "Config file not found: configs/nope.yaml" in result.stderr
