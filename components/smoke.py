@@ -66,12 +66,23 @@ def _write_corpus(path: Path, documents: List[str]) -> None:
     os.replace(tmp, path)
 
 
+SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+
+
 def _train_tokenizer(documents: List[str], vocab_size: int):
     from tokenizers import BertWordPieceTokenizer
     from transformers import BertTokenizerFast
 
-    wordpiece = BertWordPieceTokenizer(lowercase=True)
-    wordpiece.train_from_iterator(documents, vocab_size=vocab_size, min_frequency=2, show_progress=False)
+    trained = BertWordPieceTokenizer(lowercase=True)
+    trained.train_from_iterator(
+        documents, vocab_size=vocab_size, min_frequency=2, special_tokens=SPECIAL_TOKENS, show_progress=False
+    )
+    # The trainer numbers tokens of equal frequency in no fixed order; renumber them so the
+    # same corpus always gives the same ids (and the same smoke teacher).
+    pieces = sorted(set(trained.get_vocab()) - set(SPECIAL_TOKENS))
+    wordpiece = BertWordPieceTokenizer(
+        vocab={token: i for i, token in enumerate(SPECIAL_TOKENS + pieces)}, lowercase=True
+    )
     return BertTokenizerFast(
         tokenizer_object=wordpiece._tokenizer,
         unk_token="[UNK]",

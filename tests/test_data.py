@@ -190,3 +190,11 @@ def test_pad_batch():
     out = pad_batch([[1, 2, 3], [4]], pad_token_id=0, pad_to_multiple_of=4)
     assert out["input_ids"].tolist() == [[1, 2, 3, 0], [4, 0, 0, 0]]
     assert out["attention_mask"].tolist() == [[1, 1, 1, 0], [1, 0, 0, 0]]
+
+
+def test_smoke_tokenizer_is_reproducible(documents):
+    from components.smoke import _train_tokenizer
+
+    first, second = _train_tokenizer(documents, 300), _train_tokenizer(documents, 300)
+    assert first.get_vocab() == second.get_vocab()
+    assert first.convert_ids_to_tokens(list(range(5))) == ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
