@@ -202,3 +202,33 @@ def test_builder_signature_lists_every_argument():
     assert params["embedding_size"].default == 128 and params["num_iterations"].default == 6
     assert set(params) == set(inspect.signature(RecursiveEncoder).parameters)
     assert minialbert_128(num_iterations=2, vocab_size=50).num_iterations == 2
+
+
+def _grads(model, ids, mask):
+    model.zero_grad()
+    out = model(ids, mask, attention_layers={1, 2})
+    (out.logits.square().mean() + sum(a.square().sum() for a in out.attentions.values())).backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_activation_checkpointing_gives_the_same_gradients():
+    torch.manual_seed(0)
+    student = recursive_tiny(dropout=0.0, attention_dropout=0.0)
+    ids, mask = batch()
+    plain = _grads(student, ids, mask)
+    student.activation_checkpointing = True
+    checkpointed = _grads(student, ids, mask)
+    assert plain.keys() == checkpointed.keys()
+    for name in plain:
+        assert torch.equal(plain[name], checkpointed[name]), name
+
+
+def test_compiled_student_matches_eager():
+    torch.manual_seed(0)
+    student = recursive_tiny(dropout=0.0, attention_dropout=0.0)
+    ids, mask = batch()
+    eager = _grads(student, ids, mask)
+    student.compile(dynamic=True)
+    compiled = _grads(student, ids, mask)
+    for name in eager:
+        assert torch.allclose(eager[name], compiled[name], rtol=1e-4, atol=1e-6), name

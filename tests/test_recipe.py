@@ -124,3 +124,11 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_checkpoint(tmp_path, teacher_
     assert [p.name for p in list_checkpoints(out)] == ["step_00000003"]
     assert load_checkpoint(list_checkpoints(out)[0])["step"] == 3
     assert not (out / "student").exists()
+
+
+def test_bf16_autocast_run(tmp_path, teacher_dir, corpus_file):
+    out = tmp_path / "bf16"
+    run_recipe(tiny_config(out, teacher_dir, corpus_file, dtype="bf16", max_steps=3, enable_activation_checkpointing=True))
+    records = logged(out)
+    assert all(torch.isfinite(torch.tensor(records[s]["loss/total"])) for s in (1, 2, 3))
+    assert load_student(str(out / "student")).embeddings.word_embeddings.weight.dtype == torch.float32

@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from typing import Dict, List, Mapping, Optional, Sequence, Set, Tuple, Union
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from components.losses.terms import AttentionKLLoss, HiddenAlignmentLoss, MaskedLMLoss, OutputKLLoss
@@ -193,16 +192,3 @@ class DistillationLoss(nn.Module):
             ) / max(num_tokens, 1)
         total = sum(w[name] * value for name, value in sums.items())
         return LossOutput(total=total, terms=sums)
-
-    @torch.no_grad()
-    def alignment_cosines(
-        self, student: EncoderOutput, teacher: EncoderOutput, attention_mask: torch.Tensor
-    ) -> Dict[int, float]:
-        """Mean cosine similarity of each mapped student layer with its teacher layer."""
-        mask = attention_mask.bool()
-        return {
-            s: F.cosine_similarity(
-                self.project(student.hidden_states[s]).float()[mask], teacher.hidden_states[t].float()[mask], dim=-1
-            ).mean().item()
-            for s, t in self.layer_map
-        }

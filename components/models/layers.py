@@ -35,9 +35,12 @@ def attention_bias(
 ) -> Optional[torch.Tensor]:
     """``[batch, seq]`` mask (1 = token, 0 = padding) -> additive ``[batch, 1, 1, seq]`` bias.
 
-    Returns ``None`` when nothing is padded, which lets SDPA take its fastest kernel.
+    Returns ``None`` when nothing is padded, which lets SDPA take its fastest kernel (eager
+    mode only: under ``torch.compile`` that data-dependent check would break the graph).
     """
-    if attention_mask is None or bool(attention_mask.all()):
+    if attention_mask is None:
+        return None
+    if not torch.compiler.is_compiling() and bool(attention_mask.all()):
         return None
     bias = torch.zeros(attention_mask.shape, dtype=dtype, device=attention_mask.device)
     bias.masked_fill_(attention_mask == 0, torch.finfo(dtype).min)

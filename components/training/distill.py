@@ -157,8 +157,9 @@ class Evaluator:
                     add(f"{who}_loss", torch.nn.functional.cross_entropy(logits, labels, reduction="sum"))
                     add(f"{who}_correct", (logits.argmax(-1) == labels).sum())
             for s, t in loss_fn.layer_map:
+                student_hidden = loss_fn.project(s_out.hidden_states[s].float())
                 cos = torch.nn.functional.cosine_similarity(
-                    loss_fn.project(s_out.hidden_states[s]).float()[mask], t_out.hidden_states[t].float()[mask], dim=-1
+                    student_hidden[mask], t_out.hidden_states[t].float()[mask], dim=-1
                 )
                 add(f"cos_{s}", cos.sum())
         totals = {k: reduce(v).item() for k, v in sorted(sums.items())}
