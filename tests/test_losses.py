@@ -209,3 +209,15 @@ def test_weight_errors_are_clear():
         DistillationLoss(*specs(), weights={"hiden": 1})
     with pytest.raises(ValueError, match="vocabulary"):
         DistillationLoss(specs()[0], EncoderSpec(4, 8, 2, vocab_size=6, has_mlm_head=True))
+
+
+def test_uniform_map_rounds_half_up():
+    assert [t for _, t in resolve_layer_map("uniform", 8, 12)] == [2, 3, 5, 6, 8, 9, 11, 12]
+
+
+def test_attention_kl_per_element_divides_by_sequence_length():
+    mask_row = [1, 1, 1, 0]
+    student, teacher = attention_probs(2, 4, mask_row, 5), attention_probs(2, 4, mask_row, 6)
+    mask = torch.tensor([mask_row])
+    per_distribution = AttentionKLLoss("distribution")(student, teacher, mask)
+    assert AttentionKLLoss("element")(student, teacher, mask).item() == pytest.approx(per_distribution.item() / 4, rel=1e-6)

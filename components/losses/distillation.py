@@ -10,8 +10,9 @@ masked tokens (mlm, output) or non-padding tokens (hidden, attention, embedding)
 optimizer step when the caller passes those counts.
 """
 
+import math
 from dataclasses import dataclass
-from typing import Dict, List, Mapping, Optional, Sequence, Set, Tuple, Union
+from typing import Dict, List, Literal, Mapping, Optional, Sequence, Set, Tuple, Union
 
 import torch
 from torch import nn
@@ -20,24 +21,26 @@ from components.losses.terms import AttentionKLLoss, HiddenAlignmentLoss, Masked
 from components.models.output import EncoderOutput, EncoderSpec
 
 TERMS = ("mlm", "output", "hidden", "attention", "embedding")
+LossTerm = Literal["mlm", "output", "hidden", "attention", "embedding"]
 
 # MiniALBERT: 1 * mlm + 3 * (attention + hidden) + 5 * output, T = 1.
 MINIALBERT_WEIGHTS = {"mlm": 1.0, "output": 5.0, "hidden": 3.0, "attention": 3.0, "embedding": 0.0}
 
-LayerMap = Union[str, Sequence[Optional[int]], Mapping[int, int]]
+LayerMap = Union[Literal["uniform"], List[Optional[int]], Dict[int, int]]
 
 
 def resolve_layer_map(layer_map: LayerMap, num_student: int, num_teacher: int) -> List[Tuple[int, int]]:
     """(student layer, teacher layer) pairs, 1-based.
 
-    ``"uniform"``: student layer ``i`` -> teacher layer ``round(i * L / N)``, so 6 iterations over
-    12 layers give 2, 4, ..., 12 and over 24 layers 4, 8, ..., 24. A list gives the teacher
+    ``"uniform"``: student layer ``i`` -> teacher layer ``i * L / N`` rounded half up, so 6
+    iterations over 12 layers give 2, 4, ..., 12, over 24 layers 4, 8, ..., 24, and 8 over 12
+    give 2, 3, 5, 6, 8, 9, 11, 12. A list gives the teacher
     layer of each student layer in order (``null`` skips one); a mapping gives pairs directly.
     """
     if isinstance(layer_map, str):
         if layer_map != "uniform":
             raise ValueError(f"layer_map must be 'uniform', a list or a mapping, got {layer_map!r}")
-        pairs = [(i, max(1, round(i * num_teacher / num_student))) for i in range(1, num_student + 1)]
+        pairs = [(i, max(1, math.floor(i * num_teacher / num_student + 0.5))) for i in range(1, num_student + 1)]
     elif isinstance(layer_map, Mapping):
         pairs = sorted((int(s), int(t)) for s, t in layer_map.items())
     else:
@@ -70,6 +73,10 @@ class DistillationLoss(nn.Module):
         temperature: temperature of the output KL (scaled by ``T**2``).
         layer_map: see :func:`resolve_layer_map`.
         hidden_metric: ``"cosine"`` or ``"mse"``.
+        attention_reduction: ``"distribution"`` averages the KL of each attention
+            distribution; ``"element"`` also divides by the sequence length, as MiniALBERT's
+            ``KLDivLoss(reduction="mean")`` did (use it to keep the paper's loss weights
+            balanced as published: at 256 tokens the term is 256x smaller).
 
     When the student is narrower than the teacher, a learned linear projection (one, shared by
     all mapped layers and the embeddings) maps student hidden states to the teacher's width. It
@@ -80,10 +87,11 @@ class DistillationLoss(nn.Module):
         self,
         student: EncoderSpec,
         teacher: EncoderSpec,
-        weights: Optional[Mapping[str, float]] = None,
+        weights: Optional[Dict[LossTerm, float]] = None,
         temperature: float = 1.0,
         layer_map: LayerMap = "uniform",
-        hidden_metric: str = "cosine",
+        hidden_metric: Literal["cosine", "mse"] = "cosine",
+        attention_reduction: Literal["distribution", "element"] = "distribution",
     ):
         super().__init__()
         if student.vocab_size != teacher.vocab_size:
@@ -100,7 +108,7 @@ class DistillationLoss(nn.Module):
         self.mlm = MaskedLMLoss()
         self.output = OutputKLLoss(temperature)
         self.hidden = HiddenAlignmentLoss(hidden_metric)
-        self.attention = AttentionKLLoss()
+        self.attention = AttentionKLLoss(attention_reduction)
         self.weights: Dict[str, float] = {}
         self.set_weights(MINIALBERT_WEIGHTS if weights is None else weights)
 

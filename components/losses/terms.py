@@ -92,9 +92,16 @@ class AttentionKLLoss(nn.Module):
     attention distributions is a distribution), and the KL is taken between the head means.
     Padded keys carry zero probability on both sides and contribute nothing.
 
-    Note: the MiniALBERT code used ``KLDivLoss(reduction="mean")``, which also divides by the
-    sequence length; this is the per-distribution KL (MobileBERT's definition).
+    ``reduction_over="distribution"`` is that per-distribution KL (MobileBERT's definition);
+    ``"element"`` also divides by the number of keys (the padded sequence length), which is what
+    MiniALBERT's ``KLDivLoss(reduction="mean")`` computed.
     """
+
+    def __init__(self, reduction_over: str = "distribution"):
+        super().__init__()
+        if reduction_over not in ("distribution", "element"):
+            raise ValueError(f"attention reduction must be 'distribution' or 'element', got {reduction_over!r}")
+        self.reduction_over = reduction_over
 
     def forward(
         self,
@@ -108,6 +115,8 @@ class AttentionKLLoss(nn.Module):
             student, teacher = student.mean(1, keepdim=True), teacher.mean(1, keepdim=True)
         tiny = torch.finfo(student.dtype).tiny
         per_row = (torch.xlogy(teacher, teacher) - teacher * student.clamp_min(tiny).log()).sum(-1)
+        if self.reduction_over == "element":
+            per_row = per_row / per_row.shape[-1]
         per_query = per_row.mean(1)  # over heads -> [batch, seq]
         mask = attention_mask.to(per_query.dtype)
         return _reduce(per_query * mask, mask.sum(), reduction)
