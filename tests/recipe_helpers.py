@@ -23,7 +23,7 @@ def tiny_config(output_dir: Path, teacher_dir: Path, corpus: Path, **overrides) 
         },
         "loss": {"_component_": "components.losses.DistillationLoss"},
         "optimizer": {"_component_": "torch.optim.AdamW", "lr": 1e-3, "weight_decay": 1e-4},
-        "lr_schedule": {"_component_": "components.training.linear_warmup_decay", "warmup_steps": 2},
+        "lr_schedule": {"_component_": "components.training.linear_warmup_decay", "warmup_steps": 1},
         "max_steps": 6,
         "log_every_n_steps": 1,
         "save_every_n_steps": 3,

@@ -62,3 +62,29 @@ def test_every_shipped_config_is_valid():
         for key in ("output_dir", "max_steps", "save_every_n_steps", "resume_from_checkpoint"):
             assert key in OmegaConf.load(path), f"{path.name} does not set {key}"
         assert cfg.resume_from_checkpoint is False
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"loss.weights": "{hiden: 3}"}, r"'loss.weights' must be"),
+        ({"loss.hidden_metric": "cos"}, r"'loss.hidden_metric' must be one of \['cosine', 'mse'\]"),
+        ({"loss.layer_map": "unifrom"}, r"'loss.layer_map' must be"),
+        ({"data.stride": 0}, r"'data.stride' must be at least 1, got 0"),
+        ({"data.batch_size": 0}, r"'data.batch_size' must be at least 1"),
+        ({"gradient_accumulation_steps": 0}, r"'gradient_accumulation_steps' must be at least 1"),
+        ({"log_every_n_steps": 0}, r"'log_every_n_steps' must be at least 1"),
+        ({"data.mlm_probability": 1.0}, r"'data.mlm_probability' must be at least 0.01 and below 1.0"),
+        ({"stages": "[{loss_weights: {hiden: 1}}]"}, r"'stages\[0\].loss_weights' must be"),
+        ({"stages": "[{steps: 0}]"}, r"'stages\[0\].steps' must be at least 1"),
+    ],
+)
+def test_bad_values_fail_before_anything_loads(change, message):
+    with pytest.raises(ConfigError, match=message):
+        check(**change)
+
+
+def test_a_component_section_without_component_keeps_the_default():
+    cfg = check(**{"loss.temperature": 2.0, "optimizer.lr": 1e-3})
+    assert cfg.loss._component_ == "components.losses.DistillationLoss" and cfg.loss.temperature == 2.0
+    assert cfg.optimizer._component_ == "torch.optim.AdamW" and cfg.optimizer.lr == 1e-3 and cfg.optimizer.weight_decay == 1e-4

@@ -41,6 +41,22 @@ def component_field(default: Optional[Dict[str, Any]] = None, provided: Sequence
     return dataclasses.field(default_factory=lambda: dict(default), metadata=metadata)
 
 
+def bounded(default: Any = dataclasses.MISSING, low: Optional[float] = None, high: Optional[float] = None, high_open: bool = False) -> Any:
+    """A schema field whose value (when not null) must lie in ``[low, high]`` (``high`` excluded
+    if ``high_open``)."""
+    metadata = {"low": low, "high": high, "high_open": high_open}
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+def _check_bounds(value, metadata, path: str) -> None:
+    if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
+        return
+    low, high, high_open = metadata.get("low"), metadata.get("high"), metadata.get("high_open")
+    if (low is not None and value < low) or (high is not None and (value >= high if high_open else value > high)):
+        upper = "" if high is None else (f" and below {high}" if high_open else f" and at most {high}")
+        raise ConfigError(f"Config key {path!r} must be at least {low}{upper}, got {value}")
+
+
 def _suggest(key: str, known: Sequence[str]) -> str:
     close = difflib.get_close_matches(key, list(known), n=1, cutoff=0.6)
     return f" (did you mean {close[0]!r}?)" if close else ""
@@ -93,7 +109,7 @@ def _type_ok(value, annotation) -> bool:
     ):
         if not isinstance(value, dict):
             return False
-        return not args or all(_type_ok(v, args[1]) for v in value.values())
+        return not args or all(_type_ok(k, args[0]) and _type_ok(v, args[1]) for k, v in value.items())
     return True
 
 
@@ -160,8 +176,12 @@ def _check_dataclass(node: Dict[str, Any], schema, path: str) -> Dict[str, Any]:
     out: Dict[str, Any] = {}
     for name, f in fields.items():
         full = f"{path}.{name}" if path else name
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
         if name in node:
             value = node[name]
+            # a component section that only sets arguments keeps the default component
+            if isinstance(value, dict) and "_component_" not in value and isinstance(default, dict):
+                value = {**default, **value}
         elif f.default is not dataclasses.MISSING:
             value = f.default
         elif f.default_factory is not dataclasses.MISSING:
@@ -169,6 +189,7 @@ def _check_dataclass(node: Dict[str, Any], schema, path: str) -> Dict[str, Any]:
         else:
             raise ConfigError(f"Config is missing the required key {full!r}")
         out[name] = _check_field(value, hints[name], full, f.metadata.get("provided", ()))
+        _check_bounds(out[name], f.metadata, full)
     return out
 
 
@@ -200,6 +221,13 @@ def check_config(cfg: DictConfig, schema) -> DictConfig:
     except OmegaConfBaseException as e:
         raise ConfigError(f"Could not resolve the config: {e}") from None
     return OmegaConf.create(_check_dataclass(plain, schema, ""))
+
+
+def instantiate_target(node) -> Callable:
+    """The function or class a config section's ``_component_`` names."""
+    if OmegaConf.is_config(node):
+        node = OmegaConf.to_container(node, resolve=True)
+    return _locate(node["_component_"], str(node["_component_"]))
 
 
 def instantiate(node, *args, **kwargs):
@@ -236,9 +264,11 @@ def parse(recipe_main: Callable[[DictConfig], Any]) -> Callable[..., Any]:
         try:
             result = recipe_main(_load(config_path))
         except USER_ERRORS as e:
-            prefix = f"{config_path}: " if isinstance(e, ConfigError) and config_path else ""
-            print(f"error: {prefix}{e}", file=sys.stderr)
-            sys.exit(2)
+            code = getattr(e, "exit_code", 2)  # an interruption is not an error of the input
+            prefix = "error: " if code == 2 else ""
+            prefix += f"{config_path}: " if isinstance(e, ConfigError) and config_path else ""
+            print(f"{prefix}{e}", file=sys.stderr)
+            sys.exit(code)
         sys.exit(result)
 
     return wrapper

@@ -4,7 +4,7 @@ this file). Checked by :func:`components.training.config.check_config` before a 
 from dataclasses import dataclass
 from typing import Any, List, Literal, Optional
 
-from components.training.config import Component, component_field
+from components.training.config import bounded, Component, component_field
 from components.training.stages import StageConfig
 
 
@@ -17,14 +17,16 @@ class DataConfig:
     hub_config: Optional[str] = None  # configuration name of a Hub dataset
     split: str = "train"  # split of a Hub dataset
     sample_by: Literal["paragraph", "line", "document"] = "paragraph"  # documents in .txt
-    max_length: int = 256  # tokens per window, special tokens included
-    stride: int = 128  # tokens between the starts of consecutive windows of a document
-    mlm_probability: float = 0.15
-    batch_size: int = 32  # windows per micro-batch (per device)
-    eval_fraction: float = 0.01  # share of documents held out for evaluation (0: none)
-    max_eval_windows: int = 1024
-    pad_to_multiple_of: int = 8
-    num_proc: Optional[int] = None  # processes for tokenisation
+    # .txt bytes that are not UTF-8: "strict" stops naming file/line, "replace" uses U+FFFD
+    encoding_errors: Literal["strict", "replace"] = "strict"
+    max_length: int = bounded(256, low=8)  # tokens per window, special tokens included
+    stride: int = bounded(128, low=1)  # tokens between the starts of consecutive windows of a document
+    mlm_probability: float = bounded(0.15, low=0.01, high=1.0, high_open=True)
+    batch_size: int = bounded(32, low=1)  # windows per micro-batch (per device)
+    eval_fraction: float = bounded(0.01, low=0.0, high=1.0, high_open=True)  # share of documents held out (0: none)
+    max_eval_windows: int = bounded(1024, low=0)
+    pad_to_multiple_of: int = bounded(8, low=1)
+    num_proc: Optional[int] = bounded(None, low=1)  # processes for tokenisation
 
 
 @dataclass
@@ -48,14 +50,14 @@ class DistillConfig:
     seed: int = 42
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     dtype: Literal["fp32", "bf16"] = "fp32"  # bf16: autocast where the device supports it
-    max_steps: Optional[int] = None  # total optimizer steps; overrides epochs
-    epochs: int = 1
-    gradient_accumulation_steps: int = 1
-    clip_grad_norm: Optional[float] = 1.0
-    log_every_n_steps: int = 10
-    eval_every_n_steps: Optional[int] = None  # null: evaluate at the end only
-    save_every_n_steps: Optional[int] = None  # null: checkpoint at the end only
-    keep_last_n_checkpoints: int = 2
+    max_steps: Optional[int] = bounded(None, low=1)  # total optimizer steps; overrides epochs
+    epochs: int = bounded(1, low=1)
+    gradient_accumulation_steps: int = bounded(1, low=1)
+    clip_grad_norm: Optional[float] = bounded(1.0, low=0.0)
+    log_every_n_steps: int = bounded(10, low=1)
+    eval_every_n_steps: Optional[int] = bounded(None, low=1)  # null: evaluate at the end only
+    save_every_n_steps: Optional[int] = bounded(None, low=1)  # null: checkpoint at the end only
+    keep_last_n_checkpoints: int = bounded(2, low=0)  # 0: keep all
     resume_from_checkpoint: bool = False
     enable_activation_checkpointing: bool = False
     compile: bool = False

@@ -6,15 +6,19 @@ which learning-rate multiplier, and how long it lasts. The recipe never special-
   (``lr_scale`` 0 before, 3 during, 0.3 after), then a last stage trains everything.
 
 Parameter names are those of the recipe's trainable modules, prefixed ``student.`` or
-``loss.`` (the hidden-state projection); patterns are ``fnmatch`` globs.
+``loss.`` (the hidden-state projection); patterns are ``fnmatch`` globs. To keep a parameter
+fixed in a stage leave it out of ``trainable``: with ``lr_scale`` 0 AdamW still updates its
+moment estimates from the gradients.
 """
 
 import fnmatch
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterable, List, Literal, Mapping, Optional, Sequence, Tuple
 
 from torch import nn
+
+from components.losses.distillation import LossTerm
 
 
 @dataclass
@@ -23,9 +27,9 @@ class StageConfig:
 
     name: str = "distill"
     # Optimizer steps in this stage; at most one stage may leave it out to take the rest.
-    steps: Optional[int] = None
+    steps: Optional[int] = field(default=None, metadata={"low": 1})
     # Loss weights for this stage (missing terms weigh 0); null: the loss section's weights.
-    loss_weights: Optional[Dict[str, float]] = None
+    loss_weights: Optional[Dict[LossTerm, float]] = None
     # Globs of parameters that train in this stage; the others are frozen.
     trainable: List[str] = field(default_factory=lambda: ["*"])
     # Learning-rate multipliers by glob, first match wins; unmatched parameters get 1.
@@ -50,40 +54,49 @@ class Stage:
 
 def resolve_stages(configs: Optional[Sequence[Mapping]], total_steps: int) -> List[Stage]:
     """Lay the configured stages over ``total_steps`` optimizer steps."""
-    configs = [dict(c) for c in (configs or [{}])]
-    if not configs:
-        configs = [{}]
-    open_ended = [i for i, c in enumerate(configs) if c.get("steps") is None]
+    configs = [StageConfig(**dict(c)) for c in configs] if configs else [StageConfig()]
+    open_ended = [c for c in configs if c.steps is None]
     if len(open_ended) > 1:
         raise ValueError("Only one stage may leave out 'steps' (it takes the remaining steps)")
-    fixed = sum(int(c["steps"]) for c in configs if c.get("steps") is not None)
-    if any(c.get("steps") is not None and int(c["steps"]) < 1 for c in configs):
-        raise ValueError("Every stage's 'steps' must be at least 1")
+    fixed = sum(c.steps for c in configs if c.steps is not None)
     if open_ended:
-        rest = total_steps - fixed
-        if rest < 1:
+        if total_steps - fixed < 1:
             raise ValueError(
                 f"The stages with fixed lengths take {fixed} steps, leaving none of max_steps={total_steps} "
-                f"for stage {configs[open_ended[0]].get('name', 'distill')!r}"
+                f"for stage {open_ended[0].name!r}"
             )
-        configs[open_ended[0]]["steps"] = rest
+        open_ended[0].steps = total_steps - fixed
     elif fixed != total_steps:
         raise ValueError(f"The stages last {fixed} steps in all but max_steps is {total_steps}")
     stages, start = [], 0
     for c in configs:
-        steps = int(c["steps"])
         stages.append(
             Stage(
-                name=c.get("name", "distill"),
+                name=c.name,
                 start=start,
-                end=start + steps,
-                loss_weights=dict(c["loss_weights"]) if c.get("loss_weights") is not None else None,
-                trainable=tuple(c.get("trainable") or ["*"]),
-                lr_scale=tuple((p, float(s)) for p, s in (c.get("lr_scale") or {}).items()),
+                end=start + c.steps,
+                loss_weights=dict(c.loss_weights) if c.loss_weights is not None else None,
+                trainable=tuple(c.trainable),
+                lr_scale=tuple((p, float(s)) for p, s in c.lr_scale.items()),
             )
         )
-        start += steps
+        start += c.steps
     return stages
+
+
+def check_stage_patterns(configs: Optional[Sequence[Mapping]], names: Sequence[str]) -> None:
+    """Every ``trainable`` and ``lr_scale`` glob must match a parameter: a typo would otherwise
+    freeze everything (and fail hours in) or scale nothing."""
+    for i, c in enumerate(configs or []):
+        c = StageConfig(**dict(c))
+        for key, patterns in (("trainable", c.trainable), ("lr_scale", list(c.lr_scale))):
+            for pattern in patterns:
+                if not any(fnmatch.fnmatchcase(n, pattern) for n in names):
+                    prefixes = sorted({n.split(".")[0] + "." + n.split(".")[1] for n in names if n.count(".") > 1})
+                    raise ValueError(
+                        f"stages[{i}].{key}: {pattern!r} matches no parameter "
+                        f"(names start with {prefixes})"
+                    )
 
 
 def stage_at(stages: Sequence[Stage], step: int) -> Stage:
@@ -93,7 +106,7 @@ def stage_at(stages: Sequence[Stage], step: int) -> Stage:
     return stages[-1]
 
 
-def no_weight_decay(name: str, param) -> bool:
+def no_weight_decay(param) -> bool:
     """Biases and norm weights are not decayed (BERT's practice)."""
     return param.ndim < 2
 
@@ -106,7 +119,7 @@ def param_groups(
     groups: Dict[Tuple, dict] = {}
     for name, param in named_params:
         scales = tuple(stage.scale(name) for stage in stages)
-        decays = not no_weight_decay(name, param)
+        decays = not no_weight_decay(param)
         key = (scales, decays)
         group = groups.setdefault(
             key,
@@ -138,6 +151,11 @@ def linear_warmup_decay(total_steps: int, warmup_steps: int = 0, final_ratio: fl
     ``final_ratio`` at ``total_steps`` (BERT's and MiniALBERT's schedule)."""
     if warmup_steps < 0 or total_steps < 1:
         raise ValueError(f"Need warmup_steps >= 0 and total_steps >= 1, got {warmup_steps}, {total_steps}")
+    if warmup_steps >= total_steps:
+        raise ValueError(
+            f"warmup_steps={warmup_steps} is not below the run's {total_steps} steps: "
+            "the learning rate would never reach its peak"
+        )
 
     def multiplier(step: int) -> float:
         if step < warmup_steps:
