@@ -232,3 +232,13 @@ def test_compiled_student_matches_eager():
     compiled = _grads(student, ids, mask)
     for name in eager:
         assert torch.allclose(eager[name], compiled[name], rtol=1e-4, atol=1e-6), name
+
+
+def test_adapters_can_be_added_to_a_saved_adapter_free_student(tmp_path):
+    torch.manual_seed(0)
+    plain = recursive_tiny(adapter_placement=None).eval()
+    save_student(plain, tmp_path / "albert")
+    with_adapters = load_student(str(tmp_path / "albert"), adapter_placement="houlsby").eval()
+    assert with_adapters.adapters is not None
+    ids, mask = batch()
+    assert torch.allclose(with_adapters(ids, mask).logits, plain(ids, mask).logits, atol=1e-6)  # identities at start

@@ -14,6 +14,7 @@ from typing import Dict, Iterator, Optional, Tuple
 
 import torch
 
+from components.checkpointing.io import looks_like_local_path
 from components.models.bert import BertEncoder
 
 # model_type -> the family whose weight names and position numbering it uses
@@ -24,8 +25,8 @@ SUPPORTED_MODEL_TYPES = {
     "camembert": "roberta",
 }
 
-# Files worth fetching from the Hub: config, tokenizer, weights.
-HUB_PATTERNS = ["*.json", "*.txt", "*.model", "*.safetensors", "*.bin"]
+# Files worth fetching from the Hub: config and tokenizer, then one format of weights.
+HUB_PATTERNS = ["*.json", "*.txt", "*.model"]
 
 _RENAMES = [
     # old TF-converted checkpoints name LayerNorm parameters gamma/beta
@@ -65,13 +66,14 @@ def resolve_checkpoint_dir(path_or_id: str, revision: Optional[str] = None) -> P
     if path.is_dir():
         return path
     text = str(path_or_id)
-    looks_local = text.startswith(("/", ".", "~")) or text.count("/") > 1 or path.exists()
-    if looks_local:
+    if looks_like_local_path(text):
         raise CheckpointError(f"Checkpoint folder not found: {text}")
-    from huggingface_hub import snapshot_download
+    from huggingface_hub import list_repo_files, snapshot_download
 
     try:
-        return Path(snapshot_download(text, revision=revision, allow_patterns=HUB_PATTERNS))
+        files = list_repo_files(text, revision=revision)
+        weights = ["*.safetensors"] if any(f.endswith(".safetensors") for f in files) else ["*.bin"]
+        return Path(snapshot_download(text, revision=revision, allow_patterns=HUB_PATTERNS + weights))
     except Exception as e:  # offline, unknown id, gated repo, ...
         raise CheckpointError(
             f"{text!r} is not a local folder, and fetching it from the Hugging Face Hub failed "
@@ -110,7 +112,13 @@ def iter_weights(folder: Path) -> Iterator[Tuple[str, torch.Tensor]]:
                     for name in f.keys():
                         yield name, f.get_tensor(name)
             else:
-                state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+                try:
+                    state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+                except RuntimeError as e:
+                    if "mmap" not in str(e):
+                        raise
+                    # files saved before torch 1.6 (common for BioBERT-era checkpoints) cannot be mapped
+                    state = torch.load(file, map_location="cpu", weights_only=True)
                 yield from state.items()
         except CheckpointError:
             raise

@@ -60,7 +60,7 @@ def save_student(model: RecursiveEncoder, folder: Path, tokenizer=None, format: 
     if format not in ("albert", "native"):
         raise ValueError(f"Unknown student format {format!r}; use 'albert', 'native' or 'auto'")
     state = _native_state(model)
-    with atomic_directory(Path(folder)) as tmp:
+    with atomic_directory(Path(folder), "student") as tmp:
         if format == "albert":
             from transformers import AlbertConfig
 
@@ -83,7 +83,8 @@ def save_student(model: RecursiveEncoder, folder: Path, tokenizer=None, format: 
 def load_student(path: str, **overrides) -> RecursiveEncoder:
     """Rebuild a student from a folder written by :func:`save_student`, or from an ALBERT
     checkpoint with one shared layer. ``overrides`` change builder arguments that do not
-    touch the weights' shapes (dropout, for instance)."""
+    touch the saved weights' shapes: dropout, say, or ``adapter_placement`` to add fresh
+    adapters to an adapter-free student."""
     folder = Path(path)
     config_file = folder / "config.json"
     if not config_file.is_file():
@@ -123,6 +124,9 @@ def load_student(path: str, **overrides) -> RecursiveEncoder:
     missing, unexpected = model.load_state_dict(state, strict=False)
     if kwargs.get("tie_word_embeddings"):
         missing = [k for k in missing if k != "mlm_head.decoder.weight"]
+    if kwargs.get("adapter_placement") is None:
+        # adapters added to an adapter-free student (overrides) keep their initialisation
+        missing = [k for k in missing if not k.startswith("adapters.")]
     if missing or unexpected:
         raise CheckpointError(f"{weights} does not match its config: missing {missing}, unexpected {unexpected}")
     return model

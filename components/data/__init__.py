@@ -40,6 +40,7 @@ def build_windows(
         hub_config=data["hub_config"],
         split=data["split"],
         sample_by=data["sample_by"],
+        encoding_errors=data["encoding_errors"],
     )
     train_docs, eval_docs = split_documents(documents, data["eval_fraction"], seed)
 
@@ -52,6 +53,8 @@ def build_windows(
     held_out = windows(eval_docs) if eval_docs is not None else None
     if held_out is not None and len(held_out) > data["max_eval_windows"]:
         held_out = held_out.select(range(data["max_eval_windows"]))
+    if held_out is not None and len(held_out) == 0:
+        held_out = None  # nothing to evaluate on: the run skips evaluation
     log.info(
         "Corpus: %d documents -> %d training windows, %d held-out windows",
         len(documents),

@@ -11,7 +11,7 @@ the number of devices or the accumulation steps, and a resumed run masks as the 
 """
 
 from dataclasses import dataclass
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import torch
 
@@ -92,12 +92,22 @@ class MLMMasker:
         return inputs, labels
 
 
+def round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
 def pad_batch(
-    windows: Sequence[Sequence[int]], pad_token_id: int, pad_to_multiple_of: int = 1
+    windows: Sequence[Sequence[int]],
+    pad_token_id: int,
+    pad_to_multiple_of: int = 1,
+    max_length: Optional[int] = None,
 ) -> Dict[str, torch.Tensor]:
-    """Right-pad token windows to the longest one: ``input_ids`` and ``attention_mask``."""
-    length = max(len(w) for w in windows)
-    length = -(-length // pad_to_multiple_of) * pad_to_multiple_of
+    """Right-pad token windows to the longest one, rounded up to ``pad_to_multiple_of`` but
+    never beyond ``max_length`` (the models' limit): ``input_ids`` and ``attention_mask``."""
+    longest = max(len(w) for w in windows)
+    length = round_up(longest, pad_to_multiple_of)
+    if max_length is not None:
+        length = min(length, max(longest, max_length))
     input_ids = torch.full((len(windows), length), pad_token_id, dtype=torch.long)
     attention_mask = torch.zeros((len(windows), length), dtype=torch.long)
     for i, w in enumerate(windows):

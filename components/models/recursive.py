@@ -140,7 +140,8 @@ class RecursiveEncoder(nn.Module):
     def reset_parameters(self) -> None:
         init_weights(self)
         if self.adapters is not None:
-            # Adapters start as (near) identities, so adding them never disturbs a trained layer.
+            # W_up = 0: Houlsby and Pfeiffer adapters start as identities; MiniALBERT's start as
+            # LayerNorm(x), which only re-normalises a post-LN input.
             for adapters in self.adapters:
                 for adapter in adapters.values():
                     nn.init.zeros_(adapter.up.weight)
