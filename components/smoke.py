@@ -13,14 +13,13 @@ folder loaded through the same path as any real teacher) and are reused when pre
 import ast
 import json
 import logging
-import os
 import sysconfig
 from pathlib import Path
 from typing import Iterator, List
 
 import torch
 
-from components.checkpointing.io import atomic_directory
+from components.checkpointing.io import atomic_directory, atomic_file, check_write_path
 
 log = logging.getLogger(__name__)
 
@@ -57,13 +56,9 @@ def stdlib_docstrings(max_chars: int = 1_500_000) -> Iterator[str]:
 
 
 def _write_corpus(path: Path, documents: List[str]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
+    with atomic_file(path, "smoke corpus") as f:
         for doc in documents:
             f.write(json.dumps({"text": doc}) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
@@ -130,7 +125,7 @@ def ensure_smoke_assets(
     assets_dir: str, vocab_size: int = 2000, pretrain_steps: int = 300, seed: int = 0
 ) -> Path:
     """Build the corpus and the tiny teacher under ``assets_dir`` unless they exist."""
-    root = Path(assets_dir)
+    root = check_write_path(assets_dir, "smoke assets")
     corpus, teacher = root / "corpus.jsonl", root / "teacher"
     if corpus.is_file() and (teacher / "config.json").is_file():
         return root
@@ -157,7 +152,7 @@ def ensure_smoke_assets(
             )
         )
         _pretrain_teacher(model, tokenizer, documents, pretrain_steps, seed)
-    with atomic_directory(teacher) as tmp:
+    with atomic_directory(teacher, "smoke teacher") as tmp:
         model.save_pretrained(str(tmp))
         tokenizer.save_pretrained(str(tmp))
     return root

@@ -10,8 +10,11 @@ and reproduces the losses of an uninterrupted run. The student lands in
 """
 
 import contextlib
+import inspect
 import logging
+import signal
 import sys
+import threading
 import time
 from functools import partial
 from pathlib import Path
@@ -22,21 +25,36 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from components.checkpointing import CheckpointError, save_student
-from components.checkpointing.resume import list_checkpoints, load_latest_checkpoint, save_checkpoint
+from components.checkpointing.io import atomic_file, recover_interrupted_writes, set_write_root, UnsafePathError
+from components.checkpointing.resume import (
+    checkpoints_dir,
+    list_checkpoints,
+    load_latest_checkpoint,
+    save_checkpoint,
+)
 from components.data import build_windows, CorpusError, GlobalBatchSampler, MLMMasker
-from components.training.config import check_config, ConfigError, instantiate, parse, register_user_error
+from components.training.config import (
+    check_config,
+    ConfigError,
+    instantiate,
+    instantiate_target,
+    parse,
+    register_user_error,
+)
 from components.training.distill import (
     check_finite,
     count_tokens,
     distill_forward,
     Evaluator,
     NonFiniteLossError,
+    RunInterrupted,
     step_batches,
 )
 from components.training.metrics import MetricLogger
 from components.training.schema import DistillConfig
 from components.training.stages import (
     apply_trainable,
+    check_stage_patterns,
     group_lambdas,
     param_groups,
     resolve_stages,
@@ -44,7 +62,32 @@ from components.training.stages import (
 )
 
 log = logging.getLogger("distill_recursive")
-register_user_error(CheckpointError, CorpusError, NonFiniteLossError)
+register_user_error(CheckpointError, CorpusError, NonFiniteLossError, RunInterrupted, UnsafePathError)
+
+
+# Keys that decide the model and the data order: a resumed run must not change them.
+MUST_MATCH_ON_RESUME = ("seed", "teacher", "student", "data", "gradient_accumulation_steps")
+MAY_CHANGE_ON_RESUME = ("data.num_proc", "data.max_eval_windows")
+
+
+@contextlib.contextmanager
+def config_section(name: str):
+    """Turn a builder's ValueError into a ConfigError naming the config section."""
+    try:
+        yield
+    except ConfigError:
+        raise
+    except ValueError as e:
+        raise ConfigError(f"{name}: {e}") from e
+
+
+def flatten(node, prefix: str = "") -> Dict[str, object]:
+    if isinstance(node, dict):
+        out = {}
+        for key, value in node.items():
+            out.update(flatten(value, f"{prefix}{key}."))
+        return out
+    return {prefix[:-1]: node}
 
 
 def resolve_device(name: str) -> torch.device:
@@ -69,6 +112,7 @@ class DistillRecursiveRecipe:
         self.seed = self.cfg.seed
         self.step = 0  # optimizer steps completed
         self.saved_step: Optional[int] = None  # step of the newest checkpoint on disk
+        self.stop_signal: Optional[int] = None  # set by SIGTERM / SIGINT
 
     def autocast(self):
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16)
@@ -81,9 +125,16 @@ class DistillRecursiveRecipe:
 
         self.teacher = instantiate(cfg.teacher).to(self.device)
         self.tokenizer = self.teacher.tokenizer
-        self.student = self._build_student().to(self.device)
-        self.loss_fn = instantiate(cfg.loss, student=self.student.spec, teacher=self.teacher.spec).to(self.device)
+        with config_section("student"):
+            self.student = self._build_student().to(self.device)
+        with config_section("loss"):
+            self.loss_fn = instantiate(cfg.loss, student=self.student.spec, teacher=self.teacher.spec).to(self.device)
         self.default_weights = dict(self.loss_fn.weights)  # for stages that set none
+        stage_configs = OmegaConf.to_container(cfg.stages) if cfg.stages else None
+        with config_section("stages"):
+            check_stage_patterns(stage_configs, [n for n, _ in self.trainable_named_parameters()])
+            for stage in stage_configs or []:  # fail now, not hours in, on a stage that cannot work
+                self.loss_fn.check_weights(stage.get("loss_weights") or self.default_weights)
         log.info(
             "Teacher %s: %d layers, hidden %d. Student: %s, %.2fM parameters (%.2fM without the MLM head)",
             self.teacher.name,
@@ -99,19 +150,26 @@ class DistillRecursiveRecipe:
             self._compile()
 
         self._setup_data()
-        self.stages = resolve_stages(OmegaConf.to_container(cfg.stages) if cfg.stages else None, self.max_steps)
-        for stage in self.stages:  # fail now, not hours in, on a stage that cannot work
-            self.loss_fn.check_weights(stage.loss_weights or self.default_weights)
-        self._setup_optimizer()
+        with config_section("stages"):
+            self.stages = resolve_stages(stage_configs, self.max_steps)
+        with config_section("lr_schedule"):
+            self._setup_optimizer()
 
         if resume is not None:
             self._load_checkpoint(*resume)
-        self.metrics = MetricLogger(self.output_dir, purge_step=self.step + 1 if resume else None)
-        OmegaConf.save(self.cfg, self.output_dir / "config.yaml")
+        # drops whatever an interrupted run logged after its last checkpoint (or, for a new
+        # run, before its first)
+        self.metrics = MetricLogger(self.output_dir, purge_step=self.step + 1)
+        with atomic_file(self.output_dir / "config.yaml", "config") as f:
+            f.write(OmegaConf.to_yaml(self.cfg))
 
     def _check_output_dir(self):
         """A new run needs a fresh output_dir; a resumed one its newest good checkpoint."""
         self.output_dir.mkdir(parents=True, exist_ok=True)
+        set_write_root(self.output_dir)  # nothing a config names may write outside it
+        for folder in (self.output_dir, checkpoints_dir(self.output_dir)):
+            for note in recover_interrupted_writes(folder):
+                log.warning("Cleaning up after an interrupted run: %s", note)
         existing = list_checkpoints(self.output_dir)
         if not self.cfg.resume_from_checkpoint:
             if existing or (self.output_dir / "student").exists():
@@ -128,9 +186,14 @@ class DistillRecursiveRecipe:
     def _build_student(self) -> torch.nn.Module:
         given = self.cfg.student
         teacher_vocab = self.teacher.spec.vocab_size
-        extra = {} if "vocab_size" in given else {"vocab_size": teacher_vocab}
-        if "pad_token_id" not in given and self.tokenizer.pad_token_id is not None:
-            extra["pad_token_id"] = self.tokenizer.pad_token_id
+        # Fill in what the builder takes and the config leaves out (a saved student, loaded by
+        # load_student, brings its own).
+        accepts = inspect.signature(instantiate_target(given)).parameters
+        extra = {
+            key: value
+            for key, value in (("vocab_size", teacher_vocab), ("pad_token_id", self.tokenizer.pad_token_id))
+            if key in accepts and key not in given
+        }
         student = instantiate(given, **extra)
         if student.spec.vocab_size != teacher_vocab:
             raise ConfigError(
@@ -152,14 +215,24 @@ class DistillRecursiveRecipe:
         source = data.source
         if OmegaConf.is_dict(source) or isinstance(source, dict):
             source = instantiate(source)
-        self.windows, held_out = build_windows(data, source, self.tokenizer, self.seed)
+        with config_section("data"):
+            self.windows, held_out = build_windows(data, source, self.tokenizer, self.seed)
         self.masker = MLMMasker(self.tokenizer, data.mlm_probability)
-        self.sampler = GlobalBatchSampler(
-            len(self.windows), data.batch_size, cfg.gradient_accumulation_steps, seed=self.seed
-        )
+        with config_section("data"):
+            self.sampler = GlobalBatchSampler(
+                len(self.windows), data.batch_size, cfg.gradient_accumulation_steps, seed=self.seed
+            )
         self.max_steps = cfg.max_steps or cfg.epochs * self.sampler.steps_per_epoch
         self.evaluator = (
-            Evaluator(held_out, self.masker, data.batch_size, self.tokenizer.pad_token_id, self.seed, data.pad_to_multiple_of)
+            Evaluator(
+                held_out,
+                self.masker,
+                data.batch_size,
+                self.tokenizer.pad_token_id,
+                self.seed,
+                data.pad_to_multiple_of,
+                data.max_length,
+            )
             if held_out is not None
             else None
         )
@@ -187,10 +260,10 @@ class DistillRecursiveRecipe:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, group_lambdas(self.groups, self.stages, self.schedule)
         )
-        self.base_lr = cfg.optimizer.get("lr", self.optimizer.defaults.get("lr"))
         self.params = [p for _, p in self.trainable_named_parameters()]
 
     def _load_checkpoint(self, path: Path, state: Dict) -> None:
+        self._check_resumed_config(path, state.get("config"))
         try:
             self.student.load_state_dict(state["student"])
             self.loss_fn.load_state_dict(state["loss"])
@@ -207,8 +280,29 @@ class DistillRecursiveRecipe:
             torch.cuda.set_rng_state_all(state["rng"]["cuda"])
         log.info("Resumed from %s at step %d", path, self.step)
 
+    def _check_resumed_config(self, path: Path, saved: Optional[Dict]) -> None:
+        if saved is None:
+            return
+        old, new = flatten(saved), flatten(OmegaConf.to_container(self.cfg))
+        changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+        fatal = [
+            k for k in changed if k.split(".")[0] in MUST_MATCH_ON_RESUME and k not in MAY_CHANGE_ON_RESUME
+        ]
+        if fatal:
+            raise ConfigError(
+                f"Checkpoint {path} was written by a run with different "
+                + ", ".join(f"{k} ({old.get(k)!r}, now {new.get(k)!r})" for k in fatal)
+                + ": resuming would change the model or the data order. Use the original values"
+            )
+        for key in changed:
+            log.warning("Resuming with %s changed: %r in the checkpoint, %r now", key, old.get(key), new.get(key))
+
     # ------------------------------------------------------------------ train
     def train(self) -> None:
+        with self._stop_on_signals():
+            self._train()
+
+    def _train(self) -> None:
         cfg = self.cfg
         stage = None
         progress = tqdm(total=self.max_steps, initial=self.step, desc="distill", dynamic_ncols=True)
@@ -232,11 +326,46 @@ class DistillRecursiveRecipe:
                 self._evaluate()
             if cfg.save_every_n_steps and self.step % cfg.save_every_n_steps == 0 and self.step < self.max_steps:
                 self.save_checkpoint()
+            if self.stop_signal is not None and self.step < self.max_steps:
+                progress.close()
+                self._stop()
         progress.close()
-        self._evaluate()
         if self.saved_step != self.step:
             self.save_checkpoint()
         self.export_student()
+        self._evaluate()
+
+    @contextlib.contextmanager
+    def _stop_on_signals(self):
+        """SIGTERM (a scheduler's preemption) or Ctrl-C: finish the step, checkpoint, stop.
+        A second Ctrl-C stops at once."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        signals = (signal.SIGINT, signal.SIGTERM)
+        previous = {s: signal.getsignal(s) for s in signals}
+
+        def request_stop(signum, frame):
+            if self.stop_signal is not None and signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            self.stop_signal = signum
+            log.warning("%s: stopping after this step with a checkpoint", signal.Signals(signum).name)
+
+        for s in signals:
+            signal.signal(s, request_stop)
+        try:
+            yield
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+
+    def _stop(self) -> None:
+        path = self.save_checkpoint() if self.saved_step != self.step else list_checkpoints(self.output_dir)[-1]
+        raise RunInterrupted(
+            f"Stopped by {signal.Signals(self.stop_signal).name} after step {self.step} of {self.max_steps}; "
+            f"checkpoint {path}. Run the same command with resume_from_checkpoint=True to continue",
+            self.stop_signal,
+        )
 
     def _enter_stage(self, stage):
         log.info("Stage %r: steps %d-%d", stage.name, stage.start + 1, stage.end)
@@ -257,6 +386,7 @@ class DistillRecursiveRecipe:
                 totals[name] = totals.get(name, 0.0) + value.detach()
         values = {name: float(v) for name, v in totals.items()}
         check_finite(totals["total"], self.step + 1, "loss", values)
+        lr = max(group["lr"] for group in self.optimizer.param_groups)  # this step's, after stage scales
         max_norm = self.cfg.clip_grad_norm or float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_([p for p in self.params if p.grad is not None], max_norm)
         check_finite(grad_norm, self.step + 1, "gradient norm", values)
@@ -267,7 +397,7 @@ class DistillRecursiveRecipe:
         metrics = {f"loss/{name}": v for name, v in values.items()}
         metrics.update(
             {
-                "lr": self.base_lr * self.schedule(self.step),
+                "lr": lr,
                 "grad_norm": float(grad_norm),
                 "tokens_per_second": num_tokens / elapsed,
                 "stage": float(self.stages.index(stage_at(self.stages, self.step))),
@@ -292,6 +422,7 @@ class DistillRecursiveRecipe:
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "sampler": self.sampler.state_dict(),
+            "config": OmegaConf.to_container(self.cfg),
             "rng": {
                 "torch": torch.get_rng_state(),
                 "cuda": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else [],
@@ -304,13 +435,20 @@ class DistillRecursiveRecipe:
 
     def export_student(self) -> Path:
         folder = self.output_dir / "student"
-        fmt = save_student(self.student, folder, self.tokenizer)
+        try:
+            fmt = save_student(self.student, folder, self.tokenizer)
+        except OSError as e:
+            raise CheckpointError(
+                f"Could not export the student to {folder}: {e}. The checkpoint of step {self.saved_step} "
+                "holds it; free space and run again with resume_from_checkpoint=True to export"
+            ) from e
         log.info("Exported the student (%s format) to %s", fmt, folder)
         return folder
 
     def cleanup(self) -> None:
         if hasattr(self, "metrics"):
             self.metrics.close()
+        set_write_root(None)
 
 
 @parse

@@ -132,3 +132,62 @@ def test_bf16_autocast_run(tmp_path, teacher_dir, corpus_file):
     records = logged(out)
     assert all(torch.isfinite(torch.tensor(records[s]["loss/total"])) for s in (1, 2, 3))
     assert load_student(str(out / "student")).embeddings.word_embeddings.weight.dtype == torch.float32
+
+
+def test_no_held_out_windows_still_exports(tmp_path, teacher_dir, corpus_file):
+    out = tmp_path / "run"
+    run_recipe(tiny_config(out, teacher_dir, corpus_file, max_steps=3, **{"data.max_eval_windows": 0}))
+    assert (out / "student" / "model.safetensors").is_file()
+    assert not any(k.startswith("eval/") for record in logged(out).values() for k in record)
+
+
+def test_stage_globs_that_match_nothing_fail_before_the_data_loads(tmp_path, teacher_dir, corpus_file):
+    stages = [{"steps": 2, "trainable": ["student.adapter.*"]}, {"name": "rest"}]
+    cfg = tiny_config(tmp_path / "run", teacher_dir, corpus_file, stages=stages, **{"data.source": str(tmp_path / "absent.txt")})
+    with pytest.raises(ConfigError, match=r"stages: stages\[0\].trainable: 'student.adapter.\*' matches no parameter"):
+        run_recipe(cfg)
+
+
+def test_warmup_longer_than_the_run_is_refused(tmp_path, teacher_dir, corpus_file):
+    cfg = tiny_config(tmp_path / "run", teacher_dir, corpus_file, max_steps=3, **{"lr_schedule.warmup_steps": 5})
+    with pytest.raises(ConfigError, match="lr_schedule: warmup_steps=5 is not below the run's 3 steps"):
+        run_recipe(cfg)
+
+
+def test_padding_never_exceeds_the_position_limit(tmp_path, teacher_dir, corpus_file):
+    cfg = tiny_config(tmp_path / "run", teacher_dir, corpus_file, max_steps=2, **{"student.max_position_embeddings": 37, "data.max_length": 37})
+    run_recipe(cfg)  # windows of 37 would pad to 40 without the cap
+
+
+def test_logged_lr_includes_the_stage_scale(tmp_path, teacher_dir, corpus_file):
+    stages = [{"steps": 2, "lr_scale": {"*": 0.5}}, {"name": "rest"}]
+    cfg = tiny_config(tmp_path / "run", teacher_dir, corpus_file, max_steps=4, stages=stages, **{"lr_schedule.warmup_steps": 0})
+    run_recipe(cfg)
+    records = logged(tmp_path / "run")
+    assert records[1]["lr"] == pytest.approx(0.5e-3) and records[3]["lr"] == pytest.approx(1e-3 * 0.5)
+
+
+def test_continuing_from_a_saved_student(tmp_path, teacher_dir, corpus_file):
+    first = tmp_path / "first"
+    run_recipe(tiny_config(first, teacher_dir, corpus_file, max_steps=2))
+    cfg = tiny_config(tmp_path / "second", teacher_dir, corpus_file, max_steps=2)
+    cfg["student"] = {"_component_": "components.checkpointing.load_student", "path": str(first / "student")}
+    run_recipe(cfg)  # same vocabulary: fine. A student of another vocabulary is refused:
+    from components.models import recursive_tiny
+    from components.checkpointing import save_student
+
+    save_student(recursive_tiny(vocab_size=400), tmp_path / "wrong_vocab")
+    cfg = tiny_config(tmp_path / "third", teacher_dir, corpus_file, max_steps=2)
+    cfg["student"] = {"_component_": "components.checkpointing.load_student", "path": str(tmp_path / "wrong_vocab")}
+    with pytest.raises(ConfigError, match=r"student vocabulary \(400"):
+        run_recipe(cfg)
+
+
+def test_resuming_with_other_data_settings_is_refused(tmp_path, teacher_dir, corpus_file, caplog):
+    out = tmp_path / "run"
+    run_recipe(tiny_config(out, teacher_dir, corpus_file, max_steps=3, save_every_n_steps=None))
+    with pytest.raises(ConfigError, match=r"different data.batch_size \(8, now 4\)"):
+        run_recipe(tiny_config(out, teacher_dir, corpus_file, max_steps=6, resume_from_checkpoint=True, **{"data.batch_size": 4}))
+    with caplog.at_level("WARNING"):
+        run_recipe(tiny_config(out, teacher_dir, corpus_file, max_steps=6, resume_from_checkpoint=True, **{"optimizer.lr": 5e-4}))
+    assert "Resuming with optimizer.lr changed: 0.001 in the checkpoint, 0.0005 now" in caplog.text

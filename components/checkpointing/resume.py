@@ -1,11 +1,13 @@
 """Resume checkpoints: ``<output_dir>/checkpoints/step_XXXXXXXX/`` with everything a run needs
 to continue exactly (model and loss weights, optimizer, schedule, data position, RNG).
 
-Each checkpoint folder is written atomically (see ``io.atomic_directory``) with ``state.pt``
-and, last, ``meta.json``; a folder without a readable ``meta.json`` is incomplete and skipped.
-State is loaded with ``torch.load(weights_only=True)``: tensors and plain containers only.
+Each checkpoint folder is written atomically (see ``io.atomic_directory``): ``state.pt``, then
+``meta.json`` with its size and SHA-256. On resume a checkpoint is used only if its
+``meta.json`` reads, the size and checksum match, and ``torch.load(weights_only=True)``
+succeeds; otherwise it is reported and the previous one is tried.
 """
 
+import hashlib
 import json
 import logging
 import re
@@ -15,10 +17,12 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
+from components.checkpointing.hf_bert import CheckpointError
 from components.checkpointing.io import atomic_directory
 
 log = logging.getLogger(__name__)
 STEP_DIR = re.compile(r"^step_(\d{8})$")
+REQUIRED_KEYS = ("step", "student", "optimizer")
 
 
 def checkpoints_dir(output_dir: Path) -> Path:
@@ -26,24 +30,38 @@ def checkpoints_dir(output_dir: Path) -> Path:
 
 
 def list_checkpoints(output_dir: Path) -> List[Path]:
-    """Checkpoint folders that look complete, oldest first."""
+    """Checkpoint folders, oldest first (complete or not: see :func:`load_latest_checkpoint`)."""
     root = checkpoints_dir(output_dir)
     if not root.is_dir():
         return []
-    found = []
-    for path in root.iterdir():
-        match = STEP_DIR.match(path.name)
-        if match and (path / "meta.json").is_file() and (path / "state.pt").is_file():
-            found.append((int(match.group(1)), path))
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := STEP_DIR.match(p.name)) and p.is_dir()]
     return [p for _, p in sorted(found)]
 
 
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def save_checkpoint(output_dir: Path, step: int, state: Dict[str, Any], keep_last: int = 2) -> Path:
-    """Write the state for ``step`` and keep only the newest ``keep_last`` checkpoints."""
+    """Write the state for ``step`` and keep only the newest ``keep_last`` checkpoints.
+
+    Raises :class:`CheckpointError` if the write fails (a full disk, say); the checkpoints
+    already on disk are left as they were.
+    """
     final = checkpoints_dir(output_dir) / f"step_{step:08d}"
-    with atomic_directory(final) as tmp:
-        torch.save(state, tmp / "state.pt")
-        (tmp / "meta.json").write_text(json.dumps({"step": step}) + "\n")
+    try:
+        with atomic_directory(final, "checkpoint") as tmp:
+            torch.save(state, tmp / "state.pt")
+            meta = {"step": step, "bytes": (tmp / "state.pt").stat().st_size, "sha256": _sha256(tmp / "state.pt")}
+            (tmp / "meta.json").write_text(json.dumps(meta) + "\n")
+    except OSError as e:
+        previous = [p.name for p in list_checkpoints(output_dir)]
+        kept = f"the existing checkpoints ({', '.join(previous)}) are intact" if previous else "no checkpoint was written yet"
+        raise CheckpointError(f"Could not write the checkpoint of step {step} to {final}: {e}. Nothing was changed: {kept}") from e
     if keep_last > 0:
         for old in list_checkpoints(output_dir)[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
@@ -51,15 +69,45 @@ def save_checkpoint(output_dir: Path, step: int, state: Dict[str, Any], keep_las
 
 
 def load_checkpoint(path: Path) -> Dict[str, Any]:
-    return torch.load(Path(path) / "state.pt", map_location="cpu", weights_only=True)
+    """The state of one checkpoint, verified; raises :class:`CheckpointError` naming the problem."""
+    path = Path(path)
+    try:
+        meta = json.loads((path / "meta.json").read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path} is incomplete: meta.json is missing or unreadable ({e})") from e
+    state_file = path / "state.pt"
+    if not state_file.is_file():
+        raise CheckpointError(f"{path} is incomplete: state.pt is missing")
+    size = state_file.stat().st_size
+    if "bytes" in meta and size != meta["bytes"]:
+        raise CheckpointError(f"{state_file} is truncated or damaged: {size} bytes, {meta['bytes']} written")
+    if "sha256" in meta and _sha256(state_file) != meta["sha256"]:
+        raise CheckpointError(f"{state_file} is damaged: its SHA-256 differs from the one written")
+    try:
+        state = torch.load(state_file, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise CheckpointError(f"{state_file} could not be loaded: {type(e).__name__}: {e}") from e
+    missing = [k for k in REQUIRED_KEYS if k not in state]
+    if missing:
+        raise CheckpointError(f"{state_file} lacks {missing}")
+    return state
 
 
 def load_latest_checkpoint(output_dir: Path) -> Optional[Tuple[Path, Dict[str, Any]]]:
-    """(path, state) of the newest checkpoint that loads; unreadable ones are reported and
-    skipped, so a checkpoint damaged by a crash falls back to the one before it."""
+    """(path, state) of the newest checkpoint that verifies and loads; damaged ones are reported
+    and the one before is tried. ``None`` if there are no checkpoints at all; an error if there
+    are some but none is usable (so they are not silently overwritten by a fresh start)."""
+    problems = []
     for path in reversed(list_checkpoints(output_dir)):
         try:
-            return path, load_checkpoint(path)
-        except Exception as e:
-            log.warning("Skipping unreadable checkpoint %s: %s: %s", path, type(e).__name__, e)
+            state = load_checkpoint(path)
+        except CheckpointError as e:
+            log.warning("Skipping checkpoint %s: %s", path.name, e)
+            problems.append(str(e))
+            continue
+        if problems:
+            log.warning("Resuming from the older checkpoint %s instead", path.name)
+        return path, state
+    if problems:
+        raise CheckpointError("No usable checkpoint to resume from: " + "; ".join(problems))
     return None

@@ -7,11 +7,16 @@ tokens, special tokens included, whose starts are ``stride`` tokens apart.
 """
 
 import glob
+import logging
 import os
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple, Union
 
 import datasets
+
+from components.checkpointing.io import looks_like_local_path
+
+log = logging.getLogger(__name__)
 
 BUILDERS = {".txt": "text", ".text": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 COMPRESSIONS = (".gz", ".bz2", ".xz", ".zst", ".lz4")
@@ -30,13 +35,7 @@ def _file_kind(path: str) -> Optional[str]:
 
 
 def _looks_local(source: str) -> bool:
-    return (
-        source.startswith(("/", ".", "~"))
-        or any(c in source for c in "*?[")
-        or _file_kind(source) is not None
-        or source.count("/") > 1
-        or os.path.exists(source)
-    )
+    return looks_like_local_path(source) or any(c in source for c in "*?[") or _file_kind(source) is not None
 
 
 def local_files(sources: Sequence[str]) -> List[str]:
@@ -63,12 +62,50 @@ def local_files(sources: Sequence[str]) -> List[str]:
     return files
 
 
+def _first_undecodable(files: Sequence[str]) -> Optional[Tuple[str, int, int, int]]:
+    """(file, line, column, byte) of the first byte sequence that is not UTF-8, if any."""
+    import gzip
+    import bz2
+    import lzma
+
+    openers = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}
+    for file in files:
+        opener = openers.get(os.path.splitext(file)[1].lower(), open)
+        with opener(file, "rb") as f:
+            for number, line in enumerate(f, start=1):
+                try:
+                    line.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    return file, number, e.start + 1, line[e.start]
+    return None
+
+
+def _not_utf8(files: Sequence[str], kind: str) -> CorpusError:
+    found = _first_undecodable(files)
+    where = f"{found[0]}, line {found[1]}, column {found[2]} (byte 0x{found[3]:02x})" if found else ", ".join(files[:3])
+    hint = (
+        "set data.encoding_errors=replace to replace undecodable bytes with U+FFFD, or re-encode the file"
+        if kind == "text"
+        else "JSON and Parquet text must be UTF-8; re-encode the file"
+    )
+    return CorpusError(f"Corpus is not valid UTF-8 at {where}: {hint}")
+
+
+def _is_decode_error(e: BaseException) -> bool:
+    while e is not None:
+        if isinstance(e, UnicodeDecodeError):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
 def load_documents(
     source: Union[str, Sequence[str]],
     text_column: str = "text",
     hub_config: Optional[str] = None,
     split: str = "train",
     sample_by: str = "paragraph",
+    encoding_errors: str = "strict",
 ) -> datasets.Dataset:
     """A dataset with one non-empty document per row in the column ``text``.
 
@@ -79,22 +116,33 @@ def load_documents(
         split: the split of a Hub dataset.
         sample_by: how plain text files split into documents: ``"paragraph"`` (blank lines),
             ``"line"`` or ``"document"`` (one per file).
+        encoding_errors: for plain text files, ``"strict"`` refuses bytes that are not UTF-8
+            (the error names the file, line and byte), ``"replace"`` turns them into U+FFFD
+            and logs how many documents held such bytes.
+
+    Empty and whitespace-only documents are dropped and counted.
     """
+    if encoding_errors not in ("strict", "replace"):
+        raise ValueError(f"data.encoding_errors must be 'strict' or 'replace', got {encoding_errors!r}")
     sources = [source] if isinstance(source, (str, os.PathLike)) else list(source)
     if not sources:
         raise CorpusError("data.source is empty")
     sources = [str(s) for s in sources]
+    files: List[str] = []
+    kind = "hub"
     if all(_looks_local(s) for s in sources):
         files = local_files(sources)
         kinds = {_file_kind(f) for f in files}
         if len(kinds) > 1:
             raise CorpusError(f"Corpus mixes file types {sorted(kinds)}; use one type per run")
         kind = kinds.pop()
-        options = {"sample_by": sample_by} if kind == "text" else {}
+        options = {"sample_by": sample_by, "encoding_errors": encoding_errors} if kind == "text" else {}
         described = files[0] if len(files) == 1 else f"{len(files)} files ({files[0]}, ...)"
         try:
             ds = datasets.load_dataset(kind, data_files=files, split="train", **options)
         except Exception as e:
+            if _is_decode_error(e):
+                raise _not_utf8(files, kind) from None
             raise CorpusError(f"Could not read corpus {described}: {type(e).__name__}: {e}") from e
         if kind == "text":
             text_column = "text"
@@ -118,13 +166,25 @@ def load_documents(
     if text_column != "text":
         ds = ds.rename_column(text_column, "text")
     total = len(ds)
-    ds = ds.filter(
-        lambda batch: [isinstance(t, str) and bool(t.strip()) for t in batch["text"]],
-        batched=True,
-        desc="Dropping empty documents",
-    )
+    try:
+        ds = ds.filter(
+            lambda batch: [isinstance(t, str) and bool(t.strip()) for t in batch["text"]],
+            batched=True,
+            desc="Dropping empty documents",
+        )
+    except Exception as e:
+        # JSON lines are not decoded when read: bad bytes surface here
+        if files and _is_decode_error(e):
+            raise _not_utf8(files, kind) from None
+        raise
     if len(ds) == 0:
         raise CorpusError(f"Corpus {described} is empty: {total} documents, none with text")
+    if len(ds) < total:
+        log.info("Dropped %d empty documents of %d in %s", total - len(ds), total, described)
+    if encoding_errors == "replace":
+        replaced = sum(ds.map(lambda b: {"n": ["\ufffd" in t for t in b["text"]]}, batched=True, remove_columns=["text"])["n"])
+        if replaced:
+            log.warning("%d documents of %s held bytes that are not UTF-8 (replaced by U+FFFD)", replaced, described)
     return ds
 
 

@@ -7,7 +7,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
-from components.data.mlm import GlobalBatchSampler, MLMMasker, pad_batch, step_generator
+from components.data.mlm import GlobalBatchSampler, MLMMasker, pad_batch, round_up, step_generator
 from components.losses.distillation import DistillationLoss, LossOutput
 
 # Sums a tensor over ranks (identity on one device).
@@ -20,6 +20,14 @@ def no_reduce(t: torch.Tensor) -> torch.Tensor:
 
 class NonFiniteLossError(RuntimeError):
     """The loss or the gradient norm became NaN or infinite."""
+
+
+class RunInterrupted(RuntimeError):
+    """A signal stopped the run after a step; a checkpoint was written. Exits with 128+signal."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.exit_code = 128 + signum
 
 
 @dataclass
@@ -36,10 +44,6 @@ class MaskedBatch:
         return self.labels != -100
 
 
-def round_up(n: int, multiple: int) -> int:
-    return -(-n // multiple) * multiple
-
-
 def step_batches(
     windows,
     sampler: GlobalBatchSampler,
@@ -54,7 +58,7 @@ def step_batches(
     noise = masker.noise(sampler.global_batch, round_up(max_length, pad_to_multiple_of), step_generator(seed, step))
     batches, row = [], sampler.row_offset()
     for indices in sampler.next_step():
-        padded = pad_batch(windows[indices]["input_ids"], pad_token_id, pad_to_multiple_of)
+        padded = pad_batch(windows[indices]["input_ids"], pad_token_id, pad_to_multiple_of, max_length)
         length = padded["input_ids"].shape[1]
         inputs, labels = masker(padded["input_ids"], padded["attention_mask"], noise.rows(row, row + len(indices), length))
         batches.append(MaskedBatch(inputs, padded["attention_mask"], labels))
@@ -110,6 +114,7 @@ class Evaluator:
         pad_token_id: int,
         seed: int,
         pad_to_multiple_of: int = 8,
+        max_length: Optional[int] = None,
         world_size: int = 1,
         rank: int = 0,
     ):
@@ -117,7 +122,7 @@ class Evaluator:
         indices = list(range(rank, len(windows), world_size))  # each rank a share of the windows
         for b, start in enumerate(range(0, len(indices), batch_size)):
             chunk = indices[start : start + batch_size]
-            padded = pad_batch(windows[chunk]["input_ids"], pad_token_id, pad_to_multiple_of)
+            padded = pad_batch(windows[chunk]["input_ids"], pad_token_id, pad_to_multiple_of, max_length)
             rows, length = padded["input_ids"].shape
             noise = masker.noise(rows, length, step_generator(seed, b * world_size + rank, 2))
             inputs, labels = masker(padded["input_ids"], padded["attention_mask"], noise)

@@ -6,13 +6,16 @@ import time
 from pathlib import Path
 from typing import Mapping, Optional
 
+from components.checkpointing.io import atomic_file, check_write_path
+
 
 class MetricLogger:
     """Writes scalars to TensorBoard (``<dir>/tensorboard``) and to ``<dir>/metrics.jsonl``.
 
-    On resume pass ``purge_step``: TensorBoard then hides events at or after it that an
-    interrupted run had written, so curves stay single-valued. ``metrics.jsonl`` keeps every
-    line; readers should take the last line of each step.
+    On resume pass ``purge_step`` (the first step the resumed run will log): what an
+    interrupted run logged from that step on is dropped, from TensorBoard (its ``purge_step``)
+    and from ``metrics.jsonl`` (rewritten atomically, also dropping a line cut by a kill), so
+    both hold each step once.
     """
 
     def __init__(self, output_dir: Path, purge_step: Optional[int] = None, enabled: bool = True):
@@ -23,8 +26,12 @@ class MetricLogger:
             return
         from torch.utils.tensorboard import SummaryWriter
 
-        self.writer = SummaryWriter(log_dir=str(Path(output_dir) / "tensorboard"), purge_step=purge_step)
-        self.jsonl = open(Path(output_dir) / "metrics.jsonl", "a", encoding="utf-8")
+        log_dir = check_write_path(Path(output_dir) / "tensorboard", "TensorBoard logs")
+        path = check_write_path(Path(output_dir) / "metrics.jsonl", "metrics")
+        if purge_step is not None and path.exists():
+            _truncate_jsonl(path, purge_step)
+        self.writer = SummaryWriter(log_dir=str(log_dir), purge_step=purge_step)
+        self.jsonl = open(path, "a", encoding="utf-8")
 
     def log(self, metrics: Mapping[str, float], step: int) -> None:
         if not self.enabled:
@@ -41,3 +48,16 @@ class MetricLogger:
             self.writer.close()
             self.jsonl.close()
             self.writer = self.jsonl = None
+
+
+def _truncate_jsonl(path: Path, purge_step: int) -> None:
+    kept = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue  # the last line of a killed run may be cut short
+        if isinstance(record, dict) and record.get("step", purge_step) < purge_step:
+            kept.append(line)
+    with atomic_file(path, "metrics") as f:
+        f.write("".join(line + "\n" for line in kept))
