@@ -158,11 +158,11 @@ def ensure_smoke_assets(
     return root
 
 
-def smoke_teacher(assets_dir: str):
+def smoke_teacher(assets_dir: str, shard=None):
     """SMOKE RUN: the tiny pre-trained teacher, loaded like any Hugging Face checkpoint."""
     from components.models.teacher import hf_teacher
 
-    return hf_teacher(str(ensure_smoke_assets(assets_dir) / "teacher"))
+    return hf_teacher(str(ensure_smoke_assets(assets_dir) / "teacher"), shard=shard)
 
 
 def smoke_corpus(assets_dir: str) -> str:

@@ -41,6 +41,7 @@ from components.training.config import (
     parse,
     register_user_error,
 )
+from components.training.distributed import SingleDevice
 from components.training.distill import (
     check_finite,
     count_tokens,
@@ -105,14 +106,22 @@ class DistillRecursiveRecipe:
     def __init__(self, cfg: DictConfig):
         self.cfg = check_config(cfg, DistillConfig)
         self.output_dir = Path(self.cfg.output_dir)
-        self.device = resolve_device(self.cfg.device)
+        self.parallel = self.make_parallel()
+        self.device = self.parallel.device
+        if not self.parallel.is_main:  # rank 0 speaks for all
+            logging.getLogger().setLevel(logging.ERROR)
         self.bf16 = self.cfg.dtype == "bf16"
         if self.bf16 and self.device.type == "cuda" and not torch.cuda.is_bf16_supported():
             raise ConfigError(f"dtype=bf16 but {torch.cuda.get_device_name(self.device)} does not support bf16")
         self.seed = self.cfg.seed
         self.step = 0  # optimizer steps completed
         self.saved_step: Optional[int] = None  # step of the newest checkpoint on disk
-        self.stop_signal: Optional[int] = None  # set by SIGTERM / SIGINT
+        self.stop_signal: Optional[int] = None  # set by SIGTERM / SIGINT on this rank
+        self._stop_requested = False  # on any rank
+
+    def make_parallel(self) -> SingleDevice:
+        """One device here; the distributed recipe returns its DataParallel."""
+        return SingleDevice(resolve_device(self.cfg.device))
 
     def autocast(self):
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16)
@@ -121,9 +130,10 @@ class DistillRecursiveRecipe:
     def setup(self) -> None:
         cfg = self.cfg
         resume = self._check_output_dir()
-        torch.manual_seed(self.seed)
+        torch.manual_seed(self.seed)  # the same student on every rank
 
-        self.teacher = instantiate(cfg.teacher).to(self.device)
+        with self.parallel.main_first():  # the main rank builds any files (smoke assets) first
+            self.teacher = self._build_teacher().to(self.device)
         self.tokenizer = self.teacher.tokenizer
         with config_section("student"):
             self.student = self._build_student().to(self.device)
@@ -144,6 +154,7 @@ class DistillRecursiveRecipe:
             sum(p.numel() for p in self.student.parameters()) / 1e6,
             sum(p.numel() for n, p in self.student.named_parameters() if not n.startswith("mlm_head")) / 1e6,
         )
+        torch.manual_seed(self.seed + self.parallel.rank)  # dropout differs across ranks
         if cfg.enable_activation_checkpointing:
             self.student.activation_checkpointing = True
         if cfg.compile:
@@ -159,17 +170,20 @@ class DistillRecursiveRecipe:
             self._load_checkpoint(*resume)
         # drops whatever an interrupted run logged after its last checkpoint (or, for a new
         # run, before its first)
-        self.metrics = MetricLogger(self.output_dir, purge_step=self.step + 1)
-        with atomic_file(self.output_dir / "config.yaml", "config") as f:
-            f.write(OmegaConf.to_yaml(self.cfg))
+        self.metrics = MetricLogger(self.output_dir, purge_step=self.step + 1, enabled=self.parallel.is_main)
+        if self.parallel.is_main:
+            with atomic_file(self.output_dir / "config.yaml", "config") as f:
+                f.write(OmegaConf.to_yaml(self.cfg))
 
     def _check_output_dir(self):
         """A new run needs a fresh output_dir; a resumed one its newest good checkpoint."""
-        self.output_dir.mkdir(parents=True, exist_ok=True)
-        set_write_root(self.output_dir)  # nothing a config names may write outside it
-        for folder in (self.output_dir, checkpoints_dir(self.output_dir)):
-            for note in recover_interrupted_writes(folder):
-                log.warning("Cleaning up after an interrupted run: %s", note)
+        with self.parallel.main_first():
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            set_write_root(self.output_dir)  # nothing a config names may write outside it
+            if self.parallel.is_main:
+                for folder in (self.output_dir, checkpoints_dir(self.output_dir)):
+                    for note in recover_interrupted_writes(folder):
+                        log.warning("Cleaning up after an interrupted run: %s", note)
         existing = list_checkpoints(self.output_dir)
         if not self.cfg.resume_from_checkpoint:
             if existing or (self.output_dir / "student").exists():
@@ -182,6 +196,15 @@ class DistillRecursiveRecipe:
         if found is None:
             log.warning("resume_from_checkpoint=True but %s has no usable checkpoint: starting at step 0", self.output_dir)
         return found
+
+    def _build_teacher(self) -> torch.nn.Module:
+        if self.parallel.shard_teacher is None:
+            return instantiate(self.cfg.teacher)
+        if "shard" not in inspect.signature(instantiate_target(self.cfg.teacher)).parameters:
+            raise ConfigError(
+                f"teacher: {self.cfg.teacher._component_} cannot be sharded (it takes no 'shard' argument)"
+            )
+        return instantiate(self.cfg.teacher, shard=self.parallel.shard_teacher)
 
     def _build_student(self) -> torch.nn.Module:
         given = self.cfg.student
@@ -212,15 +235,16 @@ class DistillRecursiveRecipe:
         limit = min(self.teacher.max_sequence_length, self.student.config.get("max_position_embeddings", 10**9))
         if data.max_length > limit:
             raise ConfigError(f"data.max_length={data.max_length} exceeds the models' {limit} positions")
-        source = data.source
-        if OmegaConf.is_dict(source) or isinstance(source, dict):
-            source = instantiate(source)
-        with config_section("data"):
+        with config_section("data"), self.parallel.main_first():  # the main rank fills the datasets cache
+            source = data.source
+            if OmegaConf.is_dict(source) or isinstance(source, dict):
+                source = instantiate(source)
             self.windows, held_out = build_windows(data, source, self.tokenizer, self.seed)
         self.masker = MLMMasker(self.tokenizer, data.mlm_probability)
+        world, rank = self.parallel.world_size, self.parallel.rank
         with config_section("data"):
             self.sampler = GlobalBatchSampler(
-                len(self.windows), data.batch_size, cfg.gradient_accumulation_steps, seed=self.seed
+                len(self.windows), data.batch_size, cfg.gradient_accumulation_steps, world, rank, self.seed
             )
         self.max_steps = cfg.max_steps or cfg.epochs * self.sampler.steps_per_epoch
         self.evaluator = (
@@ -232,8 +256,10 @@ class DistillRecursiveRecipe:
                 self.seed,
                 data.pad_to_multiple_of,
                 data.max_length,
+                world,
+                rank,
             )
-            if held_out is not None
+            if held_out is not None and len(held_out) >= world
             else None
         )
         self.step_batches = partial(
@@ -263,7 +289,7 @@ class DistillRecursiveRecipe:
         self.params = [p for _, p in self.trainable_named_parameters()]
 
     def _load_checkpoint(self, path: Path, state: Dict) -> None:
-        self._check_resumed_config(path, state.get("config"))
+        self._check_resumed_config(path, state)
         try:
             self.student.load_state_dict(state["student"])
             self.loss_fn.load_state_dict(state["loss"])
@@ -275,12 +301,19 @@ class DistillRecursiveRecipe:
             ) from e
         self.sampler.load_state_dict(state["sampler"])
         self.step = self.saved_step = int(state["step"])
-        torch.set_rng_state(state["rng"]["torch"])
-        if self.device.type == "cuda" and state["rng"].get("cuda"):
-            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        rng = state["rng"][self.parallel.rank]
+        torch.set_rng_state(rng["torch"])
+        if self.device.type == "cuda" and rng.get("cuda") is not None:
+            torch.cuda.set_rng_state(rng["cuda"], self.device)
         log.info("Resumed from %s at step %d", path, self.step)
 
-    def _check_resumed_config(self, path: Path, saved: Optional[Dict]) -> None:
+    def _check_resumed_config(self, path: Path, state: Dict) -> None:
+        saved_world = state.get("world_size", 1)
+        if saved_world != self.parallel.world_size:
+            raise ConfigError(
+                f"Checkpoint {path} was written by {saved_world} process(es); resume it with the same number"
+            )
+        saved = state.get("config")
         if saved is None:
             return
         old, new = flatten(saved), flatten(OmegaConf.to_container(self.cfg))
@@ -305,7 +338,9 @@ class DistillRecursiveRecipe:
     def _train(self) -> None:
         cfg = self.cfg
         stage = None
-        progress = tqdm(total=self.max_steps, initial=self.step, desc="distill", dynamic_ncols=True)
+        progress = tqdm(
+            total=self.max_steps, initial=self.step, desc="distill", dynamic_ncols=True, disable=not self.parallel.is_main
+        )
         while self.step < self.max_steps:
             if stage is not stage_at(self.stages, self.step):
                 stage = self._enter_stage(stage_at(self.stages, self.step))
@@ -326,7 +361,7 @@ class DistillRecursiveRecipe:
                 self._evaluate()
             if cfg.save_every_n_steps and self.step % cfg.save_every_n_steps == 0 and self.step < self.max_steps:
                 self.save_checkpoint()
-            if self.stop_signal is not None and self.step < self.max_steps:
+            if self._stop_requested and self.step < self.max_steps:
                 progress.close()
                 self._stop()
         progress.close()
@@ -360,11 +395,13 @@ class DistillRecursiveRecipe:
                 signal.signal(s, handler)
 
     def _stop(self) -> None:
+        """Every rank stops after the same step (the request travels with the step's losses)."""
         path = self.save_checkpoint() if self.saved_step != self.step else list_checkpoints(self.output_dir)[-1]
+        signum = self.stop_signal or signal.SIGTERM  # another rank got the signal
         raise RunInterrupted(
-            f"Stopped by {signal.Signals(self.stop_signal).name} after step {self.step} of {self.max_steps}; "
+            f"Stopped by {signal.Signals(signum).name} after step {self.step} of {self.max_steps}; "
             f"checkpoint {path}. Run the same command with resume_from_checkpoint=True to continue",
-            self.stop_signal,
+            signum,
         )
 
     def _enter_stage(self, stage):
@@ -376,16 +413,23 @@ class DistillRecursiveRecipe:
     def _train_step(self) -> Dict[str, float]:
         started = time.perf_counter()
         batches = self.step_batches(step=self.step)
-        num_masked, num_tokens = count_tokens(batches).tolist()
+        num_masked, num_tokens = count_tokens(batches, self.parallel.reduce_sum).tolist()
         totals: Dict[str, torch.Tensor] = {}
         for batch in batches:
             with self.autocast():
                 out = distill_forward(self.student, self.teacher, self.loss_fn, batch.to(self.device), num_masked, num_tokens)
             out.total.backward()
             for name, value in [("total", out.total), *out.terms.items()]:
-                totals[name] = totals.get(name, 0.0) + value.detach()
-        values = {name: float(v) for name, v in totals.items()}
-        check_finite(totals["total"], self.step + 1, "loss", values)
+                totals[name] = totals.get(name, 0.0) + value.detach().float()
+        self.parallel.sync_gradients(self.params)
+        # every rank's terms are shares of the global means: their sum is the step's loss; a
+        # stop request on any rank rides along so that all ranks stop after the same step
+        names = list(totals)
+        summed = self.parallel.reduce_sum(
+            torch.stack([totals[n] for n in names] + [torch.tensor(float(self.stop_signal is not None), device=self.device)])
+        ).tolist()
+        values = dict(zip(names, summed[:-1]))
+        check_finite(torch.tensor(values["total"]), self.step + 1, "loss", values)
         lr = max(group["lr"] for group in self.optimizer.param_groups)  # this step's, after stage scales
         max_norm = self.cfg.clip_grad_norm or float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_([p for p in self.params if p.grad is not None], max_norm)
@@ -403,63 +447,90 @@ class DistillRecursiveRecipe:
                 "stage": float(self.stages.index(stage_at(self.stages, self.step))),
             }
         )
+        self._stop_requested = summed[-1] > 0
         return metrics
 
     def _evaluate(self) -> Optional[Dict[str, float]]:
         if self.evaluator is None:
             return None
-        metrics = self.evaluator(self.student, self.teacher, self.loss_fn, self.device, self.autocast)
+        metrics = self.evaluator(
+            self.student, self.teacher, self.loss_fn, self.device, self.autocast, self.parallel.reduce_sum
+        )
         self.metrics.log(metrics, self.step)
         log.info("Step %d: %s", self.step, ", ".join(f"{k.split('/', 1)[1]}={v:.4f}" for k, v in metrics.items()))
         return metrics
 
     # ------------------------------------------------------------------ save
     def save_checkpoint(self) -> Path:
+        """Every rank takes part (random states are gathered); the main rank writes."""
+        rng = {
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,
+        }
         state = {
             "step": self.step,
+            "world_size": self.parallel.world_size,
             "student": self.student.state_dict(),
             "loss": self.loss_fn.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "sampler": self.sampler.state_dict(),
             "config": OmegaConf.to_container(self.cfg),
-            "rng": {
-                "torch": torch.get_rng_state(),
-                "cuda": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else [],
-            },
+            "rng": [{k: v.cpu() if v is not None else None for k, v in r.items()} for r in self.parallel.gather_objects(rng)],
         }
-        path = save_checkpoint(self.output_dir, self.step, state, self.cfg.keep_last_n_checkpoints)
+        path = checkpoints_dir(self.output_dir) / f"step_{self.step:08d}"
+        self._on_main(lambda: save_checkpoint(self.output_dir, self.step, state, self.cfg.keep_last_n_checkpoints))
         self.saved_step = self.step
         log.info("Saved checkpoint %s", path)
         return path
 
+    def _on_main(self, write) -> None:
+        """Run a write on the main rank; if it fails, every rank raises (none waits forever)."""
+        error = None
+        if self.parallel.is_main:
+            try:
+                write()
+            except (CheckpointError, OSError) as e:
+                error = e
+        if self.parallel.any(error is not None):
+            raise error or CheckpointError("The main process failed to write; see its error")
+
     def export_student(self) -> Path:
         folder = self.output_dir / "student"
-        try:
-            fmt = save_student(self.student, folder, self.tokenizer)
-        except OSError as e:
-            raise CheckpointError(
-                f"Could not export the student to {folder}: {e}. The checkpoint of step {self.saved_step} "
-                "holds it; free space and run again with resume_from_checkpoint=True to export"
-            ) from e
-        log.info("Exported the student (%s format) to %s", fmt, folder)
+
+        def write():
+            try:
+                fmt = save_student(self.student, folder, self.tokenizer)
+            except OSError as e:
+                raise CheckpointError(
+                    f"Could not export the student to {folder}: {e}. The checkpoint of step {self.saved_step} "
+                    "holds it; free space and run again with resume_from_checkpoint=True to export"
+                ) from e
+            log.info("Exported the student (%s format) to %s", fmt, folder)
+
+        self._on_main(write)
         return folder
 
     def cleanup(self) -> None:
         if hasattr(self, "metrics"):
             self.metrics.close()
         set_write_root(None)
+        self.parallel.close()
 
 
-@parse
-def recipe_main(cfg: DictConfig) -> None:
+def main(recipe_class, cfg: DictConfig) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stdout)
-    recipe = DistillRecursiveRecipe(cfg)
+    recipe = recipe_class(cfg)
     try:
         recipe.setup()
         recipe.train()
     finally:
         recipe.cleanup()
+
+
+@parse
+def recipe_main(cfg: DictConfig) -> None:
+    main(DistillRecursiveRecipe, cfg)
 
 
 if __name__ == "__main__":

@@ -148,10 +148,13 @@ def test_stage_globs_that_match_nothing_fail_before_the_data_loads(tmp_path, tea
         run_recipe(cfg)
 
 
-def test_warmup_longer_than_the_run_is_refused(tmp_path, teacher_dir, corpus_file):
-    cfg = tiny_config(tmp_path / "run", teacher_dir, corpus_file, max_steps=3, **{"lr_schedule.warmup_steps": 5})
-    with pytest.raises(ConfigError, match="lr_schedule: warmup_steps=5 is not below the run's 3 steps"):
+def test_warmup_longer_than_the_run_is_shortened_loudly(tmp_path, teacher_dir, corpus_file, caplog):
+    cfg = tiny_config(tmp_path / "run", teacher_dir, corpus_file, max_steps=20, **{"lr_schedule.warmup_steps": 50})
+    with caplog.at_level("WARNING"):
         run_recipe(cfg)
+    assert "warmup_steps=50 is not below the run's 20 steps" in caplog.text and "over 2 steps instead" in caplog.text
+    records = logged(tmp_path / "run")
+    assert records[2]["lr"] == pytest.approx(1e-3) and records[20]["lr"] < records[2]["lr"]
 
 
 def test_padding_never_exceeds_the_position_limit(tmp_path, teacher_dir, corpus_file):

@@ -10,7 +10,7 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Dict, Iterator, Optional, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
 
@@ -100,10 +100,21 @@ def weight_files(folder: Path) -> Tuple[str, list]:
     )
 
 
-def iter_weights(folder: Path) -> Iterator[Tuple[str, torch.Tensor]]:
-    """(name, tensor) for every tensor of a checkpoint, one file at a time."""
+def _read_bin(file: Path) -> Dict[str, torch.Tensor]:
+    try:
+        return torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError as e:
+        if "mmap" not in str(e):
+            raise
+        # files saved before torch 1.6 (common for BioBERT-era checkpoints) cannot be mapped
+        return torch.load(file, map_location="cpu", weights_only=True)
+
+
+def _open_weights(folder: Path):
+    """(kind, files) plus a reader that yields (name, tensor) of one file, lazily."""
     kind, files = weight_files(folder)
-    for file in files:
+
+    def read(file: Path) -> Iterator[Tuple[str, torch.Tensor]]:
         try:
             if kind == "safetensors":
                 from safetensors import safe_open
@@ -112,18 +123,37 @@ def iter_weights(folder: Path) -> Iterator[Tuple[str, torch.Tensor]]:
                     for name in f.keys():
                         yield name, f.get_tensor(name)
             else:
-                try:
-                    state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
-                except RuntimeError as e:
-                    if "mmap" not in str(e):
-                        raise
-                    # files saved before torch 1.6 (common for BioBERT-era checkpoints) cannot be mapped
-                    state = torch.load(file, map_location="cpu", weights_only=True)
-                yield from state.items()
-        except CheckpointError:
-            raise
+                yield from _read_bin(file).items()
         except Exception as e:
             raise CheckpointError(f"Could not read weights from {file}: {e}") from e
+
+    return kind, files, read
+
+
+def weight_names(folder: Path) -> List[str]:
+    """Names of every tensor of a checkpoint, without reading the tensors (safetensors) or
+    through a memory map (.bin)."""
+    kind, files, _ = _open_weights(folder)
+    names = []
+    for file in files:
+        try:
+            if kind == "safetensors":
+                from safetensors import safe_open
+
+                with safe_open(str(file), framework="pt") as f:
+                    names.extend(f.keys())
+            else:
+                names.extend(_read_bin(file).keys())
+        except Exception as e:
+            raise CheckpointError(f"Could not read weights from {file}: {e}") from e
+    return names
+
+
+def iter_weights(folder: Path) -> Iterator[Tuple[str, torch.Tensor]]:
+    """(name, tensor) for every tensor of a checkpoint, one tensor at a time."""
+    _, files, read = _open_weights(folder)
+    for file in files:
+        yield from read(file)
 
 
 def native_name(hf_name: str, prefix: str) -> Optional[str]:
@@ -169,8 +199,17 @@ def encoder_kwargs(hf_config) -> Dict:
     )
 
 
-def load_hf_encoder(folder: Path, dtype: torch.dtype = torch.float32) -> Tuple[BertEncoder, object]:
-    """Build a ``BertEncoder`` from a local Hugging Face folder; returns (encoder, hf_config)."""
+def load_hf_encoder(
+    folder: Path,
+    dtype: torch.dtype = torch.float32,
+    shard: Optional[Callable[[BertEncoder], None]] = None,
+) -> Tuple[BertEncoder, object]:
+    """Build a ``BertEncoder`` from a local Hugging Face folder; returns (encoder, hf_config).
+
+    The encoder is built on the meta device and filled tensor by tensor. With ``shard`` (which
+    applies FSDP2's ``fully_shard`` to the meta encoder), each full tensor is read, cut to this
+    rank's shard and dropped, so no rank ever holds more than its shard plus one tensor.
+    """
     from transformers import AutoConfig
 
     if not (folder / "config.json").is_file():
@@ -183,31 +222,44 @@ def load_hf_encoder(folder: Path, dtype: torch.dtype = torch.float32) -> Tuple[B
     # XLM-R and CamemBERT keep RoBERTa's module names, under the "roberta." prefix too.
     prefix = SUPPORTED_MODEL_TYPES[hf_config.model_type]
 
-    state: Dict[str, torch.Tensor] = {}
-    for hf_name, tensor in iter_weights(folder):
-        name = native_name(hf_name, prefix)
-        if name is not None:
-            state[name] = tensor.to(dtype)
-    has_head = any(k.startswith("mlm_head.dense.") for k in state)
+    names = {native_name(n, prefix) for n in weight_names(folder)} - {None}
+    has_head = any(n.startswith("mlm_head.dense.") for n in names)
     with torch.device("meta"):
         encoder = BertEncoder(**kwargs, mlm_head=has_head)
-    if has_head and "mlm_head.decoder.weight" not in state:
-        if not getattr(hf_config, "tie_word_embeddings", True):
-            raise CheckpointError(f"{folder}: the MLM decoder weight is missing and not tied")
-        state["mlm_head.decoder.weight"] = state.get("embeddings.word_embeddings.weight")
+    if shard is not None:
+        shard(encoder)
     expected = encoder.state_dict()
-    missing = sorted(k for k in expected if state.get(k) is None)
-    unexpected = sorted(k for k in state if k not in expected)
+    tie_decoder = has_head and "mlm_head.decoder.weight" not in names
+    if tie_decoder and not getattr(hf_config, "tie_word_embeddings", True):
+        raise CheckpointError(f"{folder}: the MLM decoder weight is missing and not tied")
+    missing = sorted(set(expected) - names - ({"mlm_head.decoder.weight"} if tie_decoder else set()))
+    unexpected = sorted(names - set(expected))
     if missing or unexpected:
         raise CheckpointError(
             f"{folder} does not match a {hf_config.model_type} encoder: "
             f"missing {missing[:8]}{'...' if len(missing) > 8 else ''}, "
             f"unexpected {unexpected[:8]}{'...' if len(unexpected) > 8 else ''}"
         )
-    for name, tensor in state.items():
-        if tensor.shape != expected[name].shape:
+
+    from torch.distributed.tensor import distribute_tensor, DTensor
+
+    state: Dict[str, torch.Tensor] = {}
+    for hf_name, tensor in iter_weights(folder):
+        name = native_name(hf_name, prefix)
+        if name is None:
+            continue
+        target = expected[name]
+        if tensor.shape != target.shape:
             raise CheckpointError(
-                f"{folder}: {name} has shape {tuple(tensor.shape)}, config implies {tuple(expected[name].shape)}"
+                f"{folder}: {name} has shape {tuple(tensor.shape)}, config implies {tuple(target.shape)}"
             )
+        tensor = tensor.to(dtype)
+        if isinstance(target, DTensor):  # keep only this rank's shard
+            tensor = distribute_tensor(
+                tensor.to(target.device_mesh.device_type), target.device_mesh, target.placements, src_data_rank=None
+            )
+        state[name] = tensor
+    if tie_decoder:
+        state["mlm_head.decoder.weight"] = state["embeddings.word_embeddings.weight"]
     encoder.load_state_dict(state, assign=True)
     return encoder, hf_config

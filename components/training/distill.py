@@ -1,5 +1,6 @@
 """What one distillation step and one evaluation do, shared by the single-device and the
-distributed recipes (which differ only in how counts and metrics are reduced across ranks)."""
+distributed recipes (which differ in how counts, metrics and gradients are summed over ranks:
+see components.training.distributed)."""
 
 import math
 from dataclasses import dataclass
@@ -119,7 +120,9 @@ class Evaluator:
         rank: int = 0,
     ):
         self.batches: List[MaskedBatch] = []
-        indices = list(range(rank, len(windows), world_size))  # each rank a share of the windows
+        # each rank an equal share (sharded teachers need every rank to run the same batches)
+        usable = len(windows) - len(windows) % world_size
+        indices = list(range(rank, usable, world_size))
         for b, start in enumerate(range(0, len(indices), batch_size)):
             chunk = indices[start : start + batch_size]
             padded = pad_batch(windows[chunk]["input_ids"], pad_token_id, pad_to_multiple_of, max_length)

@@ -12,6 +12,7 @@ moment estimates from the gradients.
 """
 
 import fnmatch
+import logging
 import math
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Iterable, List, Literal, Mapping, Optional, Sequence, Tuple
@@ -19,6 +20,8 @@ from typing import Callable, Dict, Iterable, List, Literal, Mapping, Optional, S
 from torch import nn
 
 from components.losses.distillation import LossTerm
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -152,10 +155,15 @@ def linear_warmup_decay(total_steps: int, warmup_steps: int = 0, final_ratio: fl
     if warmup_steps < 0 or total_steps < 1:
         raise ValueError(f"Need warmup_steps >= 0 and total_steps >= 1, got {warmup_steps}, {total_steps}")
     if warmup_steps >= total_steps:
-        raise ValueError(
-            f"warmup_steps={warmup_steps} is not below the run's {total_steps} steps: "
-            "the learning rate would never reach its peak"
+        shorter = total_steps // 10
+        log.warning(
+            "lr_schedule.warmup_steps=%d is not below the run's %d steps (the learning rate would "
+            "never peak): warming up over %d steps instead",
+            warmup_steps,
+            total_steps,
+            shorter,
         )
+        warmup_steps = shorter
 
     def multiplier(step: int) -> float:
         if step < warmup_steps:

@@ -1,0 +1,107 @@
+"""The distributed recipe on 2 CPU processes (gloo) against the single-device one."""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from components.checkpointing import load_student
+from components.checkpointing.resume import list_checkpoints
+from components.training.config import ConfigError
+from tests.recipe_helpers import logged, run_recipe, tiny_config
+
+REPO = Path(__file__).resolve().parents[1]
+TUNE = Path(sys.executable).with_name("tune")
+STEPS = 6
+
+
+def tune_distributed(*args, nproc=2):
+    result = subprocess.run(
+        [str(TUNE), "run", "--nproc_per_node", str(nproc), "recipes/distill_recursive_distributed.py", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, teacher_dir, corpus_file):
+    """The same global batch of 16 windows: one device x 16, and two ranks x 8."""
+    root = tmp_path_factory.mktemp("dist")
+    overrides = {
+        "max_steps": STEPS,
+        "save_every_n_steps": 3,
+        "eval_every_n_steps": 3,
+        "student.dropout": 0.0,  # dropout draws differ across ranks
+        "student.attention_dropout": 0.0,
+        "data.max_eval_windows": 32,
+    }
+    single = root / "single"
+    run_recipe(tiny_config(single, teacher_dir, corpus_file, **overrides, **{"data.batch_size": 16}))
+    config = root / "dist.yaml"
+    OmegaConf.save(OmegaConf.create(tiny_config(root / "unused", teacher_dir, corpus_file, **overrides, **{"data.batch_size": 8})), config)
+    distributed = root / "distributed"
+    tune_distributed("--config", str(config), f"output_dir={distributed}")
+    return single, distributed, config
+
+
+def test_two_ranks_follow_the_single_device_trajectory(runs):
+    single, distributed, _ = runs
+    a, b = logged(single), logged(distributed)
+    assert set(range(1, STEPS + 1)) <= set(a) and set(range(1, STEPS + 1)) <= set(b)
+    for step in range(1, STEPS + 1):
+        for key in ("loss/total", "loss/mlm", "loss/output", "loss/hidden", "loss/attention", "grad_norm"):
+            assert b[step][key] == pytest.approx(a[step][key], rel=1e-5), (step, key)
+    x, y = load_student(str(single / "student")).eval(), load_student(str(distributed / "student")).eval()
+    # (the key bias has a true gradient of exactly zero: AdamW turns rounding noise into updates
+    # of ~1e-6 there, so parameters are compared to an absolute 1e-5)
+    for (name, p), (_, q) in zip(x.state_dict().items(), y.state_dict().items()):
+        assert torch.allclose(p, q, rtol=1e-4, atol=1e-5), name
+    ids = torch.randint(5, 300, (2, 16), generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(x(ids).logits, y(ids).logits, rtol=1e-4, atol=1e-5)
+    assert "eval/student_mlm_loss" in b[3]
+
+
+def test_two_ranks_resume_with_the_same_losses(runs, tmp_path):
+    _, distributed, config = runs
+    resumed = tmp_path / "resumed"
+    shutil.copytree(distributed / "checkpoints" / "step_00000003", resumed / "checkpoints" / "step_00000003")
+    tune_distributed("--config", str(config), f"output_dir={resumed}", "resume_from_checkpoint=True")
+    a, b = logged(distributed), logged(resumed)
+    assert sorted(b) == [4, 5, 6]
+    for step in (4, 5, 6):
+        assert b[step]["loss/total"] == pytest.approx(a[step]["loss/total"], rel=1e-6)
+    assert [p.name for p in list_checkpoints(resumed)] == ["step_00000003", "step_00000006"]
+
+
+def test_a_checkpoint_resumes_with_its_world_size_only(runs, tmp_path, teacher_dir, corpus_file):
+    _, distributed, _ = runs
+    out = tmp_path / "one"
+    shutil.copytree(distributed / "checkpoints" / "step_00000003", out / "checkpoints" / "step_00000003")
+    cfg = tiny_config(out, teacher_dir, corpus_file, max_steps=STEPS, resume_from_checkpoint=True)
+    with pytest.raises(ConfigError, match="written by 2 process"):
+        run_recipe(cfg)
+
+
+def test_sharded_teacher_holds_half_the_parameters_and_matches(teacher_dir):
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
+         str(REPO / "tests" / "sharded_teacher_check.py"), str(teacher_dir)],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    ranks = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    assert len(ranks) == 2
+    total = ranks[0]["total"]
+    for r in ranks:
+        assert r["local"] <= total / 2 + 64 and r["local"] >= total / 2 - 64  # shards of rows, rounding
+        assert r["diff"] <= 1e-5
+    assert sum(r["local"] for r in ranks) == total
