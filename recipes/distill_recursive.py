@@ -35,13 +35,15 @@ from components.checkpointing.resume import (
 from components.data import build_windows, CorpusError, GlobalBatchSampler, MLMMasker
 from components.training.config import (
     check_config,
+    config_differences,
+    config_section,
     ConfigError,
     instantiate,
     instantiate_target,
     parse,
     register_user_error,
 )
-from components.training.distributed import SingleDevice
+from components.training.distributed import resolve_device, SingleDevice
 from components.training.distill import (
     check_finite,
     count_tokens,
@@ -69,35 +71,6 @@ register_user_error(CheckpointError, CorpusError, NonFiniteLossError, RunInterru
 # Keys that decide the model and the data order: a resumed run must not change them.
 MUST_MATCH_ON_RESUME = ("seed", "teacher", "student", "data", "gradient_accumulation_steps")
 MAY_CHANGE_ON_RESUME = ("data.num_proc", "data.max_eval_windows")
-
-
-@contextlib.contextmanager
-def config_section(name: str):
-    """Turn a builder's ValueError into a ConfigError naming the config section."""
-    try:
-        yield
-    except ConfigError:
-        raise
-    except ValueError as e:
-        raise ConfigError(f"{name}: {e}") from e
-
-
-def flatten(node, prefix: str = "") -> Dict[str, object]:
-    if isinstance(node, dict):
-        out = {}
-        for key, value in node.items():
-            out.update(flatten(value, f"{prefix}{key}."))
-        return out
-    return {prefix[:-1]: node}
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device={name} but CUDA is not available")
-    return device
 
 
 class DistillRecursiveRecipe:
@@ -313,22 +286,18 @@ class DistillRecursiveRecipe:
             raise ConfigError(
                 f"Checkpoint {path} was written by {saved_world} process(es); resume it with the same number"
             )
-        saved = state.get("config")
-        if saved is None:
-            return
-        old, new = flatten(saved), flatten(OmegaConf.to_container(self.cfg))
-        changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
-        fatal = [
-            k for k in changed if k.split(".")[0] in MUST_MATCH_ON_RESUME and k not in MAY_CHANGE_ON_RESUME
-        ]
-        if fatal:
+        changed = config_differences(state.get("config") or {}, OmegaConf.to_container(self.cfg))
+        fatal = {
+            k: v for k, v in changed.items() if k.split(".")[0] in MUST_MATCH_ON_RESUME and k not in MAY_CHANGE_ON_RESUME
+        }
+        if state.get("config") is not None and fatal:
             raise ConfigError(
                 f"Checkpoint {path} was written by a run with different "
-                + ", ".join(f"{k} ({old.get(k)!r}, now {new.get(k)!r})" for k in fatal)
+                + ", ".join(f"{k} ({old!r}, now {new!r})" for k, (old, new) in fatal.items())
                 + ": resuming would change the model or the data order. Use the original values"
             )
-        for key in changed:
-            log.warning("Resuming with %s changed: %r in the checkpoint, %r now", key, old.get(key), new.get(key))
+        for key, (old, new) in changed.items():
+            log.warning("Resuming with %s changed: %r in the checkpoint, %r now", key, old, new)
 
     # ------------------------------------------------------------------ train
     def train(self) -> None:

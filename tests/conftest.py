@@ -7,7 +7,6 @@ Nothing here downloads: the hubs are switched off for the whole test session and
 import json
 import os
 import tempfile
-from pathlib import Path
 
 _CACHE = tempfile.mkdtemp(prefix="recursive-distill-tests-")
 os.environ.update(

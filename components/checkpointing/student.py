@@ -13,7 +13,6 @@ ALBERT can start a distillation run.
 
 import json
 from pathlib import Path
-from typing import Optional
 
 import torch
 from safetensors.torch import load_file, save_file

@@ -12,7 +12,7 @@ optimizer step when the caller passes those counts.
 
 import math
 from dataclasses import dataclass
-from typing import Dict, List, Literal, Mapping, Optional, Sequence, Set, Tuple, Union
+from typing import Dict, List, Literal, Mapping, Optional, Set, Tuple, Union
 
 import torch
 from torch import nn

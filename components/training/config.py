@@ -11,6 +11,7 @@ A recipe declares its config as dataclasses (the schema documents every key and 
 Missing keys take the schema's defaults; the result is a ``DictConfig`` for ``instantiate``.
 """
 
+import contextlib
 import dataclasses
 import difflib
 import functools
@@ -18,7 +19,7 @@ import inspect
 import os
 import sys
 import typing
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import yaml
 from omegaconf import DictConfig, OmegaConf
@@ -240,6 +241,32 @@ def instantiate(node, *args, **kwargs):
         raise ConfigError(f"Cannot instantiate {node!r}: it has no _component_")
     target = _locate(node["_component_"], str(node["_component_"]))
     return target(*args, **{**{k: v for k, v in node.items() if k != "_component_"}, **kwargs})
+
+
+@contextlib.contextmanager
+def config_section(name: str) -> Iterator[None]:
+    """Turn a builder's ValueError into a ConfigError naming the config section."""
+    try:
+        yield
+    except ConfigError:
+        raise
+    except ValueError as e:
+        raise ConfigError(f"{name}: {e}") from e
+
+
+def _flatten(node, prefix: str = "") -> Dict[str, Any]:
+    if isinstance(node, dict):
+        out: Dict[str, Any] = {}
+        for key, value in node.items():
+            out.update(_flatten(value, f"{prefix}{key}."))
+        return out
+    return {prefix[:-1]: node}
+
+
+def config_differences(old: Dict[str, Any], new: Dict[str, Any]) -> Dict[str, Tuple[Any, Any]]:
+    """Dotted key -> (old value, new value) for every leaf that differs."""
+    a, b = _flatten(old), _flatten(new)
+    return {k: (a.get(k), b.get(k)) for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)}
 
 
 USER_ERRORS: Tuple[type, ...] = (ConfigError,)

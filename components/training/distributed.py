@@ -26,6 +26,18 @@ import torch
 from torch import nn
 
 
+def resolve_device(name: str) -> torch.device:
+    """``auto`` is CUDA when there is one, else the CPU."""
+    from components.training.config import ConfigError
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device={name} but CUDA is not available")
+    return device
+
+
 class SingleDevice:
     """One process on one device."""
 

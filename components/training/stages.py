@@ -15,7 +15,7 @@ import fnmatch
 import logging
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Iterable, List, Literal, Mapping, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 from torch import nn
 
