@@ -158,11 +158,11 @@ def ensure_smoke_assets(
     return root
 
 
-def smoke_teacher(assets_dir: str, shard=None):
+def smoke_teacher(assets_dir: str, dtype: str = "fp32", shard=None):
     """SMOKE RUN: the tiny pre-trained teacher, loaded like any Hugging Face checkpoint."""
     from components.models.teacher import hf_teacher
 
-    return hf_teacher(str(ensure_smoke_assets(assets_dir) / "teacher"), shard=shard)
+    return hf_teacher(str(ensure_smoke_assets(assets_dir) / "teacher"), dtype=dtype, shard=shard)
 
 
 def smoke_corpus(assets_dir: str) -> str:

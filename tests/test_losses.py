@@ -195,7 +195,6 @@ def test_projection_when_student_is_narrower():
 def test_inactive_terms_ask_for_nothing():
     loss_fn = DistillationLoss(*specs(), weights={"hidden": 1.0})
     assert loss_fn.student_attention_layers() == set() and loss_fn.teacher_attention_layers() == set()
-    assert loss_fn.teacher_hidden_layers() == {2, 4}
     assert not loss_fn.needs_student_logits and not loss_fn.needs_teacher_logits
     student, teacher, labels, mask = records(3)
     assert set(loss_fn(student, teacher, labels, mask).terms) == {"hidden"}

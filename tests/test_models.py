@@ -159,9 +159,9 @@ def test_teacher_is_frozen_and_its_outputs_train_a_student(teacher_dir):
     assert not teacher.encoder.training
     assert not any(p.requires_grad for p in teacher.parameters())
     ids, mask = batch(300)
-    first = teacher(ids, mask, hidden_layers={2})
-    assert torch.equal(first.hidden_states[2], teacher(ids, mask, hidden_layers={2}).hidden_states[2])  # no dropout
-    assert first.hidden_states[1] is None and first.hidden_states[2] is not None
+    first = teacher(ids, mask)
+    assert torch.equal(first.hidden_states[2], teacher(ids, mask).hidden_states[2])  # no dropout
+    assert not first.hidden_states[2].requires_grad
     student_hidden = torch.randn_like(first.hidden_states[2], requires_grad=True)
     torch.nn.functional.cosine_similarity(student_hidden, first.hidden_states[2], dim=-1).sum().backward()
     assert student_hidden.grad is not None
@@ -242,3 +242,15 @@ def test_adapters_can_be_added_to_a_saved_adapter_free_student(tmp_path):
     assert with_adapters.adapters is not None
     ids, mask = batch()
     assert torch.allclose(with_adapters(ids, mask).logits, plain(ids, mask).logits, atol=1e-6)  # identities at start
+
+
+def test_bf16_teacher_is_close_to_fp32(teacher_dir):
+    full, half = hf_teacher(str(teacher_dir)), hf_teacher(str(teacher_dir), dtype="bf16")
+    assert next(half.parameters()).dtype == torch.bfloat16
+    ids, mask = batch(300)
+    a, b = full(ids, mask, attention_layers={2}), half(ids, mask, attention_layers={2})
+    assert b.attentions[2].dtype == torch.float32  # probabilities stay fp32
+    assert torch.allclose(a.logits, b.logits.float(), atol=0.1)
+    assert (a.attentions[2] - b.attentions[2]).abs().max() < 0.02
+    with pytest.raises(ValueError, match="teacher dtype must be one of"):
+        hf_teacher(str(teacher_dir), dtype="fp16")

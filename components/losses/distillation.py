@@ -142,10 +142,6 @@ class DistillationLoss(nn.Module):
     def teacher_attention_layers(self) -> Set[int]:
         return {t for _, t in self.layer_map} if self.weights["attention"] else set()
 
-    def teacher_hidden_layers(self) -> Set[int]:
-        layers = {t for _, t in self.layer_map} if self.weights["hidden"] else set()
-        return layers | ({0} if self.weights["embedding"] else set())
-
     @property
     def needs_student_logits(self) -> bool:
         return bool(self.weights["mlm"] or self.weights["output"])

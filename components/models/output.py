@@ -17,8 +17,7 @@ class EncoderOutput:
     Attributes:
         hidden_states: ``hidden_states[0]`` is the embedding output at the model width
             (after the factorised-embedding projector, if any) and ``hidden_states[i]`` the
-            output of layer/iteration ``i`` (1-based), each ``[batch, seq, hidden]``. An entry
-            is ``None`` only where the caller asked a teacher for a subset of layers.
+            output of layer/iteration ``i`` (1-based), each ``[batch, seq, hidden]``.
         attentions: attention probabilities ``[batch, heads, seq, seq]`` (before dropout),
             keyed by the 1-based layer index, for the layers the caller asked for only.
         logits: MLM logits, ``[n, vocab]`` for the ``n`` positions selected by
@@ -26,7 +25,7 @@ class EncoderOutput:
             encoder has no MLM head or logits were not requested.
     """
 
-    hidden_states: Tuple[Optional[torch.Tensor], ...]
+    hidden_states: Tuple[torch.Tensor, ...]
     attentions: Dict[int, torch.Tensor] = field(default_factory=dict)
     logits: Optional[torch.Tensor] = None
 

@@ -81,7 +81,6 @@ def distill_forward(
     teacher_out = teacher(
         batch.input_ids,
         batch.attention_mask,
-        hidden_layers=loss_fn.teacher_hidden_layers(),
         attention_layers=loss_fn.teacher_attention_layers(),
         logits_mask=masked,
         return_logits=loss_fn.needs_teacher_logits,
@@ -148,14 +147,13 @@ class Evaluator:
         def add(name: str, value) -> None:
             sums[name] = sums.get(name, torch.zeros((), dtype=torch.float64, device=device)) + value
 
-        teacher_layers = {t for _, t in loss_fn.layer_map}
         for batch in self.batches:
             batch = batch.to(device)
             masked = batch.masked_positions
             labels = batch.labels[masked]
             mask = batch.attention_mask.bool()
             with autocast():
-                t_out = teacher(batch.input_ids, batch.attention_mask, hidden_layers=teacher_layers, logits_mask=masked)
+                t_out = teacher(batch.input_ids, batch.attention_mask, logits_mask=masked)
                 s_out = student(batch.input_ids, batch.attention_mask, logits_mask=masked)
             add("masked", labels.numel())
             add("tokens", mask.sum())
