@@ -1,6 +1,6 @@
 """Distributed distillation on this machine: teacher memory per rank and throughput, N=1 vs N=2.
 
-    python benchmarks/distributed.py [--steps 4] [--seq 128] [--global-batch 8] [--out FILE]
+    python benchmarks/distributed.py [--rounds 2] [--steps 4] [--seq 128] [--global-batch 8] [--out FILE]
 
 1. A BERT-large-shaped teacher (24 layers, H=1024, 16 heads, FFN 4096, vocab 30522; random
    weights from a config, saved once in Hugging Face format under benchmarks/results/.cache)
@@ -20,6 +20,7 @@ import argparse
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import threading
@@ -131,7 +132,10 @@ def worker(args) -> None:
         "step_seconds": times,
         "tokens_per_second": args.global_batch * args.seq / (sorted(times)[len(times) // 2]),
     }
-    print("RESULT " + json.dumps(record), flush=True)
+    records = parallel.gather_objects(record)
+    if parallel.is_main:
+        for r in records:
+            print("RESULT " + json.dumps(r), flush=True)
     parallel.close()
 
 
@@ -141,6 +145,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--global-batch", type=int, default=8)
+    parser.add_argument("--rounds", type=int, default=2, help="N=1 and N=2 launches per round, order alternating")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "distributed.json"))
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--teacher", help=argparse.SUPPRESS)
@@ -149,33 +154,45 @@ def main() -> None:
         return worker(args)
 
     teacher = make_teacher()
-    results = {}
-    for n in (1, 2):
-        command = [
-            sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(n), __file__,
-            "--worker", "--teacher", str(teacher), "--steps", str(args.steps), "--warmup", str(args.warmup),
-            "--seq", str(args.seq), "--global-batch", str(args.global_batch),
-        ]  # fmt: skip
-        print(f"world size {n} ...", flush=True)
-        out = subprocess.run(command, cwd=REPO, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
-        if out.returncode != 0:
-            sys.exit(f"world size {n} failed:\n{out.stderr[-4000:]}")
-        results[n] = [json.loads(line[7:]) for line in out.stdout.splitlines() if line.startswith("RESULT ")]
+    results = {1: [], 2: []}
+    # Launches run one after the other, so rounds alternate the order (1, 2, then 2, 1, ...)
+    # and every round gives its own ratio: load that comes and goes shows as spread.
+    for round_ in range(args.rounds):
+        for n in ((1, 2) if round_ % 2 == 0 else (2, 1)):
+            command = [
+                sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(n), __file__,
+                "--worker", "--teacher", str(teacher), "--steps", str(args.steps), "--warmup", str(args.warmup),
+                "--seq", str(args.seq), "--global-batch", str(args.global_batch),
+            ]  # fmt: skip
+            print(f"round {round_ + 1}: world size {n} ...", flush=True)
+            out = subprocess.run(command, cwd=REPO, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+            if out.returncode != 0:
+                sys.exit(f"world size {n} failed:\n{out.stderr[-4000:]}")
+            results[n].append([json.loads(line[7:]) for line in out.stdout.splitlines() if line.startswith("RESULT ")])
 
-    one, two = results[1][0], results[2]
+    def median(values):
+        return statistics.median(values)
+
     gib = 1024**3
+    one = [r[0] for r in results[1]]
+    two = results[2]
     rows = [
-        ("teacher parameters per rank (GiB)", one["teacher_bytes_local"] / gib, max(r["teacher_bytes_local"] for r in two) / gib),
-        ("peak memory growth while loading (GiB)", one["load_peak_anon_growth_mb"] / 1024, max(r["load_peak_anon_growth_mb"] for r in two) / 1024),
-        ("teacher load time (s)", one["load_seconds"], max(r["load_seconds"] for r in two)),
-        ("distillation tokens/s (global)", one["tokens_per_second"], two[0]["tokens_per_second"]),
+        ("teacher parameters per rank (GiB)", one[0]["teacher_bytes_local"] / gib, max(r["teacher_bytes_local"] for r in two[0]) / gib),
+        ("peak memory growth while loading (GiB)", median([r["load_peak_anon_growth_mb"] for r in one]) / 1024,
+         median([max(r["load_peak_anon_growth_mb"] for r in round_) for round_ in two]) / 1024),
+        ("teacher load time (s)", median([r["load_seconds"] for r in one]), median([max(r["load_seconds"] for r in round_) for round_ in two])),
+        ("distillation tokens/s (global)", median([r["tokens_per_second"] for r in one]), median([round_[0]["tokens_per_second"] for round_ in two])),
     ]
-    print(f"\nBERT-large-shaped teacher ({one['teacher_bytes_total'] / gib:.2f} GiB fp32), seq {args.seq}, global batch {args.global_batch}, {os.cpu_count()} cores")
+    ratios = [b[0]["tokens_per_second"] / a["tokens_per_second"] for a, b in zip(one, two)]
+    print(f"\nBERT-large-shaped teacher ({one[0]['teacher_bytes_total'] / gib:.2f} GiB fp32), seq {args.seq}, "
+          f"global batch {args.global_batch}, {os.cpu_count()} cores, median of {args.rounds} rounds")
     print(f"{'':40s} {'N=1':>10s} {'N=2':>10s} {'N=2 / N=1':>10s}")
     for name, a, b in rows:
         print(f"{name:40s} {a:10.3f} {b:10.3f} {b / a:10.2f}")
+    print(f"tokens/s ratio N=2 / N=1 per round: {', '.join(f'{r:.2f}' for r in ratios)}")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"args": vars(args), "cores": os.cpu_count(), "world_1": results[1], "world_2": results[2]}, indent=2))
+    Path(args.out).write_text(json.dumps({"args": vars(args), "cores": os.cpu_count(), "world_1": results[1], "world_2": results[2],
+                                          "tokens_per_second_ratio_per_round": ratios}, indent=2))
     print("raw figures:", args.out)
 
 
