@@ -95,7 +95,14 @@ def worker(args) -> None:
     torch.manual_seed(0)
     student = minialbert_128(hidden_size=1024, num_heads=16, intermediate_size=4096, dropout=0.0, attention_dropout=0.0)
     loss_fn = DistillationLoss(student.spec, teacher.spec, attention_reduction="element")
+    if args.student == "fsdp":  # the alternative to replication: FSDP2 on the student's root
+        from torch.distributed.fsdp import fully_shard
+
+        fully_shard(student, mesh=parallel.mesh)
     params = list(student.parameters()) + list(loss_fn.parameters())
+    student_bytes_local = sum(
+        (p.to_local() if hasattr(p, "to_local") else p).numel() * p.element_size() for p in student.parameters()
+    )
     optimizer = torch.optim.AdamW(params, lr=1e-4)
     share = args.global_batch // parallel.world_size
     g = torch.Generator().manual_seed(parallel.rank)
@@ -115,7 +122,8 @@ def worker(args) -> None:
         started = time.perf_counter()
         out = distill_forward(student, teacher, loss_fn, b, counts[0].item(), counts[1].item())
         out.total.backward()
-        parallel.sync_gradients(params)
+        if args.student == "replicated":
+            parallel.sync_gradients(params)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         parallel.barrier()
@@ -127,6 +135,9 @@ def worker(args) -> None:
         "threads": torch.get_num_threads(),
         "teacher_bytes_local": local_bytes,
         "teacher_bytes_total": total_bytes,
+        "student": args.student,
+        "student_bytes_local": student_bytes_local,
+        "student_parameters": sum(p.numel() for p in student.parameters()),
         "load_seconds": load_seconds,
         "load_peak_anon_growth_mb": load_peak_growth,
         "step_seconds": times,
@@ -147,28 +158,40 @@ def main() -> None:
     parser.add_argument("--global-batch", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=2, help="N=1 and N=2 launches per round, order alternating")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "distributed.json"))
+    parser.add_argument("--student", choices=["replicated", "fsdp"], default="replicated", help=argparse.SUPPRESS)
+    parser.add_argument("--no-fsdp-student", action="store_true", help="skip the FSDP2-student comparison at N=2")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--teacher", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         return worker(args)
+    if args.rounds < 1:
+        parser.error("--rounds must be at least 1")
 
     teacher = make_teacher()
     results = {1: [], 2: []}
     # Launches run one after the other, so rounds alternate the order (1, 2, then 2, 1, ...)
     # and every round gives its own ratio: load that comes and goes shows as spread.
+    def launch(n: int, student: str = "replicated"):
+        command = [
+            sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(n), __file__,
+            "--worker", "--teacher", str(teacher), "--steps", str(args.steps), "--warmup", str(args.warmup),
+            "--seq", str(args.seq), "--global-batch", str(args.global_batch), "--student", student,
+        ]  # fmt: skip
+        out = subprocess.run(command, cwd=REPO, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+        if out.returncode != 0:
+            sys.exit(f"world size {n} ({student} student) failed:\n{out.stderr[-4000:]}")
+        return [json.loads(line[7:]) for line in out.stdout.splitlines() if line.startswith("RESULT ")]
+
     for round_ in range(args.rounds):
         for n in ((1, 2) if round_ % 2 == 0 else (2, 1)):
-            command = [
-                sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(n), __file__,
-                "--worker", "--teacher", str(teacher), "--steps", str(args.steps), "--warmup", str(args.warmup),
-                "--seq", str(args.seq), "--global-batch", str(args.global_batch),
-            ]  # fmt: skip
             print(f"round {round_ + 1}: world size {n} ...", flush=True)
-            out = subprocess.run(command, cwd=REPO, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
-            if out.returncode != 0:
-                sys.exit(f"world size {n} failed:\n{out.stderr[-4000:]}")
-            results[n].append([json.loads(line[7:]) for line in out.stdout.splitlines() if line.startswith("RESULT ")])
+            results[n].append(launch(n))
+    fsdp_student = None
+    if not args.no_fsdp_student:
+        print("world size 2 with an FSDP2 student, then replicated again ...", flush=True)
+        fsdp_student = launch(2, "fsdp")
+        replicated_again = launch(2)
 
     def median(values):
         return statistics.median(values)
@@ -190,9 +213,18 @@ def main() -> None:
     for name, a, b in rows:
         print(f"{name:40s} {a:10.3f} {b:10.3f} {b / a:10.2f}")
     print(f"tokens/s ratio N=2 / N=1 per round: {', '.join(f'{r:.2f}' for r in ratios)}")
+    if fsdp_student:
+        mib = 1024**2
+        f, r = fsdp_student[0], replicated_again[0]
+        print(f"\nstudent at N=2 ({f['student_parameters'] / 1e6:.1f}M parameters)  {'replicated':>12s} {'FSDP2':>10s}")
+        print(f"{'student parameters per rank (MiB)':40s} {r['student_bytes_local'] / mib:12.1f} {f['student_bytes_local'] / mib:10.1f}")
+        print(f"{'distillation tokens/s (global)':40s} {r['tokens_per_second']:12.1f} {f['tokens_per_second']:10.1f}"
+              f"   FSDP2 / replicated {f['tokens_per_second'] / r['tokens_per_second']:.2f}")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"args": vars(args), "cores": os.cpu_count(), "world_1": results[1], "world_2": results[2],
-                                          "tokens_per_second_ratio_per_round": ratios}, indent=2))
+                                          "tokens_per_second_ratio_per_round": ratios,
+                                          "student_fsdp_world_2": fsdp_student,
+                                          "student_replicated_world_2_beside_it": replicated_again if fsdp_student else None}, indent=2))
     print("raw figures:", args.out)
 
 

@@ -25,10 +25,18 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from components.checkpointing import CheckpointError, save_student
-from components.checkpointing.io import atomic_file, recover_interrupted_writes, set_write_root, UnsafePathError
+from components.checkpointing.io import (
+    atomic_file,
+    lock_output_dir,
+    OutputDirBusy,
+    recover_interrupted_writes,
+    set_write_root,
+    UnsafePathError,
+)
 from components.checkpointing.resume import (
     checkpoints_dir,
     list_checkpoints,
+    load_checkpoint,
     load_latest_checkpoint,
     save_checkpoint,
 )
@@ -65,7 +73,8 @@ from components.training.stages import (
 )
 
 log = logging.getLogger("distill_recursive")
-register_user_error(CheckpointError, CorpusError, NonFiniteLossError, RunInterrupted, UnsafePathError)
+USER_ERRORS = (CheckpointError, ConfigError, CorpusError, NonFiniteLossError, OutputDirBusy, RunInterrupted, UnsafePathError)
+register_user_error(*USER_ERRORS)
 
 
 # Keys that decide the model and the data order: a resumed run must not change them.
@@ -89,6 +98,8 @@ class DistillRecursiveRecipe:
         self.seed = self.cfg.seed
         self.step = 0  # optimizer steps completed
         self.saved_step: Optional[int] = None  # step of the newest checkpoint on disk
+        self.saved_path: Optional[Path] = None
+        self._lock = None  # held on output_dir by the main rank
         self.stop_signal: Optional[int] = None  # set by SIGTERM / SIGINT on this rank
         self._stop_requested = False  # on any rank
 
@@ -149,17 +160,41 @@ class DistillRecursiveRecipe:
                 f.write(OmegaConf.to_yaml(self.cfg))
 
     def _check_output_dir(self):
-        """A new run needs a fresh output_dir; a resumed one its newest good checkpoint."""
-        with self.parallel.main_first():
-            self.output_dir.mkdir(parents=True, exist_ok=True)
-            set_write_root(self.output_dir)  # nothing a config names may write outside it
-            if self.parallel.is_main:
-                for folder in (self.output_dir, checkpoints_dir(self.output_dir)):
-                    for note in recover_interrupted_writes(folder):
-                        log.warning("Cleaning up after an interrupted run: %s", note)
-        existing = list_checkpoints(self.output_dir)
+        """A new run needs a fresh output_dir; a resumed one its newest good checkpoint. The
+        main rank decides (and locks the folder); every rank then reads the same checkpoint."""
+        decision = None
+        if self.parallel.is_main:
+            try:
+                decision = {"path": self._choose_checkpoint()}
+            except USER_ERRORS as e:
+                decision = {"error": (type(e).__name__, str(e))}
+        decision = self.parallel.broadcast_object(decision)
+        if "error" in decision:
+            kind, message = decision["error"]
+            raise next(t for t in USER_ERRORS if t.__name__ == kind)(message)
+        set_write_root(self.output_dir)  # nothing a config names may write outside it
+        if decision["path"] is None:
+            return None
+        path, problem = Path(decision["path"]), None
+        try:
+            state = load_checkpoint(path)
+        except CheckpointError as e:
+            problem = e
+        if self.parallel.any(problem is not None):
+            raise problem or CheckpointError(
+                f"Another rank could not read {path}: output_dir must be on a filesystem every rank can read"
+            )
+        return path, state
+
+    def _choose_checkpoint(self) -> Optional[str]:
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        self._lock = lock_output_dir(self.output_dir)
+        set_write_root(self.output_dir)
+        for folder in (self.output_dir, checkpoints_dir(self.output_dir)):
+            for note in recover_interrupted_writes(folder):
+                log.warning("Cleaning up after an interrupted run: %s", note)
         if not self.cfg.resume_from_checkpoint:
-            if existing or (self.output_dir / "student").exists():
+            if list_checkpoints(self.output_dir) or (self.output_dir / "student").exists():
                 raise ConfigError(
                     f"output_dir {self.output_dir} already holds a run. Continue it with "
                     "resume_from_checkpoint=True, or choose another output_dir"
@@ -167,8 +202,9 @@ class DistillRecursiveRecipe:
             return None
         found = load_latest_checkpoint(self.output_dir)
         if found is None:
-            log.warning("resume_from_checkpoint=True but %s has no usable checkpoint: starting at step 0", self.output_dir)
-        return found
+            log.warning("resume_from_checkpoint=True but %s has no checkpoint: starting at step 0", self.output_dir)
+            return None
+        return str(found[0])
 
     def _build_teacher(self) -> torch.nn.Module:
         if self.parallel.shard_teacher is None:
@@ -272,8 +308,9 @@ class DistillRecursiveRecipe:
             raise CheckpointError(
                 f"Checkpoint {path} does not fit this config (was the model or optimizer changed?): {e}"
             ) from e
-        self.sampler.load_state_dict(state["sampler"])
         self.step = self.saved_step = int(state["step"])
+        self.saved_path = path
+        self.sampler.seek(self.step)
         rng = state["rng"][self.parallel.rank]
         torch.set_rng_state(rng["torch"])
         if self.device.type == "cuda" and rng.get("cuda") is not None:
@@ -365,7 +402,7 @@ class DistillRecursiveRecipe:
 
     def _stop(self) -> None:
         """Every rank stops after the same step (the request travels with the step's losses)."""
-        path = self.save_checkpoint() if self.saved_step != self.step else list_checkpoints(self.output_dir)[-1]
+        path = self.save_checkpoint() if self.saved_step != self.step else self.saved_path
         signum = self.stop_signal or signal.SIGTERM  # another rank got the signal
         raise RunInterrupted(
             f"Stopped by {signal.Signals(signum).name} after step {self.step} of {self.max_steps}; "
@@ -443,13 +480,12 @@ class DistillRecursiveRecipe:
             "loss": self.loss_fn.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
-            "sampler": self.sampler.state_dict(),
             "config": OmegaConf.to_container(self.cfg),
             "rng": [{k: v.cpu() if v is not None else None for k, v in r.items()} for r in self.parallel.gather_objects(rng)],
         }
         path = checkpoints_dir(self.output_dir) / f"step_{self.step:08d}"
         self._on_main(lambda: save_checkpoint(self.output_dir, self.step, state, self.cfg.keep_last_n_checkpoints))
-        self.saved_step = self.step
+        self.saved_step, self.saved_path = self.step, path
         log.info("Saved checkpoint %s", path)
         return path
 
@@ -459,7 +495,7 @@ class DistillRecursiveRecipe:
         if self.parallel.is_main:
             try:
                 write()
-            except (CheckpointError, OSError) as e:
+            except Exception as e:  # the other ranks must not wait forever for a failed write
                 error = e
         if self.parallel.any(error is not None):
             raise error or CheckpointError("The main process failed to write; see its error")
@@ -485,6 +521,8 @@ class DistillRecursiveRecipe:
             self.metrics.close()
         set_write_root(None)
         self.parallel.close()
+        if self._lock is not None:
+            self._lock.close()
 
 
 def main(recipe_class, cfg: DictConfig) -> None:

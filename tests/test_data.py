@@ -142,12 +142,13 @@ def test_global_batches_do_not_depend_on_how_they_are_split():
 
 
 def test_sampler_resumes_where_it_stopped():
-    a = GlobalBatchSampler(30, 4, seed=0)
-    for _ in range(9):
-        a.next_step()
-    b = GlobalBatchSampler(30, 4, seed=0)
-    b.load_state_dict(a.state_dict())
-    assert [a.next_step() for _ in range(5)] == [b.next_step() for _ in range(5)]
+    for taken in (0, 6, 7, 9, 14):  # 7 steps per epoch: before, at and after epoch ends
+        a = GlobalBatchSampler(30, 4, seed=0)
+        for _ in range(taken):
+            a.next_step()
+        b = GlobalBatchSampler(30, 4, seed=0)
+        b.seek(taken)
+        assert [a.next_step() for _ in range(9)] == [b.next_step() for _ in range(9)], taken
     with pytest.raises(ValueError, match="fewer than one global batch"):
         GlobalBatchSampler(3, 4)
 

@@ -158,6 +158,33 @@ def test_a_damaged_checkpoint_falls_back_to_the_previous_one(tmp_path, teacher_d
         assert b[step]["loss/total"] == pytest.approx(a[step]["loss/total"], rel=1e-6)
 
 
+def test_damaged_checkpoints_are_set_aside_not_pruned_over_good_ones(tmp_path, teacher_dir, corpus_file):
+    out = tmp_path / "run"
+    run_recipe(tiny_config(out, teacher_dir, corpus_file, max_steps=6, save_every_n_steps=2, keep_last_n_checkpoints=2))
+    assert [p.name for p in list_checkpoints(out)] == ["step_00000004", "step_00000006"]
+    damage(out / "checkpoints" / "step_00000006", "truncated")
+    # resume from step 4 and go on to 8 keeping 1: the damaged step 6 must not outlive the good ones
+    run_recipe(tiny_config(out, teacher_dir, corpus_file, max_steps=8, save_every_n_steps=2, keep_last_n_checkpoints=1,
+                           resume_from_checkpoint=True, **{"lr_schedule.warmup_steps": 1}))
+    assert [p.name for p in list_checkpoints(out)] == ["step_00000008"]
+    assert (out / "checkpoints" / "damaged-step_00000006").is_dir()
+    assert load_checkpoint(out / "checkpoints" / "step_00000008")["step"] == 8
+
+
+def test_two_runs_cannot_share_an_output_dir(tmp_path, teacher_dir, corpus_file):
+    from components.checkpointing.io import lock_output_dir, OutputDirBusy
+
+    out = tmp_path / "run"
+    out.mkdir()
+    held = lock_output_dir(out)
+    try:
+        with pytest.raises(OutputDirBusy, match=f"in use by another run \\(process {os.getpid()}\\)"):
+            run_recipe(tiny_config(out, teacher_dir, corpus_file, max_steps=2))
+    finally:
+        held.close()
+    run_recipe(tiny_config(out, teacher_dir, corpus_file, max_steps=2))  # free again
+
+
 def test_no_usable_checkpoint_is_an_error_not_a_fresh_start(tmp_path, teacher_dir, corpus_file):
     out = tmp_path / "run"
     run_recipe(tiny_config(out, teacher_dir, corpus_file, max_steps=3, save_every_n_steps=None))
@@ -166,7 +193,15 @@ def test_no_usable_checkpoint_is_an_error_not_a_fresh_start(tmp_path, teacher_di
         run_recipe(tiny_config(out, teacher_dir, corpus_file, max_steps=6, resume_from_checkpoint=True))
 
 
-def test_a_full_disk_at_checkpoint_time(tmp_path, teacher_dir, corpus_file, monkeypatch):
+# what a full disk looks like from Python's own writes, and from torch.save's C++ writer
+FULL_DISK = [
+    OSError(errno.ENOSPC, "No space left on device"),
+    RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 64 vs 0: No space left on device"),
+]
+
+
+@pytest.mark.parametrize("failure", FULL_DISK, ids=["OSError", "RuntimeError"])
+def test_a_full_disk_at_checkpoint_time(tmp_path, teacher_dir, corpus_file, monkeypatch, failure):
     import components.checkpointing.resume as resume
 
     real_save, calls = torch.save, {"n": 0}
@@ -176,7 +211,7 @@ def test_a_full_disk_at_checkpoint_time(tmp_path, teacher_dir, corpus_file, monk
         if calls["n"] == 2:
             real_save(obj, f, *args, **kwargs)  # half the bytes reach the disk, then it is full
             Path(f).write_bytes(Path(f).read_bytes()[:100])
-            raise OSError(errno.ENOSPC, "No space left on device")
+            raise failure
         return real_save(obj, f, *args, **kwargs)
 
     monkeypatch.setattr(resume.torch, "save", save)

@@ -6,6 +6,7 @@ are read with safetensors, or ``torch.load(weights_only=True)`` for ``.bin`` fil
 names mapped onto ours. Nothing here runs code from a checkpoint.
 """
 
+import functools
 import json
 import os
 import re
@@ -110,50 +111,41 @@ def _read_bin(file: Path) -> Dict[str, torch.Tensor]:
         return torch.load(file, map_location="cpu", weights_only=True)
 
 
-def _open_weights(folder: Path):
-    """(kind, files) plus a reader that yields (name, tensor) of one file, lazily."""
+def _lazy_tensors(folder: Path) -> Iterator[Tuple[str, Callable[[], torch.Tensor]]]:
+    """(name, read) for every tensor of a checkpoint; ``read()`` loads that one tensor (call it
+    before advancing). safetensors are read one tensor at a time; .bin files are memory-mapped
+    (files saved before torch 1.6 cannot be, and load whole)."""
     kind, files = weight_files(folder)
-
-    def read(file: Path) -> Iterator[Tuple[str, torch.Tensor]]:
+    for file in files:
         try:
             if kind == "safetensors":
                 from safetensors import safe_open
 
                 with safe_open(str(file), framework="pt") as f:
                     for name in f.keys():
-                        yield name, f.get_tensor(name)
+                        yield name, functools.partial(f.get_tensor, name)
             else:
-                yield from _read_bin(file).items()
+                for name, tensor in _read_bin(file).items():
+                    yield name, functools.partial(lambda t: t, tensor)
+        except CheckpointError:
+            raise
         except Exception as e:
             raise CheckpointError(f"Could not read weights from {file}: {e}") from e
-
-    return kind, files, read
 
 
 def weight_names(folder: Path) -> List[str]:
-    """Names of every tensor of a checkpoint, without reading the tensors (safetensors) or
-    through a memory map (.bin)."""
-    kind, files, _ = _open_weights(folder)
-    names = []
-    for file in files:
-        try:
-            if kind == "safetensors":
-                from safetensors import safe_open
-
-                with safe_open(str(file), framework="pt") as f:
-                    names.extend(f.keys())
-            else:
-                names.extend(_read_bin(file).keys())
-        except Exception as e:
-            raise CheckpointError(f"Could not read weights from {file}: {e}") from e
-    return names
+    """Names of every tensor of a checkpoint, without reading the tensors."""
+    return [name for name, _ in _lazy_tensors(folder)]
 
 
 def iter_weights(folder: Path) -> Iterator[Tuple[str, torch.Tensor]]:
     """(name, tensor) for every tensor of a checkpoint, one tensor at a time."""
-    _, files, read = _open_weights(folder)
-    for file in files:
-        yield from read(file)
+    for name, read in _lazy_tensors(folder):
+        try:
+            tensor = read()
+        except Exception as e:
+            raise CheckpointError(f"Could not read {name} from the weights in {folder}: {e}") from e
+        yield name, tensor
 
 
 def native_name(hf_name: str, prefix: str) -> Optional[str]:

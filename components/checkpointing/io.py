@@ -80,14 +80,14 @@ def atomic_directory(final: os.PathLike, what: str = "folder") -> Iterator[Path]
     try:
         yield tmp
         fsync_tree(tmp)
+        old = None
         if final.exists():
             old = _old_name(final)
             os.rename(final, old)
-            os.rename(tmp, final)
+        os.rename(tmp, final)
+        _fsync(final.parent)  # the renames are durable before the old copy goes
+        if old is not None:
             shutil.rmtree(old)
-        else:
-            os.rename(tmp, final)
-        _fsync(final.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -109,6 +109,31 @@ def atomic_file(final: os.PathLike, what: str = "file", mode: str = "w") -> Iter
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+class OutputDirBusy(RuntimeError):
+    """Another process is running in this output_dir."""
+
+
+def lock_output_dir(folder: os.PathLike):
+    """Hold an exclusive lock on ``folder/.lock`` for this process's lifetime (keep the returned
+    file open), so two runs never write, clean up or resume in one output_dir at once."""
+    import fcntl
+
+    path = Path(folder) / ".lock"
+    handle = open(path, "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        owner = handle.read().strip() or "unknown"
+        handle.close()
+        raise OutputDirBusy(f"output_dir {folder} is in use by another run (process {owner})") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(str(os.getpid()))
+    handle.flush()
+    return handle
 
 
 def recover_interrupted_writes(folder: os.PathLike) -> list:

@@ -58,7 +58,7 @@ def save_checkpoint(output_dir: Path, step: int, state: Dict[str, Any], keep_las
             torch.save(state, tmp / "state.pt")
             meta = {"step": step, "bytes": (tmp / "state.pt").stat().st_size, "sha256": _sha256(tmp / "state.pt")}
             (tmp / "meta.json").write_text(json.dumps(meta) + "\n")
-    except OSError as e:
+    except Exception as e:  # a full disk is an OSError from Python, a RuntimeError from torch.save
         previous = [p.name for p in list_checkpoints(output_dir)]
         kept = f"the existing checkpoints ({', '.join(previous)}) are intact" if previous else "no checkpoint was written yet"
         raise CheckpointError(f"Could not write the checkpoint of step {step} to {final}: {e}. Nothing was changed: {kept}") from e
@@ -94,19 +94,26 @@ def load_checkpoint(path: Path) -> Dict[str, Any]:
 
 
 def load_latest_checkpoint(output_dir: Path) -> Optional[Tuple[Path, Dict[str, Any]]]:
-    """(path, state) of the newest checkpoint that verifies and loads; damaged ones are reported
-    and the one before is tried. ``None`` if there are no checkpoints at all; an error if there
-    are some but none is usable (so they are not silently overwritten by a fresh start)."""
-    problems = []
+    """(path, state) of the newest checkpoint that verifies and loads. Damaged ones are
+    reported and renamed ``damaged-step_XXXXXXXX`` (kept for inspection, never loaded or
+    counted when old checkpoints are pruned), and the one before is tried. ``None`` if there
+    are no checkpoints at all; an error if none is usable (so none is overwritten by a fresh
+    start)."""
+    problems, damaged = [], []
     for path in reversed(list_checkpoints(output_dir)):
         try:
             state = load_checkpoint(path)
         except CheckpointError as e:
             log.warning("Skipping checkpoint %s: %s", path.name, e)
             problems.append(str(e))
+            damaged.append(path)
             continue
         if problems:
             log.warning("Resuming from the older checkpoint %s instead", path.name)
+            for bad in damaged:
+                aside = bad.with_name("damaged-" + bad.name)
+                bad.rename(aside)
+                log.warning("Renamed the damaged checkpoint %s to %s", bad.name, aside.name)
         return path, state
     if problems:
         raise CheckpointError("No usable checkpoint to resume from: " + "; ".join(problems))

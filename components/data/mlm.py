@@ -122,7 +122,7 @@ class GlobalBatchSampler:
     Each optimizer step consumes the next ``global_batch = micro_batch_size x accumulation_steps
     x world_size`` windows of a permutation drawn per epoch from ``seed``; rank ``r`` takes the
     ``r``-th contiguous share and cuts it into its micro-batches. The last incomplete global
-    batch of an epoch is dropped. State is just (epoch, step within epoch).
+    batch of an epoch is dropped. The position follows from the steps taken (:meth:`seek`).
     """
 
     def __init__(
@@ -180,8 +180,6 @@ class GlobalBatchSampler:
         """Row of this rank's first window within the global batch (for the mask noise)."""
         return self.rank * (self.global_batch // self.world_size)
 
-    def state_dict(self) -> Dict[str, int]:
-        return {"epoch": self.epoch, "step_in_epoch": self.step_in_epoch}
-
-    def load_state_dict(self, state: Dict[str, int]) -> None:
-        self.epoch, self.step_in_epoch = int(state["epoch"]), int(state["step_in_epoch"])
+    def seek(self, step: int) -> None:
+        """Position the sampler after ``step`` optimizer steps (how a run resumes)."""
+        self.epoch, self.step_in_epoch = divmod(step, self.steps_per_epoch)

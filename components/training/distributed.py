@@ -20,6 +20,7 @@ The CPU path uses gloo and makes no CUDA call; on CUDA, NCCL carries tensors and
 
 import contextlib
 import os
+from datetime import timedelta
 from typing import Any, Iterator, List, Sequence
 
 import torch
@@ -64,6 +65,10 @@ class SingleDevice:
     def gather_objects(self, obj: Any) -> List[Any]:
         return [obj]
 
+    def broadcast_object(self, obj: Any) -> Any:
+        """The main rank's ``obj`` on every rank."""
+        return obj
+
     def barrier(self) -> None:
         pass
 
@@ -79,16 +84,26 @@ class SingleDevice:
         pass
 
 
+# How long ranks wait for the main rank to prepare (download a teacher, tokenise a corpus):
+# much longer than the default timeout of training collectives (10 minutes on NCCL).
+PREPARE_TIMEOUT = timedelta(hours=12)
+
+
 class DataParallel(SingleDevice):
-    """One process per device: FSDP2-sharded teacher, replicated student, sharded data."""
+    """One process per device: FSDP2-sharded teacher, replicated student, sharded data.
+
+    Each process uses ``cuda:LOCAL_RANK`` (CUDA) or a share of the CPU cores. ``output_dir``
+    must be on a filesystem every node can read: rank 0 writes checkpoints, every rank reads
+    the one rank 0 chooses on resume.
+    """
 
     def __init__(self, device: str = "auto"):
         import torch.distributed as dist
         from torch.distributed.device_mesh import init_device_mesh
 
-        if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
-            from components.training.config import ConfigError
+        from components.training.config import ConfigError
 
+        if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
             raise ConfigError(
                 "The distributed recipe runs under torchrun: "
                 "tune run --nproc_per_node N recipes/distill_recursive_distributed.py --config ..."
@@ -97,19 +112,21 @@ class DataParallel(SingleDevice):
         self.world_size = int(os.environ["WORLD_SIZE"])
         local_rank = int(os.environ.get("LOCAL_RANK", 0))
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", self.world_size))
-        use_cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
-        if use_cuda:
-            if not torch.cuda.is_available():
-                raise RuntimeError(f"device={device} but CUDA is not available")
+        kind = resolve_device(device).type
+        if kind == "cuda":
             self.device = torch.device("cuda", local_rank)
             torch.cuda.set_device(self.device)
             dist.init_process_group("cuda:nccl,cpu:gloo", device_id=self.device)
-        else:
+        elif kind == "cpu":
             self.device = torch.device("cpu")
             dist.init_process_group("gloo")
             # processes on one machine share its cores
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+        else:
+            raise ConfigError(f"The distributed recipe runs on CUDA or CPU, not {kind!r}")
         self.mesh = init_device_mesh(self.device.type, (self.world_size,))
+        # Python objects and the long wait for the main rank go through gloo, with its own timeout.
+        self._objects = dist.new_group(backend="gloo", timeout=PREPARE_TIMEOUT)
         self._dist = dist
 
     def shard_teacher(self, encoder: nn.Module) -> None:
@@ -130,11 +147,16 @@ class DataParallel(SingleDevice):
 
     def gather_objects(self, obj: Any) -> List[Any]:
         gathered: List[Any] = [None] * self.world_size
-        self._dist.all_gather_object(gathered, obj)
+        self._dist.all_gather_object(gathered, obj, group=self._objects)
         return gathered
 
+    def broadcast_object(self, obj: Any) -> Any:
+        box = [obj]
+        self._dist.broadcast_object_list(box, src=0, group=self._objects)
+        return box[0]
+
     def barrier(self) -> None:
-        self._dist.barrier()
+        self._dist.barrier(group=self._objects)
 
     @contextlib.contextmanager
     def main_first(self) -> Iterator[None]:
