@@ -10,6 +10,7 @@
    the memory-mapped checkpoint's pages are left out, as they are page cache, not allocations.
 2. Distillation steps of that teacher into bert_large.yaml's student (E=128, H=1024, 16 heads,
    6 iterations, adapters) on synthetic windows, same global batch at N=1 and N=2: tokens/s.
+3. At N=2, the recipe's FSDP2 student against a replicated one (gradients all-reduced).
 
 The processes share this machine's cores (torch threads = cores / processes), so on a 2-core
 machine N=2 measures the cost of sharding and communication, not scaling across devices.
@@ -95,10 +96,8 @@ def worker(args) -> None:
     torch.manual_seed(0)
     student = minialbert_128(hidden_size=1024, num_heads=16, intermediate_size=4096, dropout=0.0, attention_dropout=0.0)
     loss_fn = DistillationLoss(student.spec, teacher.spec, attention_reduction="element")
-    if args.student == "fsdp":  # the alternative to replication: FSDP2 on the student's root
-        from torch.distributed.fsdp import fully_shard
-
-        fully_shard(student, mesh=parallel.mesh)
+    if args.student == "fsdp":  # what the recipe does
+        parallel.shard_student(student)
     params = list(student.parameters()) + list(loss_fn.parameters())
     student_bytes_local = sum(
         (p.to_local() if hasattr(p, "to_local") else p).numel() * p.element_size() for p in student.parameters()
@@ -121,9 +120,8 @@ def worker(args) -> None:
         counts = parallel.reduce_sum(torch.tensor([float((b.labels != -100).sum()), float(b.input_ids.numel())], dtype=torch.float64))
         started = time.perf_counter()
         out = distill_forward(student, teacher, loss_fn, b, counts[0].item(), counts[1].item())
-        out.total.backward()
-        if args.student == "replicated":
-            parallel.sync_gradients(params)
+        (out.total * parallel.loss_scale).backward()
+        parallel.sync_gradients(params)  # the replicated student's (FSDP2 syncs its own)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         parallel.barrier()
@@ -158,8 +156,8 @@ def main() -> None:
     parser.add_argument("--global-batch", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=2, help="N=1 and N=2 launches per round, order alternating")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "distributed.json"))
-    parser.add_argument("--student", choices=["replicated", "fsdp"], default="replicated", help=argparse.SUPPRESS)
-    parser.add_argument("--no-fsdp-student", action="store_true", help="skip the FSDP2-student comparison at N=2")
+    parser.add_argument("--student", choices=["replicated", "fsdp"], default="fsdp", help=argparse.SUPPRESS)
+    parser.add_argument("--no-student-comparison", action="store_true", help="skip the replicated-student comparison at N=2")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--teacher", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -172,7 +170,7 @@ def main() -> None:
     results = {1: [], 2: []}
     # Launches run one after the other, so rounds alternate the order (1, 2, then 2, 1, ...)
     # and every round gives its own ratio: load that comes and goes shows as spread.
-    def launch(n: int, student: str = "replicated"):
+    def launch(n: int, student: str = "fsdp"):
         command = [
             sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(n), __file__,
             "--worker", "--teacher", str(teacher), "--steps", str(args.steps), "--warmup", str(args.warmup),
@@ -187,11 +185,11 @@ def main() -> None:
         for n in ((1, 2) if round_ % 2 == 0 else (2, 1)):
             print(f"round {round_ + 1}: world size {n} ...", flush=True)
             results[n].append(launch(n))
-    fsdp_student = None
-    if not args.no_fsdp_student:
-        print("world size 2 with an FSDP2 student, then replicated again ...", flush=True)
-        fsdp_student = launch(2, "fsdp")
-        replicated_again = launch(2)
+    replicated = None
+    if not args.no_student_comparison:
+        print("world size 2 with a replicated student, then FSDP2 again ...", flush=True)
+        replicated = launch(2, "replicated")
+        fsdp_again = launch(2)
 
     def median(values):
         return statistics.median(values)
@@ -213,9 +211,9 @@ def main() -> None:
     for name, a, b in rows:
         print(f"{name:40s} {a:10.3f} {b:10.3f} {b / a:10.2f}")
     print(f"tokens/s ratio N=2 / N=1 per round: {', '.join(f'{r:.2f}' for r in ratios)}")
-    if fsdp_student:
+    if replicated:
         mib = 1024**2
-        f, r = fsdp_student[0], replicated_again[0]
+        f, r = fsdp_again[0], replicated[0]
         print(f"\nstudent at N=2 ({f['student_parameters'] / 1e6:.1f}M parameters)  {'replicated':>12s} {'FSDP2':>10s}")
         print(f"{'student parameters per rank (MiB)':40s} {r['student_bytes_local'] / mib:12.1f} {f['student_bytes_local'] / mib:10.1f}")
         print(f"{'distillation tokens/s (global)':40s} {r['tokens_per_second']:12.1f} {f['tokens_per_second']:10.1f}"
@@ -223,8 +221,8 @@ def main() -> None:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"args": vars(args), "cores": os.cpu_count(), "world_1": results[1], "world_2": results[2],
                                           "tokens_per_second_ratio_per_round": ratios,
-                                          "student_fsdp_world_2": fsdp_student,
-                                          "student_replicated_world_2_beside_it": replicated_again if fsdp_student else None}, indent=2))
+                                          "student_replicated_world_2": replicated,
+                                          "student_fsdp_world_2_beside_it": fsdp_again if replicated else None}, indent=2))
     print("raw figures:", args.out)
 
 

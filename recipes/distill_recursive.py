@@ -51,7 +51,7 @@ from components.training.config import (
     parse,
     register_user_error,
 )
-from components.training.distributed import resolve_device, SingleDevice
+from components.training.distributed import clip_gradients, resolve_device, SingleDevice
 from components.training.distill import (
     check_finite,
     count_tokens,
@@ -124,6 +124,8 @@ class DistillRecursiveRecipe:
         with config_section("loss"):
             self.loss_fn = instantiate(cfg.loss, student=self.student.spec, teacher=self.teacher.spec).to(self.device)
         self.default_weights = dict(self.loss_fn.weights)  # for stages that set none
+        # what trains, under the names stages and checkpoints use: student.*, loss.*
+        self.trainable = torch.nn.ModuleDict({"student": self.student, "loss": self.loss_fn})
         stage_configs = OmegaConf.to_container(cfg.stages) if cfg.stages else None
         with config_section("stages"):
             check_stage_patterns(stage_configs, [n for n, _ in self.trainable_named_parameters()])
@@ -143,6 +145,7 @@ class DistillRecursiveRecipe:
             self.student.activation_checkpointing = True
         if cfg.compile:
             self._compile()
+        self.parallel.shard_student(self.student)
 
         self._setup_data()
         with config_section("stages"):
@@ -283,8 +286,7 @@ class DistillRecursiveRecipe:
         )
 
     def trainable_named_parameters(self):
-        yield from (("student." + n, p) for n, p in self.student.named_parameters())
-        yield from (("loss." + n, p) for n, p in self.loss_fn.named_parameters())
+        return self.trainable.named_parameters()
 
     def _setup_optimizer(self) -> None:
         cfg = self.cfg
@@ -300,9 +302,7 @@ class DistillRecursiveRecipe:
     def _load_checkpoint(self, path: Path, state: Dict) -> None:
         self._check_resumed_config(path, state)
         try:
-            self.student.load_state_dict(state["student"])
-            self.loss_fn.load_state_dict(state["loss"])
-            self.optimizer.load_state_dict(state["optimizer"])
+            self.parallel.load_state_dicts(self.trainable, self.optimizer, state["model"], state["optimizer"])
             self.scheduler.load_state_dict(state["scheduler"])
         except (KeyError, RuntimeError, ValueError) as e:
             raise CheckpointError(
@@ -421,10 +421,11 @@ class DistillRecursiveRecipe:
         batches = self.step_batches(step=self.step)
         num_masked, num_tokens = count_tokens(batches, self.parallel.reduce_sum).tolist()
         totals: Dict[str, torch.Tensor] = {}
-        for batch in batches:
+        for i, batch in enumerate(batches):
+            self.parallel.set_gradient_sync(self.student, i == len(batches) - 1)
             with self.autocast():
                 out = distill_forward(self.student, self.teacher, self.loss_fn, batch.to(self.device), num_masked, num_tokens)
-            out.total.backward()
+            (out.total * self.parallel.loss_scale).backward()
             for name, value in [("total", out.total), *out.terms.items()]:
                 totals[name] = totals.get(name, 0.0) + value.detach().float()
         self.parallel.sync_gradients(self.params)
@@ -438,7 +439,7 @@ class DistillRecursiveRecipe:
         check_finite(torch.tensor(values["total"]), self.step + 1, "loss", values)
         lr = max(group["lr"] for group in self.optimizer.param_groups)  # this step's, after stage scales
         max_norm = self.cfg.clip_grad_norm or float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_([p for p in self.params if p.grad is not None], max_norm)
+        grad_norm = clip_gradients(self.params, max_norm)
         check_finite(grad_norm, self.step + 1, "gradient norm", values)
         self.optimizer.step()
         self.scheduler.step()
@@ -473,12 +474,12 @@ class DistillRecursiveRecipe:
             "torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,
         }
+        model_state, optimizer_state = self.parallel.state_dicts(self.trainable, self.optimizer)
         state = {
             "step": self.step,
             "world_size": self.parallel.world_size,
-            "student": self.student.state_dict(),
-            "loss": self.loss_fn.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
+            "model": model_state,  # student.* and loss.* (the hidden-state projection)
+            "optimizer": optimizer_state,
             "scheduler": self.scheduler.state_dict(),
             "config": OmegaConf.to_container(self.cfg),
             "rng": [{k: v.cpu() if v is not None else None for k, v in r.items()} for r in self.parallel.gather_objects(rng)],
@@ -502,10 +503,11 @@ class DistillRecursiveRecipe:
 
     def export_student(self) -> Path:
         folder = self.output_dir / "student"
+        student = self.parallel.full_student(self.student)  # gathered on the main rank
 
         def write():
             try:
-                fmt = save_student(self.student, folder, self.tokenizer)
+                fmt = save_student(student, folder, self.tokenizer)
             except OSError as e:
                 raise CheckpointError(
                     f"Could not export the student to {folder}: {e}. The checkpoint of step {self.saved_step} "

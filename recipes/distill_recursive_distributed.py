@@ -5,8 +5,8 @@
 
 The same configs and keys as recipes/distill_recursive.py, and the same recipe: only the
 parallel strategy differs (components/training/distributed.py). The teacher is sharded with
-FSDP2 and loaded shard by shard, the student is replicated with its gradients summed over
-ranks, and each rank takes its share of every global batch (``data.batch_size`` windows per
+FSDP2 (per layer) and loaded shard by shard, the student is sharded with FSDP2 at its root,
+and each rank takes its share of every global batch (``data.batch_size`` windows per
 micro-batch per rank). Rank 0 alone logs, shows progress and writes checkpoints and the
 student; a checkpoint resumes with the same number of processes and the same losses. CPU runs
 use gloo, CUDA runs NCCL.

@@ -26,5 +26,15 @@ diff = max(
     + [(a.logits - b.logits).abs().max().item(), (a.attentions[2] - b.attentions[2]).abs().max().item()]
 )
 local = sum(p.to_local().numel() for p in sharded.parameters())
-print(json.dumps({"rank": parallel.rank, "local": local, "total": sum(p.numel() for p in full.parameters()), "diff": diff}))
+
+from components.models import recursive_tiny  # noqa: E402
+
+student = recursive_tiny(vocab_size=300)
+student_total = sum(p.numel() for p in student.parameters())
+parallel.shard_student(student)
+student_local = sum(p.to_local().numel() for p in student.parameters())
+print(json.dumps({
+    "rank": parallel.rank, "local": local, "total": sum(p.numel() for p in full.parameters()), "diff": diff,
+    "student_local": student_local, "student_total": student_total,
+}))
 parallel.close()

@@ -91,7 +91,7 @@ def test_a_checkpoint_resumes_with_its_world_size_only(runs, tmp_path, teacher_d
         run_recipe(cfg)
 
 
-def test_sharded_teacher_holds_half_the_parameters_and_matches(teacher_dir):
+def test_sharded_teacher_and_student_hold_half_the_parameters(teacher_dir):
     result = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
          str(REPO / "tests" / "sharded_teacher_check.py"), str(teacher_dir)],
@@ -105,3 +105,6 @@ def test_sharded_teacher_holds_half_the_parameters_and_matches(teacher_dir):
         assert r["local"] <= total / 2 + 64 and r["local"] >= total / 2 - 64  # shards of rows, rounding
         assert r["diff"] <= 1e-5
     assert sum(r["local"] for r in ranks) == total
+    assert sum(r["student_local"] for r in ranks) == ranks[0]["student_total"]
+    for r in ranks:
+        assert abs(r["student_local"] - r["student_total"] / 2) <= 64

@@ -68,8 +68,11 @@ def test_stages_freeze_and_scale_what_they_say(tmp_path, teacher_dir, corpus_fil
     fresh.cleanup()
 
     run_recipe(cfg)
-    after_stage_1 = load_checkpoint(tmp_path / "run" / "checkpoints" / "step_00000002")["student"]
-    final = load_checkpoint(tmp_path / "run" / "checkpoints" / "step_00000004")["student"]
+    def student_state(step):
+        state = load_checkpoint(tmp_path / "run" / "checkpoints" / f"step_{step:08d}")["model"]
+        return {k[len("student."):]: v for k, v in state.items() if k.startswith("student.")}
+
+    after_stage_1, final = student_state(2), student_state(4)
     assert torch.equal(after_stage_1["layer.ffn_in.weight"], initial["layer.ffn_in.weight"])
     assert torch.equal(after_stage_1["mlm_head.decoder.weight"], initial["mlm_head.decoder.weight"])
     assert not torch.equal(after_stage_1["adapters.0.ffn_in.down.weight"], initial["adapters.0.ffn_in.down.weight"])

@@ -22,7 +22,7 @@ from components.checkpointing.io import atomic_directory
 
 log = logging.getLogger(__name__)
 STEP_DIR = re.compile(r"^step_(\d{8})$")
-REQUIRED_KEYS = ("step", "student", "optimizer")
+REQUIRED_KEYS = ("step", "model", "optimizer")
 
 
 def checkpoints_dir(output_dir: Path) -> Path:
