@@ -350,10 +350,6 @@ class OursRunner(Runner):
         out = distill_forward(self.student, self.teacher, self.loss_fn, self.batch)
         return {"total": out.total, **out.terms}
 
-    def forward_only(self):
-        """Teacher + student forward (no loss), for profiling splits."""
-        return self.loss()
-
 
 class CachedTeacherRunner(OursRunner):
     """Our step with the teacher's outputs read from a cache instead of computed: the most a

@@ -34,6 +34,7 @@ from components.checkpointing.io import (
     UnsafePathError,
 )
 from components.checkpointing.resume import (
+    checkpoint_path,
     checkpoints_dir,
     list_checkpoints,
     load_checkpoint,
@@ -436,7 +437,7 @@ class DistillRecursiveRecipe:
             torch.stack([totals[n] for n in names] + [torch.tensor(float(self.stop_signal is not None), device=self.device)])
         ).tolist()
         values = dict(zip(names, summed[:-1]))
-        check_finite(torch.tensor(values["total"]), self.step + 1, "loss", values)
+        check_finite(values["total"], self.step + 1, "loss", values)
         lr = max(group["lr"] for group in self.optimizer.param_groups)  # this step's, after stage scales
         max_norm = self.cfg.clip_grad_norm or float("inf")
         grad_norm = clip_gradients(self.params, max_norm)
@@ -484,7 +485,7 @@ class DistillRecursiveRecipe:
             "config": OmegaConf.to_container(self.cfg),
             "rng": [{k: v.cpu() if v is not None else None for k, v in r.items()} for r in self.parallel.gather_objects(rng)],
         }
-        path = checkpoints_dir(self.output_dir) / f"step_{self.step:08d}"
+        path = checkpoint_path(self.output_dir, self.step)
         self._on_main(lambda: save_checkpoint(self.output_dir, self.step, state, self.cfg.keep_last_n_checkpoints))
         self.saved_step, self.saved_path = self.step, path
         log.info("Saved checkpoint %s", path)

@@ -29,6 +29,10 @@ def checkpoints_dir(output_dir: Path) -> Path:
     return Path(output_dir) / "checkpoints"
 
 
+def checkpoint_path(output_dir: Path, step: int) -> Path:
+    return checkpoints_dir(output_dir) / f"step_{step:08d}"
+
+
 def list_checkpoints(output_dir: Path) -> List[Path]:
     """Checkpoint folders, oldest first (complete or not: see :func:`load_latest_checkpoint`)."""
     root = checkpoints_dir(output_dir)
@@ -52,7 +56,7 @@ def save_checkpoint(output_dir: Path, step: int, state: Dict[str, Any], keep_las
     Raises :class:`CheckpointError` if the write fails (a full disk, say); the checkpoints
     already on disk are left as they were.
     """
-    final = checkpoints_dir(output_dir) / f"step_{step:08d}"
+    final = checkpoint_path(output_dir, step)
     try:
         with atomic_directory(final, "checkpoint") as tmp:
             torch.save(state, tmp / "state.pt")

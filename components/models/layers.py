@@ -142,8 +142,6 @@ class TransformerLayer(nn.Module):
     A recursive encoder passes a different adapter set on each application of the shared layer.
     """
 
-    SITES = ("attention_in", "attention_out", "ffn_in", "ffn_out")
-
     def __init__(
         self,
         hidden_size: int,
@@ -160,7 +158,6 @@ class TransformerLayer(nn.Module):
         self.ffn_in = nn.Linear(hidden_size, intermediate_size)
         self.ffn_out = nn.Linear(intermediate_size, hidden_size)
         self.ffn_norm = nn.LayerNorm(hidden_size, eps=layer_norm_eps)
-        self.activation_name = activation
         self.activation = get_activation(activation)
         self.dropout = nn.Dropout(dropout)
 

@@ -95,7 +95,7 @@ def distill_forward(
     return loss_fn(student_out, teacher_out, batch.labels, batch.attention_mask, num_masked, num_tokens)
 
 
-def check_finite(value: torch.Tensor, step: int, what: str, terms: Dict[str, float]) -> None:
+def check_finite(value, step: int, what: str, terms: Dict[str, float]) -> None:
     if not math.isfinite(float(value)):
         detail = ", ".join(f"{k}={v:.4g}" for k, v in terms.items())
         raise NonFiniteLossError(f"The {what} became {float(value)} at step {step} ({detail})")

@@ -20,6 +20,7 @@ from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence, 
 from torch import nn
 
 from components.losses.distillation import LossTerm
+from components.training.config import bounded
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +31,7 @@ class StageConfig:
 
     name: str = "distill"
     # Optimizer steps in this stage; at most one stage may leave it out to take the rest.
-    steps: Optional[int] = field(default=None, metadata={"low": 1})
+    steps: Optional[int] = bounded(None, low=1)
     # Loss weights for this stage (missing terms weigh 0); null: the loss section's weights.
     loss_weights: Optional[Dict[LossTerm, float]] = None
     # Globs of parameters that train in this stage; the others are frozen.
