@@ -99,7 +99,9 @@ def assert_same_run(a: Path, b: Path) -> None:
 
 
 def test_sigkill_at_a_random_step_then_resume(tmp_path, run_config, uninterrupted):
-    kill_at = random.Random().randint(2, STEPS - 10)
+    # a random point in the first half: the second half is the margin a loaded machine's
+    # polling needs to land the kill before the run ends (which would make the test vacuous)
+    kill_at = random.Random().randint(2, STEPS // 2)
     out = tmp_path / "killed"
     process = start(run_config, f"output_dir={out}")
     wait_for_step(out, kill_at, process)
