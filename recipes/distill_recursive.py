@@ -9,12 +9,9 @@ and reproduces the losses of an uninterrupted run. The student lands in
 ``<output_dir>/student/``, TensorBoard events in ``<output_dir>/tensorboard/``.
 """
 
-import contextlib
 import inspect
 import logging
-import signal
 import sys
-import threading
 import time
 from functools import partial
 from pathlib import Path
@@ -24,45 +21,13 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
-from components.checkpointing import CheckpointError, save_student
-from components.checkpointing.io import (
-    atomic_file,
-    lock_output_dir,
-    OutputDirBusy,
-    recover_interrupted_writes,
-    set_write_root,
-    UnsafePathError,
-)
-from components.checkpointing.resume import (
-    checkpoint_path,
-    checkpoints_dir,
-    list_checkpoints,
-    load_checkpoint,
-    load_latest_checkpoint,
-    save_checkpoint,
-)
-from components.data import build_windows, CorpusError, GlobalBatchSampler, MLMMasker
-from components.training.config import (
-    check_config,
-    config_differences,
-    config_section,
-    ConfigError,
-    instantiate,
-    instantiate_target,
-    parse,
-    register_user_error,
-)
+from components.checkpointing import save_student
+from components.data import build_windows, GlobalBatchSampler, MLMMasker
+from components.errors import CheckpointError, ConfigError, NonFiniteLossError
+from components.training.config import check_config, config_section, instantiate, instantiate_target, parse
+from components.training.distill import check_finite, count_tokens, distill_forward, Evaluator, step_batches
 from components.training.distributed import clip_gradients, resolve_device, SingleDevice
-from components.training.distill import (
-    check_finite,
-    count_tokens,
-    distill_forward,
-    Evaluator,
-    NonFiniteLossError,
-    RunInterrupted,
-    step_batches,
-)
-from components.training.metrics import MetricLogger
+from components.training.run import Run
 from components.training.schema import DistillConfig
 from components.training.stages import (
     apply_trainable,
@@ -74,8 +39,6 @@ from components.training.stages import (
 )
 
 log = logging.getLogger("distill_recursive")
-USER_ERRORS = (CheckpointError, ConfigError, CorpusError, NonFiniteLossError, OutputDirBusy, RunInterrupted, UnsafePathError)
-register_user_error(*USER_ERRORS)
 
 
 # Keys that decide the model and the data order: a resumed run must not change them.
@@ -84,7 +47,8 @@ MAY_CHANGE_ON_RESUME = ("data.num_proc", "data.max_eval_windows")
 
 
 class DistillRecursiveRecipe:
-    """setup() builds everything, train() runs the stages, cleanup() closes the loggers."""
+    """setup() builds everything, train() runs the stages, cleanup() closes the loggers.
+    The run's bookkeeping (output folder, resume, signals, writes) is ``self.run``'s."""
 
     def __init__(self, cfg: DictConfig):
         self.cfg = check_config(cfg, DistillConfig)
@@ -98,11 +62,7 @@ class DistillRecursiveRecipe:
             raise ConfigError(f"dtype=bf16 but {torch.cuda.get_device_name(self.device)} does not support bf16")
         self.seed = self.cfg.seed
         self.step = 0  # optimizer steps completed
-        self.saved_step: Optional[int] = None  # step of the newest checkpoint on disk
-        self.saved_path: Optional[Path] = None
-        self._lock = None  # held on output_dir by the main rank
-        self.stop_signal: Optional[int] = None  # set by SIGTERM / SIGINT on this rank
-        self._stop_requested = False  # on any rank
+        self.run = Run(self.cfg, self.parallel, MUST_MATCH_ON_RESUME, MAY_CHANGE_ON_RESUME, outputs=("student",))
 
     def make_parallel(self) -> SingleDevice:
         """One device here; the distributed recipe returns its DataParallel."""
@@ -114,7 +74,7 @@ class DistillRecursiveRecipe:
     # ------------------------------------------------------------------ setup
     def setup(self) -> None:
         cfg = self.cfg
-        resume = self._check_output_dir()
+        resume = self.run.start()
         torch.manual_seed(self.seed)  # the same student on every rank
 
         with self.parallel.main_first():  # the main rank builds any files (smoke assets) first
@@ -156,59 +116,7 @@ class DistillRecursiveRecipe:
 
         if resume is not None:
             self._load_checkpoint(*resume)
-        # drops whatever an interrupted run logged after its last checkpoint (or, for a new
-        # run, before its first)
-        self.metrics = MetricLogger(self.output_dir, purge_step=self.step + 1, enabled=self.parallel.is_main)
-        if self.parallel.is_main:
-            with atomic_file(self.output_dir / "config.yaml", "config") as f:
-                f.write(OmegaConf.to_yaml(self.cfg))
-
-    def _check_output_dir(self):
-        """A new run needs a fresh output_dir; a resumed one its newest good checkpoint. The
-        main rank decides (and locks the folder); every rank then reads the same checkpoint."""
-        decision = None
-        if self.parallel.is_main:
-            try:
-                decision = {"path": self._choose_checkpoint()}
-            except USER_ERRORS as e:
-                decision = {"error": (type(e).__name__, str(e))}
-        decision = self.parallel.broadcast_object(decision)
-        if "error" in decision:
-            kind, message = decision["error"]
-            raise next(t for t in USER_ERRORS if t.__name__ == kind)(message)
-        set_write_root(self.output_dir)  # nothing a config names may write outside it
-        if decision["path"] is None:
-            return None
-        path, problem = Path(decision["path"]), None
-        try:
-            state = load_checkpoint(path)
-        except CheckpointError as e:
-            problem = e
-        if self.parallel.any(problem is not None):
-            raise problem or CheckpointError(
-                f"Another rank could not read {path}: output_dir must be on a filesystem every rank can read"
-            )
-        return path, state
-
-    def _choose_checkpoint(self) -> Optional[str]:
-        self.output_dir.mkdir(parents=True, exist_ok=True)
-        self._lock = lock_output_dir(self.output_dir)
-        set_write_root(self.output_dir)
-        for folder in (self.output_dir, checkpoints_dir(self.output_dir)):
-            for note in recover_interrupted_writes(folder):
-                log.warning("Cleaning up after an interrupted run: %s", note)
-        if not self.cfg.resume_from_checkpoint:
-            if list_checkpoints(self.output_dir) or (self.output_dir / "student").exists():
-                raise ConfigError(
-                    f"output_dir {self.output_dir} already holds a run. Continue it with "
-                    "resume_from_checkpoint=True, or choose another output_dir"
-                )
-            return None
-        found = load_latest_checkpoint(self.output_dir)
-        if found is None:
-            log.warning("resume_from_checkpoint=True but %s has no checkpoint: starting at step 0", self.output_dir)
-            return None
-        return str(found[0])
+        self.metrics = self.run.open_metrics(self.step + 1)
 
     def _build_teacher(self) -> torch.nn.Module:
         if self.parallel.shard_teacher is None:
@@ -301,7 +209,6 @@ class DistillRecursiveRecipe:
         self.params = [p for _, p in self.trainable_named_parameters()]
 
     def _load_checkpoint(self, path: Path, state: Dict) -> None:
-        self._check_resumed_config(path, state)
         try:
             self.parallel.load_state_dicts(self.trainable, self.optimizer, state["model"], state["optimizer"])
             self.scheduler.load_state_dict(state["scheduler"])
@@ -309,37 +216,12 @@ class DistillRecursiveRecipe:
             raise CheckpointError(
                 f"Checkpoint {path} does not fit this config (was the model or optimizer changed?): {e}"
             ) from e
-        self.step = self.saved_step = int(state["step"])
-        self.saved_path = path
+        self.step = self.run.resumed(path, state)
         self.sampler.seek(self.step)
-        rng = state["rng"][self.parallel.rank]
-        torch.set_rng_state(rng["torch"])
-        if self.device.type == "cuda" and rng.get("cuda") is not None:
-            torch.cuda.set_rng_state(rng["cuda"], self.device)
-        log.info("Resumed from %s at step %d", path, self.step)
-
-    def _check_resumed_config(self, path: Path, state: Dict) -> None:
-        saved_world = state.get("world_size", 1)
-        if saved_world != self.parallel.world_size:
-            raise ConfigError(
-                f"Checkpoint {path} was written by {saved_world} process(es); resume it with the same number"
-            )
-        changed = config_differences(state.get("config") or {}, OmegaConf.to_container(self.cfg))
-        fatal = {
-            k: v for k, v in changed.items() if k.split(".")[0] in MUST_MATCH_ON_RESUME and k not in MAY_CHANGE_ON_RESUME
-        }
-        if state.get("config") is not None and fatal:
-            raise ConfigError(
-                f"Checkpoint {path} was written by a run with different "
-                + ", ".join(f"{k} ({old!r}, now {new!r})" for k, (old, new) in fatal.items())
-                + ": resuming would change the model or the data order. Use the original values"
-            )
-        for key, (old, new) in changed.items():
-            log.warning("Resuming with %s changed: %r in the checkpoint, %r now", key, old, new)
 
     # ------------------------------------------------------------------ train
     def train(self) -> None:
-        with self._stop_on_signals():
+        with self.run.stop_on_signals():
             self._train()
 
     def _train(self) -> None:
@@ -354,7 +236,8 @@ class DistillRecursiveRecipe:
             try:
                 metrics = self._train_step()
             except NonFiniteLossError as e:
-                last = f"the checkpoint of step {self.saved_step} is kept" if self.saved_step else "no checkpoint was written"
+                saved = self.run.saved_step
+                last = f"the checkpoint of step {saved} is kept" if saved else "no checkpoint was written"
                 raise NonFiniteLossError(
                     f"{e}. Nothing of this step was applied and {last}; lower the learning rate or "
                     "check the data, then run again with resume_from_checkpoint=True"
@@ -368,48 +251,14 @@ class DistillRecursiveRecipe:
                 self._evaluate()
             if cfg.save_every_n_steps and self.step % cfg.save_every_n_steps == 0 and self.step < self.max_steps:
                 self.save_checkpoint()
-            if self._stop_requested and self.step < self.max_steps:
+            if self.run.stop_requested and self.step < self.max_steps:
                 progress.close()
-                self._stop()
+                self.run.interrupt(self.step, self.max_steps, self.save_checkpoint)
         progress.close()
-        if self.saved_step != self.step:
+        if self.run.saved_step != self.step:
             self.save_checkpoint()
         self.export_student()
         self._evaluate()
-
-    @contextlib.contextmanager
-    def _stop_on_signals(self):
-        """SIGTERM (a scheduler's preemption) or Ctrl-C: finish the step, checkpoint, stop.
-        A second Ctrl-C stops at once."""
-        if threading.current_thread() is not threading.main_thread():
-            yield
-            return
-        signals = (signal.SIGINT, signal.SIGTERM)
-        previous = {s: signal.getsignal(s) for s in signals}
-
-        def request_stop(signum, frame):
-            if self.stop_signal is not None and signum == signal.SIGINT:
-                raise KeyboardInterrupt
-            self.stop_signal = signum
-            log.warning("%s: stopping after this step with a checkpoint", signal.Signals(signum).name)
-
-        for s in signals:
-            signal.signal(s, request_stop)
-        try:
-            yield
-        finally:
-            for s, handler in previous.items():
-                signal.signal(s, handler)
-
-    def _stop(self) -> None:
-        """Every rank stops after the same step (the request travels with the step's losses)."""
-        path = self.save_checkpoint() if self.saved_step != self.step else self.saved_path
-        signum = self.stop_signal or signal.SIGTERM  # another rank got the signal
-        raise RunInterrupted(
-            f"Stopped by {signal.Signals(signum).name} after step {self.step} of {self.max_steps}; "
-            f"checkpoint {path}. Run the same command with resume_from_checkpoint=True to continue",
-            signum,
-        )
 
     def _enter_stage(self, stage):
         log.info("Stage %r: steps %d-%d", stage.name, stage.start + 1, stage.end)
@@ -434,7 +283,7 @@ class DistillRecursiveRecipe:
         # stop request on any rank rides along so that all ranks stop after the same step
         names = list(totals)
         summed = self.parallel.reduce_sum(
-            torch.stack([totals[n] for n in names] + [torch.tensor(float(self.stop_signal is not None), device=self.device)])
+            torch.stack([totals[n] for n in names] + [torch.tensor(float(self.run.stop_signal is not None), device=self.device)])
         ).tolist()
         values = dict(zip(names, summed[:-1]))
         check_finite(values["total"], self.step + 1, "loss", values)
@@ -455,7 +304,7 @@ class DistillRecursiveRecipe:
                 "stage": float(self.stages.index(stage_at(self.stages, self.step))),
             }
         )
-        self._stop_requested = summed[-1] > 0
+        self.run.stop_requested = summed[-1] > 0
         return metrics
 
     def _evaluate(self) -> Optional[Dict[str, float]]:
@@ -470,37 +319,14 @@ class DistillRecursiveRecipe:
 
     # ------------------------------------------------------------------ save
     def save_checkpoint(self) -> Path:
-        """Every rank takes part (random states are gathered); the main rank writes."""
-        rng = {
-            "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,
-        }
+        """Every rank takes part (sharded state is gathered); the main rank writes."""
         model_state, optimizer_state = self.parallel.state_dicts(self.trainable, self.optimizer)
         state = {
-            "step": self.step,
-            "world_size": self.parallel.world_size,
             "model": model_state,  # student.* and loss.* (the hidden-state projection)
             "optimizer": optimizer_state,
             "scheduler": self.scheduler.state_dict(),
-            "config": OmegaConf.to_container(self.cfg),
-            "rng": [{k: v.cpu() if v is not None else None for k, v in r.items()} for r in self.parallel.gather_objects(rng)],
         }
-        path = checkpoint_path(self.output_dir, self.step)
-        self._on_main(lambda: save_checkpoint(self.output_dir, self.step, state, self.cfg.keep_last_n_checkpoints))
-        self.saved_step, self.saved_path = self.step, path
-        log.info("Saved checkpoint %s", path)
-        return path
-
-    def _on_main(self, write) -> None:
-        """Run a write on the main rank; if it fails, every rank raises (none waits forever)."""
-        error = None
-        if self.parallel.is_main:
-            try:
-                write()
-            except Exception as e:  # the other ranks must not wait forever for a failed write
-                error = e
-        if self.parallel.any(error is not None):
-            raise error or CheckpointError("The main process failed to write; see its error")
+        return self.run.save_checkpoint(self.step, state)
 
     def export_student(self) -> Path:
         folder = self.output_dir / "student"
@@ -511,21 +337,16 @@ class DistillRecursiveRecipe:
                 fmt = save_student(student, folder, self.tokenizer)
             except OSError as e:
                 raise CheckpointError(
-                    f"Could not export the student to {folder}: {e}. The checkpoint of step {self.saved_step} "
+                    f"Could not export the student to {folder}: {e}. The checkpoint of step {self.run.saved_step} "
                     "holds it; free space and run again with resume_from_checkpoint=True to export"
                 ) from e
             log.info("Exported the student (%s format) to %s", fmt, folder)
 
-        self._on_main(write)
+        self.run.on_main(write)
         return folder
 
     def cleanup(self) -> None:
-        if hasattr(self, "metrics"):
-            self.metrics.close()
-        set_write_root(None)
-        self.parallel.close()
-        if self._lock is not None:
-            self._lock.close()
+        self.run.close()
 
 
 def main(recipe_class, cfg: DictConfig) -> None:

@@ -16,6 +16,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Tuple
 import torch
 
 from components.checkpointing.io import looks_like_local_path
+from components.errors import CheckpointError
 from components.models.bert import BertEncoder
 
 # model_type -> the family whose weight names and position numbering it uses
@@ -55,10 +56,6 @@ _RENAMES = [
 _IGNORED = re.compile(
     r"(^pooler\.|^cls\.seq_relationship\.|position_ids$|token_type_ids$|^classifier\.)"
 )
-
-
-class CheckpointError(ValueError):
-    """A checkpoint folder is missing, incomplete, or of an unsupported kind."""
 
 
 def resolve_checkpoint_dir(path_or_id: str, revision: Optional[str] = None) -> Path:

@@ -11,11 +11,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Optional
 
+from components.errors import OutputDirBusy, UnsafePathError
+
 _write_root: Optional[Path] = None
-
-
-class UnsafePathError(ValueError):
-    """A write outside the run's output_dir."""
 
 
 def looks_like_local_path(text: str) -> bool:
@@ -109,10 +107,6 @@ def atomic_file(final: os.PathLike, what: str = "file", mode: str = "w") -> Iter
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-
-
-class OutputDirBusy(RuntimeError):
-    """Another process is running in this output_dir."""
 
 
 def lock_output_dir(folder: os.PathLike):

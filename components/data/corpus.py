@@ -15,15 +15,12 @@ from typing import List, Optional, Sequence, Tuple, Union
 import datasets
 
 from components.checkpointing.io import looks_like_local_path
+from components.errors import CorpusError
 
 log = logging.getLogger(__name__)
 
 BUILDERS = {".txt": "text", ".text": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 COMPRESSIONS = (".gz", ".bz2", ".xz", ".zst", ".lz4")
-
-
-class CorpusError(ValueError):
-    """A corpus that cannot be read, or has nothing to train on."""
 
 
 def _file_kind(path: str) -> Optional[str]:

@@ -25,9 +25,7 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-
-class ConfigError(ValueError):
-    """A config that cannot run: unknown key, wrong type, missing value."""
+from components.errors import ConfigError, UserError
 
 
 class Component(dict):
@@ -269,20 +267,12 @@ def config_differences(old: Dict[str, Any], new: Dict[str, Any]) -> Dict[str, Tu
     return {k: (a.get(k), b.get(k)) for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)}
 
 
-USER_ERRORS: Tuple[type, ...] = (ConfigError,)
-
-
-def register_user_error(*types: type) -> None:
-    """Errors that mean bad input: ``parse`` prints them as one line instead of a traceback."""
-    global USER_ERRORS
-    USER_ERRORS = tuple(dict.fromkeys(USER_ERRORS + types))
-
-
 def parse(recipe_main: Callable[[DictConfig], Any]) -> Callable[..., Any]:
     """Like ``torchtune.config.parse``: ``--config file.yaml key=value ...`` -> ``DictConfig``.
 
-    Bad input (a missing or malformed config file, a malformed override, any registered user
-    error raised by the recipe) exits with status 2 and one line naming what is wrong.
+    Bad input (a missing or malformed config file, a malformed override, any
+    :class:`~components.errors.UserError` raised by the recipe) exits with status 2 (or the
+    error's ``exit_code``) and one line naming what is wrong.
     """
 
     @functools.wraps(recipe_main)
@@ -290,8 +280,8 @@ def parse(recipe_main: Callable[[DictConfig], Any]) -> Callable[..., Any]:
         config_path = _config_path(sys.argv[1:])
         try:
             result = recipe_main(_load(config_path))
-        except USER_ERRORS as e:
-            code = getattr(e, "exit_code", 2)  # an interruption is not an error of the input
+        except UserError as e:
+            code = e.exit_code  # an interruption is not an error of the input
             prefix = "error: " if code == 2 else ""
             prefix += f"{config_path}: " if isinstance(e, ConfigError) and config_path else ""
             print(f"{prefix}{e}", file=sys.stderr)

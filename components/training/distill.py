@@ -9,6 +9,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 import torch
 
 from components.data.mlm import GlobalBatchSampler, MLMMasker, pad_batch, round_up, step_generator
+from components.errors import NonFiniteLossError, RunInterrupted
 from components.losses.distillation import DistillationLoss, LossOutput
 
 # Sums a tensor over ranks (identity on one device).
@@ -17,18 +18,6 @@ Reduce = Callable[[torch.Tensor], torch.Tensor]
 
 def no_reduce(t: torch.Tensor) -> torch.Tensor:
     return t
-
-
-class NonFiniteLossError(RuntimeError):
-    """The loss or the gradient norm became NaN or infinite."""
-
-
-class RunInterrupted(RuntimeError):
-    """A signal stopped the run after a step; a checkpoint was written. Exits with 128+signal."""
-
-    def __init__(self, message: str, signum: int):
-        super().__init__(message)
-        self.exit_code = 128 + signum
 
 
 @dataclass

@@ -1,0 +1,256 @@
+"""The bookkeeping every recipe shares, so that a recipe keeps only its own loop.
+
+A :class:`Run` owns a recipe's ``output_dir``:
+
+* **The folder.** The main rank locks it (``.lock``) for the run's lifetime, cleans up what an
+  interrupted write left, and refuses a folder that already holds a run unless the run resumes.
+  Every write is confined to it (``components.checkpointing.io.set_write_root``).
+* **Resume.** The main rank chooses the newest checkpoint that verifies (size + SHA-256; damaged
+  ones are set aside) and every rank loads that one. The saved config is compared with the new
+  one: keys that decide the model or the data order must match.
+* **Checkpoints.** The recipe hands over its own state (model, optimizer, schedule, ...); the
+  run adds the step, the config and every rank's random state, and the main rank writes it
+  atomically, keeping the newest ``keep_last`` checkpoints.
+* **Signals.** SIGTERM (a scheduler's preemption) or Ctrl-C asks the run to stop after the
+  current step; the recipe checkpoints and :meth:`Run.interrupt` raises
+  :class:`~components.errors.RunInterrupted` (exit status 128 + signal). A second Ctrl-C stops
+  at once. Every rank stops after the same step: the request travels in a collective.
+* **Main-rank writes.** :meth:`Run.on_main` runs a write on the main rank; if it fails, every
+  rank raises (none waits forever in the next collective).
+* **Metrics.** :meth:`Run.open_metrics` opens the metric logger, dropping whatever an
+  interrupted run logged after its last checkpoint.
+"""
+
+import contextlib
+import logging
+import signal
+import threading
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterator, Optional, Sequence, Tuple
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from components.checkpointing.io import atomic_file, lock_output_dir, recover_interrupted_writes, set_write_root
+from components.checkpointing.resume import (
+    checkpoint_path,
+    checkpoints_dir,
+    list_checkpoints,
+    load_checkpoint,
+    load_latest_checkpoint,
+    save_checkpoint,
+)
+from components.errors import CheckpointError, ConfigError, RunInterrupted, UserError
+from components.training.config import config_differences
+from components.training.metrics import MetricLogger
+
+log = logging.getLogger(__name__)
+
+
+class Run:
+    """One recipe run in one ``output_dir``, on every rank of ``parallel``.
+
+    Args:
+        cfg: the checked config (saved with every checkpoint and as ``config.yaml``).
+        parallel: the recipe's ``SingleDevice`` / ``DataParallel`` strategy.
+        must_match: top-level (or dotted) config keys a resumed run may not change: those that
+            decide the model and the data order.
+        may_change: dotted keys under ``must_match`` that may change all the same.
+        outputs: names under ``output_dir`` that a finished run leaves (besides checkpoints):
+            a new run refuses a folder holding any of them.
+    """
+
+    def __init__(
+        self,
+        cfg: DictConfig,
+        parallel,
+        must_match: Sequence[str],
+        may_change: Sequence[str] = (),
+        outputs: Sequence[str] = (),
+    ):
+        self.cfg = cfg
+        self.parallel = parallel
+        self.output_dir = Path(cfg.output_dir)
+        self.must_match, self.may_change, self.outputs = tuple(must_match), tuple(may_change), tuple(outputs)
+        self.saved_step: Optional[int] = None  # step of the newest checkpoint on disk
+        self.saved_path: Optional[Path] = None
+        self.stop_signal: Optional[int] = None  # SIGTERM / SIGINT received by this rank
+        self.stop_requested = False  # by any rank (set by the recipe from a collective)
+        self.metrics: Optional[MetricLogger] = None
+        self._lock = None
+
+    @property
+    def is_main(self) -> bool:
+        return self.parallel.is_main
+
+    # ------------------------------------------------------------------ start
+    def start(self) -> Optional[Tuple[Path, Dict[str, Any]]]:
+        """Lock and check ``output_dir``; on resume, (path, state) of the checkpoint every rank
+        continues from (``None`` for a new run). Call before building anything big."""
+        decision = None
+        if self.is_main:
+            try:
+                decision = {"path": self._choose_checkpoint()}
+            except UserError as e:
+                decision = {"error": (type(e), str(e))}
+        decision = self.parallel.broadcast_object(decision)
+        if "error" in decision:
+            kind, message = decision["error"]
+            raise kind(message)
+        set_write_root(self.output_dir)  # nothing a config names may write outside it
+        if decision["path"] is None:
+            return None
+        path, problem = Path(decision["path"]), None
+        try:
+            state = load_checkpoint(path)
+        except CheckpointError as e:
+            problem = e
+        if self.parallel.any(problem is not None):
+            raise problem or CheckpointError(
+                f"Another rank could not read {path}: output_dir must be on a filesystem every rank can read"
+            )
+        self._check_resumed_config(path, state)
+        return path, state
+
+    def _choose_checkpoint(self) -> Optional[str]:
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        self._lock = lock_output_dir(self.output_dir)
+        set_write_root(self.output_dir)
+        for folder in (self.output_dir, checkpoints_dir(self.output_dir)):
+            for note in recover_interrupted_writes(folder):
+                log.warning("Cleaning up after an interrupted run: %s", note)
+        if not self.cfg.resume_from_checkpoint:
+            if list_checkpoints(self.output_dir) or any((self.output_dir / name).exists() for name in self.outputs):
+                raise ConfigError(
+                    f"output_dir {self.output_dir} already holds a run. Continue it with "
+                    "resume_from_checkpoint=True, or choose another output_dir"
+                )
+            return None
+        found = load_latest_checkpoint(self.output_dir)
+        if found is None:
+            log.warning("resume_from_checkpoint=True but %s has no checkpoint: starting at step 0", self.output_dir)
+            return None
+        return str(found[0])
+
+    def _check_resumed_config(self, path: Path, state: Dict[str, Any]) -> None:
+        saved_world = state.get("world_size", 1)
+        if saved_world != self.parallel.world_size:
+            raise ConfigError(
+                f"Checkpoint {path} was written by {saved_world} process(es); resume it with the same number"
+            )
+        if state.get("config") is None:
+            return
+        changed = config_differences(state["config"], OmegaConf.to_container(self.cfg))
+        fatal = {
+            k: v
+            for k, v in changed.items()
+            if any(k == m or k.startswith(m + ".") for m in self.must_match) and k not in self.may_change
+        }
+        if fatal:
+            raise ConfigError(
+                f"Checkpoint {path} was written by a run with different "
+                + ", ".join(f"{k} ({old!r}, now {new!r})" for k, (old, new) in fatal.items())
+                + ": resuming would change the model or the data order. Use the original values"
+            )
+        for key, (old, new) in changed.items():
+            log.warning("Resuming with %s changed: %r in the checkpoint, %r now", key, old, new)
+
+    def resumed(self, path: Path, state: Dict[str, Any]) -> int:
+        """Restore this rank's random state from a checkpoint; returns its step."""
+        self.saved_step, self.saved_path = int(state["step"]), path
+        rng = state["rng"][self.parallel.rank]
+        torch.set_rng_state(rng["torch"])
+        device = self.parallel.device
+        if device.type == "cuda" and rng.get("cuda") is not None:
+            torch.cuda.set_rng_state(rng["cuda"], device)
+        log.info("Resumed from %s at step %d", path, self.saved_step)
+        return self.saved_step
+
+    def open_metrics(self, next_step: int) -> MetricLogger:
+        """The metric logger (main rank only writes), dropping what an interrupted run logged
+        from ``next_step`` on; also writes the resolved ``config.yaml``."""
+        self.metrics = MetricLogger(self.output_dir, purge_step=next_step, enabled=self.is_main)
+        if self.is_main:
+            with atomic_file(self.output_dir / "config.yaml", "config") as f:
+                f.write(OmegaConf.to_yaml(self.cfg))
+        return self.metrics
+
+    # ------------------------------------------------------------------ during the run
+    def save_checkpoint(self, step: int, state: Dict[str, Any]) -> Path:
+        """Write ``state`` (full state dicts, the same on every rank or gathered on the main
+        one) for ``step``. Every rank calls it: random states are gathered."""
+        rng = {
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state(self.parallel.device) if self.parallel.device.type == "cuda" else None,
+        }
+        state = {
+            **state,
+            "step": step,
+            "world_size": self.parallel.world_size,
+            "config": OmegaConf.to_container(self.cfg),
+            "rng": [{k: v.cpu() if v is not None else None for k, v in r.items()} for r in self.parallel.gather_objects(rng)],
+        }
+        keep = self.cfg.keep_last_n_checkpoints
+        self.on_main(lambda: save_checkpoint(self.output_dir, step, state, keep))
+        self.saved_step, self.saved_path = step, checkpoint_path(self.output_dir, step)
+        log.info("Saved checkpoint %s", self.saved_path)
+        return self.saved_path
+
+    def on_main(self, write: Callable[[], Any]) -> None:
+        """Run a write on the main rank; if it fails, every rank raises (none waits forever)."""
+        error = None
+        if self.is_main:
+            try:
+                write()
+            except Exception as e:  # the other ranks must not wait forever for a failed write
+                error = e
+        if self.parallel.any(error is not None):
+            raise error or CheckpointError("The main process failed to write; see its error")
+
+    def poll_stop(self) -> bool:
+        """Whether any rank received a stop signal (a collective: call it on every rank)."""
+        self.stop_requested = self.parallel.any(self.stop_signal is not None)
+        return self.stop_requested
+
+    def interrupt(self, step: int, total: int, checkpoint: Callable[[], Path]) -> None:
+        """Stop after ``step``: ``checkpoint()`` (unless this step is saved) and raise
+        :class:`RunInterrupted`. Every rank calls it after the same step."""
+        path = checkpoint() if self.saved_step != step else self.saved_path
+        signum = self.stop_signal or signal.SIGTERM  # another rank got the signal
+        raise RunInterrupted(
+            f"Stopped by {signal.Signals(signum).name} after step {step} of {total}; "
+            f"checkpoint {path}. Run the same command with resume_from_checkpoint=True to continue",
+            signum,
+        )
+
+    @contextlib.contextmanager
+    def stop_on_signals(self) -> Iterator[None]:
+        """SIGTERM or Ctrl-C request a stop after the current step; a second Ctrl-C stops at once."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        signals = (signal.SIGINT, signal.SIGTERM)
+        previous = {s: signal.getsignal(s) for s in signals}
+
+        def request_stop(signum, frame):
+            if self.stop_signal is not None and signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            self.stop_signal = signum
+            log.warning("%s: stopping after this step with a checkpoint", signal.Signals(signum).name)
+
+        for s in signals:
+            signal.signal(s, request_stop)
+        try:
+            yield
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+
+    def close(self) -> None:
+        if self.metrics is not None:
+            self.metrics.close()
+        set_write_root(None)
+        self.parallel.close()
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None
