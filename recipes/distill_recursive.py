@@ -24,6 +24,7 @@ from tqdm import tqdm
 from components.checkpointing import save_student
 from components.data import build_windows, GlobalBatchSampler, MLMMasker
 from components.errors import CheckpointError, ConfigError, NonFiniteLossError
+from components.quantization import get_scheme, prepare_qat, set_fake_quantize
 from components.training.config import check_config, config_section, instantiate, instantiate_target, parse
 from components.training.distill import check_finite, count_tokens, distill_forward, Evaluator, step_batches
 from components.training.distributed import clip_gradients, resolve_device, SingleDevice
@@ -102,6 +103,13 @@ class DistillRecursiveRecipe:
             sum(p.numel() for n, p in self.student.named_parameters() if not n.startswith("mlm_head")) / 1e6,
         )
         torch.manual_seed(self.seed + self.parallel.rank)  # dropout differs across ranks
+        # quantisation-aware stages: fake-quantisable modules, prepared once before compile and
+        # sharding; each stage then turns fake quantisation on or off
+        self.qat_scheme = None
+        if any(stage.get("fake_quantize") for stage in stage_configs or []):
+            with config_section("quantization"):
+                self.qat_scheme = get_scheme(cfg.quantization.scheme, cfg.quantization.group_size)
+                prepare_qat(self.student, self.qat_scheme)
         if cfg.enable_activation_checkpointing:
             self.student.activation_checkpointing = True
         if cfg.compile:
@@ -264,6 +272,8 @@ class DistillRecursiveRecipe:
         log.info("Stage %r: steps %d-%d", stage.name, stage.start + 1, stage.end)
         apply_trainable(self.trainable_named_parameters(), stage)
         self.loss_fn.set_weights(stage.loss_weights or self.default_weights)
+        if self.qat_scheme is not None:
+            set_fake_quantize(self.student, stage.fake_quantize)
         return stage
 
     def _train_step(self) -> Dict[str, float]:
@@ -332,9 +342,15 @@ class DistillRecursiveRecipe:
         folder = self.output_dir / "student"
         student = self.parallel.full_student(self.student)  # gathered on the main rank
 
+        metadata = None
+        if self.qat_scheme is not None:  # export_student.py defaults to the scheme trained for
+            steps = sum(s.end - s.start for s in self.stages if s.fake_quantize)
+            scheme = self.qat_scheme
+            metadata = {"quantization_aware": {"scheme": scheme.name, "group_size": scheme.group_size, "steps": steps}}
+
         def write():
             try:
-                fmt = save_student(student, folder, self.tokenizer)
+                fmt = save_student(student, folder, self.tokenizer, metadata=metadata)
             except OSError as e:
                 raise CheckpointError(
                     f"Could not export the student to {folder}: {e}. The checkpoint of step {self.run.saved_step} "

@@ -1,4 +1,4 @@
-from components.checkpointing.hf_bert import CheckpointError
-from components.checkpointing.student import load_student, save_student
+from components.checkpointing.student import load_student, save_student, student_metadata
+from components.errors import CheckpointError
 
-__all__ = ["CheckpointError", "load_student", "save_student"]
+__all__ = ["CheckpointError", "load_student", "save_student", "student_metadata"]

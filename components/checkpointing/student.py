@@ -13,6 +13,7 @@ ALBERT can start a distillation run.
 
 import json
 from pathlib import Path
+from typing import Optional
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -29,6 +30,9 @@ from components.models.recursive import RecursiveEncoder
 
 NATIVE_MODEL_TYPE = "recursive_encoder"
 FORMAT_VERSION = 1
+# config.json key for what this library records about how a student was made (training
+# metadata: transformers keeps unknown config keys, so ALBERT exports carry it too)
+METADATA_KEY = "recursive_distill"
 
 
 def is_albert_compatible(model: RecursiveEncoder) -> bool:
@@ -43,11 +47,15 @@ def _native_state(model: RecursiveEncoder) -> dict:
     return state
 
 
-def save_student(model: RecursiveEncoder, folder: Path, tokenizer=None, format: str = "auto") -> str:
+def save_student(
+    model: RecursiveEncoder, folder: Path, tokenizer=None, format: str = "auto", metadata: Optional[dict] = None
+) -> str:
     """Write ``model`` (and ``tokenizer``) to ``folder`` atomically; returns the format used.
 
     Args:
         format: ``"albert"``, ``"native"``, or ``"auto"`` (ALBERT whenever the student is one).
+        metadata: how the student was made (e.g. ``{"quantization_aware": {...}}``), saved in
+            ``config.json`` under ``"recursive_distill"``; see :func:`student_metadata`.
     """
     if format == "auto":
         format = "albert" if is_albert_compatible(model) else "native"
@@ -63,7 +71,8 @@ def save_student(model: RecursiveEncoder, folder: Path, tokenizer=None, format: 
         if format == "albert":
             from transformers import AlbertConfig
 
-            AlbertConfig(**albert_config_kwargs(model.config)).save_pretrained(str(tmp))
+            extra = {METADATA_KEY: metadata} if metadata else {}
+            AlbertConfig(**albert_config_kwargs(model.config), **extra).save_pretrained(str(tmp))
             save_file(native_to_albert(state, model.config), str(tmp / "model.safetensors"), {"format": "pt"})
         else:
             config = {
@@ -72,11 +81,21 @@ def save_student(model: RecursiveEncoder, folder: Path, tokenizer=None, format: 
                 "format_version": FORMAT_VERSION,
                 "recursive_encoder": model.config,
             }
+            if metadata:
+                config[METADATA_KEY] = metadata
             (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
             save_file(state, str(tmp / "model.safetensors"), {"format": "pt"})
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
     return format
+
+
+def student_metadata(path: str) -> dict:
+    """What :func:`save_student` recorded about how the student in ``path`` was made."""
+    try:
+        return json.loads((Path(path) / "config.json").read_text()).get(METADATA_KEY) or {}
+    except (OSError, ValueError):
+        return {}
 
 
 def load_student(path: str, **overrides) -> RecursiveEncoder:
@@ -118,7 +137,9 @@ def load_student(path: str, **overrides) -> RecursiveEncoder:
                     "is not a recursive student"
                 )
     model = RecursiveEncoder(**{**kwargs, **overrides})
-    if kwargs.get("tie_word_embeddings"):
+    if not model.config["mlm_head"]:  # left out on purpose (fine-tuning does not use it)
+        state = {k: v for k, v in state.items() if not k.startswith("mlm_head.")}
+    if kwargs.get("tie_word_embeddings") and model.config["mlm_head"]:
         state.pop("mlm_head.decoder.weight", None)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if kwargs.get("tie_word_embeddings"):

@@ -1,9 +1,10 @@
-"""Every key of a distillation config, its type and default (the README's key table mirrors
+"""Every key of each recipe's config, its type and default (the README's key tables mirror
 this file). Checked by :func:`components.training.config.check_config` before a run starts."""
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, List, Literal, Optional
 
+from components.quantization.schemes import SCHEME_NAMES
 from components.training.config import bounded, Component, component_field
 from components.training.stages import StageConfig
 
@@ -30,6 +31,14 @@ class DataConfig:
 
 
 @dataclass
+class QuantizationConfig:
+    # The deployed scheme that stages with fake_quantize: true train for (see the README's
+    # quantisation section): int8_dynamic (ONNX Runtime dynamic int8), int8_weight, int4_weight.
+    scheme: Literal[SCHEME_NAMES] = "int8_dynamic"
+    group_size: int = bounded(32, low=2)  # int4_weight: inputs sharing one scale
+
+
+@dataclass
 class DistillConfig:
     output_dir: str
     teacher: Component = component_field()
@@ -47,6 +56,7 @@ class DistillConfig:
     )
     # Stages of the run in order; null: one stage training everything with loss.weights.
     stages: Optional[List[StageConfig]] = None
+    quantization: QuantizationConfig = field(default_factory=dict)  # defaults filled in by the checks
     seed: int = 42
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     dtype: Literal["fp32", "bf16"] = "fp32"  # bf16: autocast where the device supports it
@@ -61,3 +71,22 @@ class DistillConfig:
     resume_from_checkpoint: bool = False
     enable_activation_checkpointing: bool = False
     compile: bool = False
+
+
+@dataclass
+class ExportConfig:
+    """recipes/export_student.py: a student folder -> model.onnx + model.pt2 + export.json."""
+
+    checkpoint_dir: str  # a student folder written by this library (native or ALBERT format)
+    output_dir: str  # written atomically; must be new or empty, or hold an export and overwrite=True
+    # null: the scheme the student was trained for (its QAT stages), else int8_dynamic
+    scheme: Optional[Literal[SCHEME_NAMES]] = None
+    group_size: Optional[int] = bounded(None, low=2)  # int4_weight; null: as trained, else 32
+    overwrite: bool = False  # replace an earlier export in output_dir
+    # Text for the held-out batch the files are measured on: local .txt/.jsonl/.parquet files or
+    # a Hub dataset (as data.source in distillation); null: this Python's stdlib docstrings.
+    eval_source: Optional[Any] = None
+    eval_text_column: str = "text"
+    eval_batch_size: int = bounded(8, low=2)
+    eval_max_length: int = bounded(128, low=8)
+

@@ -4,6 +4,7 @@ which learning-rate multiplier, and how long it lasts. The recipe never special-
 * MiniALBERT: one stage with every loss.
 * MobileBERT progressive transfer: stage k trains layer k only with its own layer-wise losses
   (``lr_scale`` 0 before, 3 during, 0.3 after), then a last stage trains everything.
+* Quantisation-aware training: a last stage with ``fake_quantize: true``.
 
 Parameter names are those of the recipe's trainable modules, prefixed ``student.`` or
 ``loss.`` (the hidden-state projection); patterns are ``fnmatch`` globs. To keep a parameter
@@ -38,6 +39,9 @@ class StageConfig:
     trainable: List[str] = field(default_factory=lambda: ["*"])
     # Learning-rate multipliers by glob, first match wins; unmatched parameters get 1.
     lr_scale: Dict[str, float] = field(default_factory=dict)
+    # Quantisation-aware training: the student's Linear layers and word embeddings see the
+    # integers of the run's quantization.scheme in this stage (fake quantisation).
+    fake_quantize: bool = False
 
 
 @dataclass
@@ -48,6 +52,7 @@ class Stage:
     loss_weights: Optional[Dict[str, float]]
     trainable: Tuple[str, ...]
     lr_scale: Tuple[Tuple[str, float], ...]
+    fake_quantize: bool = False
 
     def trains(self, name: str) -> bool:
         return any(fnmatch.fnmatchcase(name, p) for p in self.trainable)
@@ -82,6 +87,7 @@ def resolve_stages(configs: Optional[Sequence[Mapping]], total_steps: int) -> Li
                 loss_weights=dict(c.loss_weights) if c.loss_weights is not None else None,
                 trainable=tuple(c.trainable),
                 lr_scale=tuple((p, float(s)) for p, s in c.lr_scale.items()),
+                fake_quantize=c.fake_quantize,
             )
         )
         start += c.steps
