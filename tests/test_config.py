@@ -55,17 +55,20 @@ def test_missing_required_sections():
 def test_every_shipped_config_is_valid():
     from pathlib import Path
 
-    from components.training.schema import ExportConfig
+    from components.training.schema import ExportConfig, FinetuneConfig
 
     configs = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
     assert {p.name for p in configs} >= {"tiny.yaml", "tiny_qat.yaml", "bert_base.yaml", "bert_base_qat.yaml",
-                                         "bert_large.yaml", "export_int8.yaml"}
+                                         "bert_large.yaml", "export_int8.yaml", "finetune_tiny.yaml",
+                                         "glue_sst2.yaml", "glue_mrpc.yaml", "glue_stsb.yaml", "ner_conll.yaml"}
     for path in configs:
         if path.name.startswith("export"):  # recipes/export_student.py: the folders come from the command line
             check_config(OmegaConf.merge(OmegaConf.load(path), {"checkpoint_dir": "s", "output_dir": "o"}), ExportConfig)
             continue
-        cfg = check_config(OmegaConf.load(path), DistillConfig)
-        for key in ("output_dir", "max_steps", "save_every_n_steps", "resume_from_checkpoint"):
+        schema = FinetuneConfig if path.name.startswith(("finetune", "glue", "ner")) else DistillConfig
+        cfg = check_config(OmegaConf.load(path), schema)
+        keys = ("output_dir", "checkpoint_dir", "tuning", "max_steps") if schema is FinetuneConfig else ("output_dir", "max_steps", "save_every_n_steps")
+        for key in keys + ("resume_from_checkpoint",):
             assert key in OmegaConf.load(path), f"{path.name} does not set {key}"
         assert cfg.resume_from_checkpoint is False
 

@@ -192,8 +192,10 @@ def load_hf_encoder(
     folder: Path,
     dtype: torch.dtype = torch.float32,
     shard: Optional[Callable[[BertEncoder], None]] = None,
+    mlm_head: bool = True,
 ) -> Tuple[BertEncoder, object]:
     """Build a ``BertEncoder`` from a local Hugging Face folder; returns (encoder, hf_config).
+    ``mlm_head=False`` leaves out the checkpoint's MLM head (fine-tuning does not use it).
 
     The encoder is built on the meta device and filled tensor by tensor. With ``shard`` (which
     applies FSDP2's ``fully_shard`` to the meta encoder), each full tensor is read, cut to this
@@ -211,7 +213,11 @@ def load_hf_encoder(
     # XLM-R and CamemBERT keep RoBERTa's module names, under the "roberta." prefix too.
     prefix = SUPPORTED_MODEL_TYPES[hf_config.model_type]
 
-    names = {native_name(n, prefix) for n in weight_names(folder)} - {None}
+    def wanted(hf_name: str) -> Optional[str]:
+        name = native_name(hf_name, prefix)
+        return None if name is None or (not mlm_head and name.startswith("mlm_head.")) else name
+
+    names = {wanted(n) for n in weight_names(folder)} - {None}
     has_head = any(n.startswith("mlm_head.dense.") for n in names)
     with torch.device("meta"):
         encoder = BertEncoder(**kwargs, mlm_head=has_head)
@@ -234,7 +240,7 @@ def load_hf_encoder(
 
     state: Dict[str, torch.Tensor] = {}
     for hf_name, tensor in iter_weights(folder):
-        name = native_name(hf_name, prefix)
+        name = wanted(hf_name)
         if name is None:
             continue
         target = expected[name]
@@ -252,3 +258,40 @@ def load_hf_encoder(
         state["mlm_head.decoder.weight"] = state["embeddings.word_embeddings.weight"]
     encoder.load_state_dict(state, assign=True)
     return encoder, hf_config
+
+
+# Any one of these gives a tokenizer its vocabulary.
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "vocab.txt",
+    "vocab.json",
+    "sentencepiece.bpe.model",
+    "spiece.model",
+    "tokenizer.model",
+)
+
+
+def load_tokenizer(folder: Path, vocab_size: int, needs_mask: bool = False):
+    """The tokenizer of a model folder, checked against the model's ``vocab_size``."""
+    from transformers import AutoTokenizer
+
+    # transformers quietly builds a 5-token tokenizer when a folder has no vocabulary files
+    if not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        raise CheckpointError(
+            f"Could not load the tokenizer from {folder}: none of {list(TOKENIZER_FILES)} is there"
+        )
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    except Exception as e:
+        raise CheckpointError(f"Could not load the tokenizer from {folder}: {e}") from e
+    if tokenizer.pad_token_id is None or (needs_mask and tokenizer.mask_token_id is None):
+        raise CheckpointError(
+            f"{folder}: the tokenizer has no {'pad' if tokenizer.pad_token_id is None else 'mask'} token; "
+            "batches need a pad token and masked-LM distillation a mask token (every BERT-family tokenizer defines both)"
+        )
+    if not 0.9 * vocab_size <= len(tokenizer) <= vocab_size:
+        raise CheckpointError(
+            f"{folder}: the tokenizer has {len(tokenizer)} tokens but the model {vocab_size} embeddings; "
+            "the tokenizer files do not belong to these weights"
+        )
+    return tokenizer

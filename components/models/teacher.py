@@ -84,47 +84,11 @@ def hf_teacher(
         shard: set by the distributed recipe: shards the encoder with FSDP2 before the weights
             are read.
     """
-    from transformers import AutoTokenizer
-
-    from components.checkpointing.hf_bert import (
-        CheckpointError,
-        load_hf_encoder,
-        resolve_checkpoint_dir,
-    )
+    from components.checkpointing.hf_bert import load_hf_encoder, load_tokenizer, resolve_checkpoint_dir
 
     folder = resolve_checkpoint_dir(path, revision)
     if dtype not in DTYPES:
         raise ValueError(f"teacher dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     encoder, _ = load_hf_encoder(folder, dtype=DTYPES[dtype], shard=shard)
-    vocab = encoder.spec.vocab_size
-    # transformers quietly builds a 5-token tokenizer when a folder has no vocabulary files
-    if not any((folder / name).is_file() for name in TOKENIZER_FILES):
-        raise CheckpointError(
-            f"Could not load the tokenizer from {folder}: none of {list(TOKENIZER_FILES)} is there"
-        )
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(str(folder))
-    except Exception as e:
-        raise CheckpointError(f"Could not load the tokenizer from {folder}: {e}") from e
-    if tokenizer.pad_token_id is None or tokenizer.mask_token_id is None:
-        raise CheckpointError(
-            f"{folder}: the tokenizer has no {'pad' if tokenizer.pad_token_id is None else 'mask'} token; "
-            "masked-LM distillation needs both (every BERT-family tokenizer defines them)"
-        )
-    if not 0.9 * vocab <= len(tokenizer) <= vocab:
-        raise CheckpointError(
-            f"{folder}: the tokenizer has {len(tokenizer)} tokens but the model {vocab} embeddings; "
-            "the tokenizer files do not belong to these weights"
-        )
+    tokenizer = load_tokenizer(folder, encoder.spec.vocab_size, needs_mask=True)
     return FrozenTeacher(encoder, tokenizer, name=str(path))
-
-
-# Any one of these gives a tokenizer its vocabulary.
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "vocab.txt",
-    "vocab.json",
-    "sentencepiece.bpe.model",
-    "spiece.model",
-    "tokenizer.model",
-)

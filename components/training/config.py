@@ -243,10 +243,11 @@ def instantiate(node, *args, **kwargs):
 
 @contextlib.contextmanager
 def config_section(name: str) -> Iterator[None]:
-    """Turn a builder's ValueError into a ConfigError naming the config section."""
+    """Turn a builder's ValueError into a ConfigError naming the config section (errors that
+    already say what is wrong, :class:`UserError`s, pass unchanged)."""
     try:
         yield
-    except ConfigError:
+    except UserError:
         raise
     except ValueError as e:
         raise ConfigError(f"{name}: {e}") from e

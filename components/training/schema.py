@@ -4,6 +4,7 @@ this file). Checked by :func:`components.training.config.check_config` before a 
 from dataclasses import dataclass, field
 from typing import Any, List, Literal, Optional
 
+from components.data.tasks import TaskConfig, TaskDataConfig
 from components.quantization.schemes import SCHEME_NAMES
 from components.training.config import bounded, Component, component_field
 from components.training.stages import StageConfig
@@ -90,3 +91,37 @@ class ExportConfig:
     eval_batch_size: int = bounded(8, low=2)
     eval_max_length: int = bounded(128, low=8)
 
+
+@dataclass
+class FinetuneConfig:
+    """recipes/finetune.py: a student (or any BERT-family checkpoint) fine-tuned on one task."""
+
+    output_dir: str
+    # A student folder this library wrote (native or ALBERT format), or a Hugging Face BERT-family
+    # checkpoint (folder or Hub id) to compare the teacher on the same task.
+    checkpoint_dir: str
+    data: TaskDataConfig
+    task: TaskConfig = field(default_factory=dict)  # defaults filled in by the checks
+    revision: Optional[str] = None  # of a Hub checkpoint_dir
+    # full: everything trains; adapters: the per-iteration adapters and the head (MiniALBERT's
+    # adapter tuning; the run saves an adapter set); head: the head only
+    tuning: Literal["full", "adapters", "head"] = "full"
+    classifier_dropout: float = bounded(0.1, low=0.0, high=1.0, high_open=True)
+    optimizer: Component = component_field(
+        {"_component_": "torch.optim.AdamW", "lr": 5e-5, "weight_decay": 0.01}, provided=("params",)
+    )
+    lr_schedule: Component = component_field(
+        {"_component_": "components.training.linear_warmup_decay", "warmup_steps": 0},
+        provided=("total_steps",),
+    )
+    seed: int = 42
+    device: str = "auto"
+    dtype: Literal["fp32", "bf16"] = "fp32"
+    epochs: int = bounded(3, low=1)
+    max_steps: Optional[int] = bounded(None, low=1)  # overrides epochs
+    clip_grad_norm: Optional[float] = bounded(1.0, low=0.0)
+    log_every_n_steps: int = bounded(10, low=1)
+    # null: at the end of every epoch. Each evaluation keeps the best model and writes a checkpoint.
+    eval_every_n_steps: Optional[int] = bounded(None, low=1)
+    keep_last_n_checkpoints: int = bounded(1, low=0)
+    resume_from_checkpoint: bool = False
