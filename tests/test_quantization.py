@@ -21,6 +21,7 @@ from components.quantization.schemes import (
     dequantize_weight,
     fake_quantize_activation,
     fake_quantize_weight,
+    group_for,
     quantize_weight,
     round_activation,
 )
@@ -43,6 +44,9 @@ def test_weight_integers_by_hand():
     assert scale4.tolist() == [[0.25, 0.5]]
     assert q4.tolist() == [[7, -4, 1, -7]]  # -3.5 rounds half to even: -4
     assert dequantize_weight(q4, scale4).tolist() == [[1.75, -1.0, 0.5, -3.5]]
+    # a layer whose inputs the group does not divide takes its largest power-of-two divisor
+    assert group_for(768, 32) == 32 and group_for(48, 32) == 16 and group_for(16, 32) == 16 and group_for(72, 64) == 8
+    assert quantize_weight(torch.randn(4, 48), bits=4, group_size=32)[1].shape == (4, 3)
 
 
 def _dynamic_quantize_linear(x: torch.Tensor):
@@ -125,9 +129,10 @@ def test_prepare_keeps_weights_and_names_and_stages_switch_it():
 
 
 def test_group_size_that_does_not_divide_a_layer_is_a_config_error(tmp_path, teacher_dir, corpus_file):
+    # the FFN's output layer has 72 inputs: its largest power-of-two group is 8
     cfg = tiny_config(tmp_path / "run", teacher_dir, corpus_file, stages=QAT_STAGES,
-                      quantization={"scheme": "int4_weight", "group_size": 256})
-    with pytest.raises(ConfigError, match="quantization: .*group_size=256 does not divide"):
+                      quantization={"scheme": "int4_weight", "group_size": 64}, **{"student.intermediate_size": 72})
+    with pytest.raises(ConfigError, match=r"quantization: .*group_size=64: the inputs of \['layer.ffn_out'\] have no"):
         run_recipe(cfg)
 
 

@@ -73,7 +73,9 @@ def export_quantized(
     student = float_student(student)
     serving = ServingEncoder(student).eval()
     inputs = _inputs(serving, batch)
-    example = tuple(t[:2] for t in inputs)  # batch and length stay symbolic (a size of 1 would not)
+    # batch and length stay symbolic (a size of 1 would not); clones, because torch.export also
+    # guards on the shapes of a view's base (a slice of a 128-long batch fixed "length != 128")
+    example = tuple(t[:2].clone() for t in inputs)
     max_length = student.config["max_position_embeddings"]
 
     log.info("Writing model.onnx (%s)", scheme.name)

@@ -26,7 +26,7 @@ import torch
 
 from components.errors import require
 from components.quantization.program import ServingEncoder
-from components.quantization.schemes import EMBEDDING_BITS, quantize_weight, Scheme
+from components.quantization.schemes import EMBEDDING_BITS, group_for, quantize_weight, Scheme
 
 log = logging.getLogger(__name__)
 OPSET = 21  # blocked and int4 DequantizeLinear
@@ -170,7 +170,10 @@ def _block_size(inputs: int, group_size: Optional[int]) -> int:
     """MatMulNBits' block: the scheme's group, or for one scale per channel the largest power
     of two up to 256 dividing the input width (its scale is then repeated over the blocks)."""
     if group_size is not None:
-        return group_size
+        block = group_for(inputs, group_size)
+        if block < 16:
+            raise ValueError(f"a layer with {inputs} inputs has no group of 16 or more, which MatMulNBits needs")
+        return block
     for block in (256, 128, 64, 32, 16):
         if inputs % block == 0:
             return block

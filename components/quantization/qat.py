@@ -20,6 +20,7 @@ from torch import nn
 
 from components.quantization.schemes import (
     EMBEDDING_BITS,
+    group_for,
     fake_quantize_activation,
     fake_quantize_weight,
     Scheme,
@@ -78,14 +79,16 @@ def prepare_qat(model: nn.Module, scheme: Scheme) -> nn.Module:
 
     if is_prepared(model):
         return model
-    if scheme.group_size is not None:
+    if scheme.group_size is not None:  # ONNX Runtime's MatMulNBits takes groups of 16 or more
         narrow = [
-            name for name, m in model.named_modules() if isinstance(m, nn.Linear) and m.in_features % scheme.group_size
+            name
+            for name, m in model.named_modules()
+            if isinstance(m, nn.Linear) and group_for(m.in_features, scheme.group_size) < min(16, scheme.group_size)
         ]
         if narrow:
             raise ValueError(
-                f"quantization.group_size={scheme.group_size} does not divide the inputs of {narrow[:3]}; "
-                "choose a group size that divides every layer's input width"
+                f"quantization.group_size={scheme.group_size}: the inputs of {narrow[:3]} have no power-of-two "
+                "divisor of 16 or more to group by; int4_weight needs layers whose widths are multiples of 16"
             )
     # torchao's module swap; the placeholder config is replaced by our quantisers just below
     placeholder = QATConfig(weight_config=IntxFakeQuantizeConfig(torch.int8, "per_channel"), step="prepare")

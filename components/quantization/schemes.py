@@ -93,6 +93,18 @@ def _safe(scale: torch.Tensor) -> torch.Tensor:
     return torch.where(scale < torch.finfo(torch.float32).tiny, torch.ones_like(scale), scale)
 
 
+def group_for(inputs: int, group_size: Optional[int]) -> Optional[int]:
+    """The group a layer with ``inputs`` input features uses: the largest power of two that
+    divides ``inputs`` and is at most ``group_size`` (``group_size`` itself for the wide layers;
+    16 for miniALBERT's 48-wide adapter bottleneck); ``None``: one scale per channel."""
+    if group_size is None:
+        return None
+    group = 1
+    while group * 2 <= group_size and inputs % (group * 2) == 0:
+        group *= 2
+    return group
+
+
 def quantize_weight(weight: torch.Tensor, bits: int, group_size: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """Symmetric integers and scales for a ``[out, in]`` weight (or an ``[rows, dim]`` table).
 
@@ -103,6 +115,7 @@ def quantize_weight(weight: torch.Tensor, bits: int, group_size: Optional[int] =
     """
     w = weight.detach().float()
     qmax = 2 ** (bits - 1) - 1
+    group_size = group_for(w.shape[1], group_size)
     if group_size is None:
         scale = _safe(w.abs().amax(dim=1, keepdim=True) / qmax)
         q = torch.clamp(torch.round(w / scale), -qmax, qmax)
