@@ -28,7 +28,7 @@ from components.quantization import get_scheme, prepare_qat, set_fake_quantize
 from components.training.config import check_config, config_section, instantiate, instantiate_target, parse
 from components.training.distill import check_finite, count_tokens, distill_forward, Evaluator, step_batches
 from components.training.distributed import clip_gradients, resolve_device, SingleDevice
-from components.training.run import Run
+from components.training.run import configure_logging, execute, Run
 from components.training.schema import DistillConfig
 from components.training.stages import (
     apply_trainable,
@@ -366,13 +366,8 @@ class DistillRecursiveRecipe:
 
 
 def main(recipe_class, cfg: DictConfig) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stdout)
-    recipe = recipe_class(cfg)
-    try:
-        recipe.setup()
-        recipe.train()
-    finally:
-        recipe.cleanup()
+    configure_logging()
+    execute(recipe_class(cfg))
 
 
 @parse

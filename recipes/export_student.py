@@ -29,6 +29,7 @@ from components.errors import CheckpointError, ExportError, require
 from components.quantization import get_scheme
 from components.quantization.export import export_quantized, heldout_batch
 from components.training.config import check_config, config_section, parse
+from components.training.run import configure_logging
 from components.training.schema import ExportConfig
 
 log = logging.getLogger("export_student")
@@ -120,7 +121,7 @@ def export(cfg: DictConfig) -> dict:
 
 @parse
 def recipe_main(cfg: DictConfig) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stdout)
+    configure_logging()
     export(cfg)
 
 

@@ -38,7 +38,7 @@ from components.training.config import check_config, config_section, instantiate
 from components.training.distill import check_finite
 from components.training.distributed import clip_gradients, resolve_device, SingleDevice
 from components.training.finetune import finetune_loss, predict, steps_per_epoch, write_predictions
-from components.training.run import Run
+from components.training.run import configure_logging, execute, Run
 from components.training.schema import FinetuneConfig
 from components.training.stages import apply_trainable, group_lambdas, param_groups, resolve_stages
 from components.training.task_metrics import is_better, resolve_metric
@@ -101,7 +101,7 @@ class FinetuneRecipe:
             f"{trained:,}",
             f"{total:,}",
             100 * trained / total,
-            "; LayerNorms inside the adapters train, the shared layer's stay frozen" if cfg.tuning == "adapters" else "",
+            "; the adapters' own LayerNorms train, the shared layer's stay frozen" if cfg.tuning == "adapters" else "",
         )
         with config_section("optimizer"):
             groups = param_groups(self.trained, [stage], cfg.optimizer.get("weight_decay", 0.0))
@@ -279,13 +279,8 @@ class FinetuneRecipe:
 
 @parse
 def recipe_main(cfg: DictConfig) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stdout)
-    recipe = FinetuneRecipe(cfg)
-    try:
-        recipe.setup()
-        recipe.train()
-    finally:
-        recipe.cleanup()
+    configure_logging()
+    execute(FinetuneRecipe(cfg))
 
 
 if __name__ == "__main__":

@@ -29,6 +29,11 @@ def tiny_config(output_dir: Path, teacher_dir: Path, corpus: Path, **overrides) 
         "save_every_n_steps": 3,
         "resume_from_checkpoint": False,
     }
+    return override(cfg, overrides)
+
+
+def override(cfg: Dict, overrides: Dict) -> Dict:
+    """Set dotted keys (``data.batch_size``) in a plain config, as key=value on the CLI does."""
     for key, value in overrides.items():
         node = cfg
         *parents, last = key.split(".")
@@ -39,15 +44,10 @@ def tiny_config(output_dir: Path, teacher_dir: Path, corpus: Path, **overrides) 
 
 
 def run_recipe(cfg: Dict):
+    from components.training.run import execute
     from recipes.distill_recursive import DistillRecursiveRecipe
 
-    recipe = DistillRecursiveRecipe(OmegaConf.create(cfg))
-    try:
-        recipe.setup()
-        recipe.train()
-    finally:
-        recipe.cleanup()
-    return recipe
+    return execute(DistillRecursiveRecipe(OmegaConf.create(cfg)))
 
 
 def logged(output_dir: Path) -> Dict[int, Dict]:

@@ -19,7 +19,8 @@ from components.checkpointing import load_student
 from components.checkpointing.resume import load_checkpoint
 from components.errors import CheckpointError, ConfigError, RunInterrupted, TaskDataError
 from components.smoke_tasks import smoke_task, SMOKE_TASK_CONFIGS
-from tests.recipe_helpers import logged, run_recipe, tiny_config
+from components.training.run import execute
+from tests.recipe_helpers import logged, override, run_recipe, tiny_config
 
 REPO = Path(__file__).resolve().parents[1]
 TUNE = Path(sys.executable).with_name("tune")
@@ -55,25 +56,13 @@ def finetune_config(output_dir, checkpoint_dir, files, kind="sst2", **overrides)
         "log_every_n_steps": 1,
         "tuning": "adapters",
     }
-    for key, value in overrides.items():
-        node = cfg
-        *parents, last = key.split(".")
-        for p in parents:
-            node = node[p]
-        node[last] = value
-    return cfg
+    return override(cfg, overrides)
 
 
 def run_finetune(cfg):
     from recipes.finetune import FinetuneRecipe
 
-    recipe = FinetuneRecipe(OmegaConf.create(cfg))
-    try:
-        recipe.setup()
-        recipe.train()
-    finally:
-        recipe.cleanup()
-    return recipe
+    return execute(FinetuneRecipe(OmegaConf.create(cfg)))
 
 
 def read_predictions(path: Path):

@@ -24,6 +24,7 @@ A :class:`Run` owns a recipe's ``output_dir``:
 import contextlib
 import logging
 import signal
+import sys
 import threading
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, Optional, Sequence, Tuple
@@ -254,3 +255,19 @@ class Run:
         if self._lock is not None:
             self._lock.close()
             self._lock = None
+
+
+def execute(recipe):
+    """How every recipe is driven, by ``tune run``, the tests and the benchmarks alike:
+    ``setup()``, ``train()``, and ``cleanup()`` whatever happens. Returns the recipe."""
+    try:
+        recipe.setup()
+        recipe.train()
+    finally:
+        recipe.cleanup()
+    return recipe
+
+
+def configure_logging() -> None:
+    """Log lines on stdout, with time and source: what the recipes print."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stdout)
