@@ -223,7 +223,7 @@ def test_bad_task_data_names_the_file_and_the_column(base, tasks, tmp_path):
         run_finetune(finetune_config(tmp_path / "d", base, tasks["mrpc"], "mrpc", **{"data.text_pair_column": None}))
 
 
-def test_bad_models_and_modes(base, tasks, tmp_path, teacher_dir):
+def test_every_kind_of_model_and_the_ones_that_cannot_work(base, tasks, tmp_path, teacher_dir, corpus_file):
     with pytest.raises(CheckpointError, match="No model at"):
         run_finetune(finetune_config(tmp_path / "a", tmp_path, tasks["sst2"]))
     # a BERT checkpoint fine-tunes (full or head), but has no adapters to tune
@@ -231,6 +231,20 @@ def test_bad_models_and_modes(base, tasks, tmp_path, teacher_dir):
         run_finetune(finetune_config(tmp_path / "b", teacher_dir, tasks["sst2"]))
     run_finetune(finetune_config(tmp_path / "c", teacher_dir, tasks["sst2"], tuning="full", max_steps=4))
     assert (tmp_path / "c" / "model" / "model.safetensors").is_file()
+    # an adapter-free student is written as ALBERT: it fine-tunes too, and its full model reloads
+    albert = tmp_path / "albert"
+    run_recipe(tiny_config(albert, teacher_dir, corpus_file, max_steps=2, save_every_n_steps=None,
+                           **{"student.adapter_placement": None}))
+    assert json.loads((albert / "student" / "config.json").read_text())["model_type"] == "albert"
+    recipe = run_finetune(finetune_config(tmp_path / "d", albert / "student", tasks["sst2"], tuning="full", max_steps=4))
+    from components.checkpointing.tasks import load_task_model
+
+    model, task = load_task_model(str(tmp_path / "d" / "model"))
+    assert task["label_values"] == [0, 1] and task["metric"] == "accuracy"
+    batch = recipe.tokenizer(["a sentence to classify"], return_tensors="pt")
+    recipe.model.eval()
+    with torch.no_grad():
+        assert torch.allclose(model(batch["input_ids"], batch["attention_mask"]), recipe.model(batch["input_ids"], batch["attention_mask"]))
 
 
 def test_bad_input_through_tune_run_is_one_line(base, tasks, tmp_path):
