@@ -1,7 +1,6 @@
 """Quantisation: the numerics against ONNX Runtime, QAT stages, resume, and the export recipe."""
 
 import json
-import logging
 import shutil
 import subprocess
 import sys
@@ -12,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from components.checkpointing import load_student, save_student, student_metadata
+from components.checkpointing import load_student, student_metadata
 from components.errors import CheckpointError, ConfigError, ExportError, MissingDependencyError
 from components.models import recursive_tiny
 from components.quantization import convert_qat, get_scheme, prepare_qat, set_fake_quantize

@@ -9,7 +9,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 import torch
 
 from components.data.mlm import GlobalBatchSampler, MLMMasker, pad_batch, round_up, step_generator
-from components.errors import NonFiniteLossError, RunInterrupted
+from components.errors import NonFiniteLossError
 from components.losses.distillation import DistillationLoss, LossOutput
 
 # Sums a tensor over ranks (identity on one device).
