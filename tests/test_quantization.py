@@ -8,6 +8,7 @@ import textwrap
 from pathlib import Path
 
 import numpy as np
+import onnxruntime as ort  # the README's install has it: no skip, a missing one is a broken install
 import pytest
 import torch
 
@@ -26,8 +27,6 @@ from components.quantization.schemes import (
 )
 from tests.recipe_helpers import logged, run_recipe, tiny_config
 
-onnx = pytest.importorskip("onnx")  # the README's install has them: a skip here means a broken install
-ort = pytest.importorskip("onnxruntime")
 REPO = Path(__file__).resolve().parents[1]
 QAT_STAGES = [{"name": "distill", "steps": 3}, {"name": "qat", "fake_quantize": True}]
 
