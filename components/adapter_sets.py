@@ -16,11 +16,10 @@ into the one shared encoder, so N tasks cost one base plus N small sets in memor
 
 from typing import Any, Dict, List, Sequence, Union
 
-import datasets
 import torch
 
 from components.checkpointing.tasks import base_fingerprint, check_base, load_adapter_set, load_encoder
-from components.data.tasks import align_word_labels, TaskData
+from components.data.tasks import encode_inputs, TaskData
 from components.errors import CheckpointError
 from components.models.tasks import TaskModel
 from components.training.finetune import predict
@@ -80,30 +79,9 @@ class MultiTaskModel:
             task_type=model.task_type,
             label_names=task["label_names"],
             label_values=task["label_values"],
-            splits={"inputs": self._encode(inputs, task)},
+            splits={"inputs": encode_inputs(inputs, self.tokenizer, model.task_type, task["input"] == "pair", task["max_length"])},
             labelled={"inputs": False},
             sources={"inputs": "MultiTaskModel.predict"},
         )
         rows, _ = predict(model, data.splits["inputs"], data, batch_size, self.tokenizer.pad_token_id, device=self.device)
         return [prediction for _, prediction in rows]
-
-    def _encode(self, inputs: Sequence, task: Dict[str, Any]) -> datasets.Dataset:
-        max_length = task["max_length"]
-        if task["type"] == "token_classification":
-            rows = {"input_ids": [], "word_starts": [], "num_words": [], "index": []}
-            for i, words in enumerate(inputs):
-                encoded = self.tokenizer(list(words), is_split_into_words=True, truncation=True, max_length=max_length)
-                starts, _ = align_word_labels(encoded.word_ids(), None)
-                rows["input_ids"].append(encoded["input_ids"])
-                rows["word_starts"].append(starts)
-                rows["num_words"].append(len(words))
-                rows["index"].append(i)
-            return datasets.Dataset.from_dict(rows)
-        pairs = task["input"] == "pair"
-        first = [x[0] if pairs else x for x in inputs]
-        second = [x[1] for x in inputs] if pairs else None
-        encoded = self.tokenizer(first, second, truncation=True, max_length=max_length)
-        columns = {"input_ids": encoded["input_ids"], "index": list(range(len(first)))}
-        if "token_type_ids" in encoded:
-            columns["token_type_ids"] = encoded["token_type_ids"]
-        return datasets.Dataset.from_dict(columns)

@@ -639,6 +639,21 @@ def load_task_data(data: Mapping, task: Mapping, tokenizer) -> TaskData:
     )
 
 
+def encode_inputs(inputs: Sequence, tokenizer, task_type: str, pair: bool, max_length: int) -> datasets.Dataset:
+    """Rows for unlabelled inputs, tokenised exactly as a task's splits are: sentences or
+    ``(sentence, sentence)`` pairs, or word lists for token classification."""
+    inputs = list(inputs)
+    data = {"max_length": max_length, "num_proc": None}
+    if task_type == "token_classification":
+        ds = datasets.Dataset.from_dict({"tokens": [list(words) for words in inputs]})
+        return _encode_words(ds, tokenizer, {**data, "tokens_column": "tokens", "tags_column": None}, None, "inputs")
+    columns = {"text": [x[0] if pair else x for x in inputs]}
+    if pair:
+        columns["pair"] = [x[1] for x in inputs]
+    data.update(text_column="text", text_pair_column="pair" if pair else None)
+    return _encode_sentences(datasets.Dataset.from_dict(columns), tokenizer, data, None, "inputs")
+
+
 # ---------------------------------------------------------------------------------------- batches
 
 
