@@ -49,7 +49,7 @@ import bench_lib as B  # noqa: E402
 from components.checkpointing import load_student  # noqa: E402
 from components.models import minialbert_128  # noqa: E402
 from components.quantization import get_scheme  # noqa: E402
-from components.quantization.export import export_quantized  # noqa: E402
+from components.quantization.export import export_quantized, fp32_weight_bytes  # noqa: E402
 from components.quantization.onnx_export import export_onnx  # noqa: E402
 
 SCRATCH = Path(os.environ.get("BENCH_SCRATCH", "/tmp/bench_scratch")) / "quantization"
@@ -181,8 +181,7 @@ def section_speed(schemes: List[str], seq: int, batches: List[int], warmup: int,
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(1000, 30000, (max(batches), seq), generator=g)
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "token_type_ids": torch.zeros_like(ids)}
-    unique = {t.data_ptr(): t for t in student.state_dict().values()}
-    fp32_weights = sum(t.numel() * 4 for t in unique.values())
+    fp32_weights = fp32_weight_bytes(student)
 
     log("speed: exporting the fp32 ONNX baseline")
     trace = {k: v[:4, :64].clone() for k, v in batch.items()}

@@ -27,7 +27,7 @@ from components.checkpointing import load_student, student_metadata
 from components.checkpointing.io import atomic_directory, recover_interrupted_writes
 from components.errors import CheckpointError, ExportError, require
 from components.quantization import get_scheme
-from components.quantization.export import export_quantized, heldout_batch
+from components.quantization.export import export_quantized, fp32_weight_bytes, heldout_batch
 from components.training.config import check_config, config_section, parse
 from components.training.run import configure_logging
 from components.training.schema import ExportConfig
@@ -93,8 +93,7 @@ def export(cfg: DictConfig) -> dict:
     with atomic_directory(output_dir, "export") as tmp:
         report = export_quantized(student, tmp, scheme, batch)
         tokenizer.save_pretrained(str(tmp))
-        unique = {t.data_ptr(): t for t in student.state_dict().values()}  # a tied decoder counts once
-        fp32_bytes = sum(t.numel() * 4 for t in unique.values())
+        fp32_bytes = fp32_weight_bytes(student)
         sizes = {f: (tmp / f).stat().st_size for f in ("model.onnx", "model.pt2")}
         report = {
             "student": str(source),

@@ -30,6 +30,13 @@ def float_student(student: torch.nn.Module) -> torch.nn.Module:
     return convert_qat(copy.deepcopy(student)).float().eval()
 
 
+def fp32_weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes of the model's tensors in fp32, each once (a tied decoder shares the embeddings):
+    the size the quantised files are compared with."""
+    unique = {t.data_ptr(): t for t in model.state_dict().values()}
+    return sum(t.numel() * 4 for t in unique.values())
+
+
 def heldout_batch(tokenizer, texts: Sequence[str], batch_size: int, max_length: int) -> Dict[str, torch.Tensor]:
     """The first ``batch_size`` texts, tokenised, truncated and padded (lengths differ)."""
     encoded = tokenizer(
