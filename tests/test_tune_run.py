@@ -49,6 +49,14 @@ def test_tiny_config_end_to_end(tmp_path):
     assert student.num_iterations == 2 and student.adapters is not None
     assert (out / "student" / "tokenizer.json").is_file()
 
+    # the README's three lines: the student with adapters through a transformers pipeline
+    import components  # noqa: F401
+    import transformers
+
+    fill = transformers.pipeline("fill-mask", model=str(out / "student"))
+    predictions = fill("the " + fill.tokenizer.mask_token + " is here")
+    assert len(predictions) == 5 and all(p["sequence"].startswith("the ") for p in predictions)
+
 
 @pytest.mark.parametrize(
     "args, message",

@@ -77,7 +77,8 @@ def save_student(
         else:
             config = {
                 "model_type": NATIVE_MODEL_TYPE,
-                "architectures": ["RecursiveEncoder"],
+                # the transformers class that loads it (components.checkpointing.auto)
+                "architectures": ["RecursiveEncoderForMaskedLM" if model.mlm_head is not None else "RecursiveEncoderModel"],
                 "format_version": FORMAT_VERSION,
                 "recursive_encoder": model.config,
             }
@@ -126,6 +127,8 @@ def load_student(path: str, **overrides) -> RecursiveEncoder:
         raise CheckpointError(f"Could not read {weights}: {e}") from e
     if model_type == NATIVE_MODEL_TYPE:
         kwargs = config["recursive_encoder"]
+        if state and all(k.startswith("encoder.") for k in state):  # saved by transformers' save_pretrained
+            state = {k[len("encoder."):]: v for k, v in state.items()}
     else:
         kwargs = recursive_kwargs_from_albert(config)
         state = albert_to_native(state, kwargs)

@@ -23,22 +23,12 @@ from components.checkpointing.hf_bert import load_hf_encoder, load_tokenizer, re
 from components.checkpointing.io import atomic_directory
 from components.checkpointing.student import load_student, NATIVE_MODEL_TYPE
 from components.errors import CheckpointError
-from components.models.bert import BertEncoder
-from components.models.recursive import RecursiveEncoder
+from components.models.families import encoder_family, ENCODERS
 from components.models.tasks import TaskModel
 
-# encoder family name (as saved) -> class; a new student family is one entry
-ENCODERS = {"recursive_encoder": RecursiveEncoder, "bert_encoder": BertEncoder}
 FINETUNED_MODEL_TYPE = "finetuned_encoder"
 ADAPTER_SET_FILE, ADAPTER_WEIGHTS_FILE = "adapter_set.json", "adapters.safetensors"
 FORMAT_VERSION = 1
-
-
-def encoder_family(encoder: nn.Module) -> str:
-    for name, cls in ENCODERS.items():
-        if type(encoder) is cls:
-            return name
-    raise CheckpointError(f"No saved format for encoders of type {type(encoder).__name__}")
 
 
 def load_encoder(path: str, revision: Optional[str] = None) -> Tuple[nn.Module, Any]:
@@ -87,6 +77,11 @@ def save_task_model(model: TaskModel, folder: Path, task: Dict[str, Any], tokeni
     family = encoder_family(model.encoder)
     config = {
         "model_type": FINETUNED_MODEL_TYPE,
+        # the transformers class that loads it (components.checkpointing.auto)
+        "architectures": [
+            "FinetunedEncoderFor"
+            + ("TokenClassification" if model.task_type == "token_classification" else "SequenceClassification")
+        ],
         "format_version": FORMAT_VERSION,
         "encoder": {"family": family, "config": model.encoder.config},
         "head": model.head_config,

@@ -81,14 +81,19 @@ class TaskModel(nn.Module):
         return logits.squeeze(-1) if self.task_type == "regression" else logits
 
     def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Cross-entropy (tokens labelled -100 ignored) or, for regression, mean squared error."""
-        if self.task_type == "regression":
-            return F.mse_loss(logits.float(), labels.float())
-        return F.cross_entropy(logits.float().flatten(0, -2), labels.flatten(), ignore_index=-100)
+        return task_loss(self.task_type, logits, labels)
 
     def predict(self, logits: torch.Tensor) -> torch.Tensor:
         """Class ids (per token for token classification), or the regression values."""
         return logits.float() if self.task_type == "regression" else logits.argmax(-1)
+
+
+def task_loss(task_type: str, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy (tokens labelled -100 ignored) or, for regression (``logits`` ``[batch]``),
+    mean squared error."""
+    if task_type == "regression":
+        return F.mse_loss(logits.float(), labels.float())
+    return F.cross_entropy(logits.float().flatten(0, -2), labels.flatten(), ignore_index=-100)
 
 
 def tuning_patterns(tuning: str) -> List[str]:
