@@ -20,6 +20,7 @@ from typing import Dict, Optional
 import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from components.checkpointing import save_student
 from components.data import build_windows, GlobalBatchSampler, MLMMasker
@@ -229,10 +230,11 @@ class DistillRecursiveRecipe:
 
     # ------------------------------------------------------------------ train
     def train(self) -> None:
-        with self.run.stop_on_signals():
-            self._train()
+        # log lines go through tqdm.write, so they do not tear the progress bar
+        with self.run.stop_on_signals(), logging_redirect_tqdm(), self.run.profiler() as profiler:
+            self._train(profiler)
 
-    def _train(self) -> None:
+    def _train(self, profiler) -> None:
         cfg = self.cfg
         stage = None
         progress = tqdm(
@@ -251,10 +253,11 @@ class DistillRecursiveRecipe:
                     "check the data, then run again with resume_from_checkpoint=True"
                 ) from None
             self.step += 1
+            profiler.step()
             progress.update(1)
             progress.set_postfix(loss=f"{metrics['loss/total']:.4f}", stage=stage.name)
             if self.step % cfg.log_every_n_steps == 0 or self.step == self.max_steps:
-                self.metrics.log(metrics, self.step)
+                self.metrics.log({**metrics, **self.run.memory_stats()}, self.step)
             if cfg.eval_every_n_steps and self.step % cfg.eval_every_n_steps == 0 and self.step < self.max_steps:
                 self._evaluate()
             if cfg.save_every_n_steps and self.step % cfg.save_every_n_steps == 0 and self.step < self.max_steps:
@@ -321,7 +324,8 @@ class DistillRecursiveRecipe:
         if self.evaluator is None:
             return None
         metrics = self.evaluator(
-            self.student, self.teacher, self.loss_fn, self.device, self.autocast, self.parallel.reduce_sum
+            self.student, self.teacher, self.loss_fn, self.device, self.autocast, self.parallel.reduce_sum,
+            progress=self.parallel.is_main,
         )
         self.metrics.log(metrics, self.step)
         log.info("Step %d: %s", self.step, ", ".join(f"{k.split('/', 1)[1]}={v:.4f}" for k, v in metrics.items()))

@@ -28,6 +28,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import load_file
 from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from components.checkpointing.io import atomic_file
 from components.checkpointing.tasks import base_fingerprint, load_adapter_set, load_encoder, save_adapter_set, save_task_model
@@ -127,10 +128,11 @@ class FinetuneRecipe:
 
     # ------------------------------------------------------------------ train
     def train(self) -> None:
-        with self.run.stop_on_signals():
-            self._train()
+        # log lines go through tqdm.write, so they do not tear the progress bar
+        with self.run.stop_on_signals(), logging_redirect_tqdm(), self.run.profiler() as profiler:
+            self._train(profiler)
 
-    def _train(self) -> None:
+    def _train(self, profiler) -> None:
         cfg = self.cfg
         progress = tqdm(total=self.max_steps, initial=self.step, desc=f"finetune ({cfg.tuning})", dynamic_ncols=True)
         batches = None
@@ -145,10 +147,11 @@ class FinetuneRecipe:
             metrics = self._train_step(next(batches))
             metrics["examples_per_second"] = cfg.data.batch_size / (time.perf_counter() - started)
             self.step += 1
+            profiler.step()
             progress.update(1)
             progress.set_postfix(loss=f"{metrics['loss']:.4f}", epoch=epoch + 1)
             if self.step % cfg.log_every_n_steps == 0 or self.step == self.max_steps:
-                self.metrics.log(metrics, self.step)
+                self.metrics.log({**metrics, **self.run.memory_stats()}, self.step)
             end_of_epoch = self.step % self.steps_per_epoch == 0
             if end_of_epoch:
                 batches = None
@@ -180,7 +183,7 @@ class FinetuneRecipe:
     def _predict(self, split: str):
         return predict(
             self.model, self.task.splits[split], self.task, self.cfg.data.eval_batch_size,
-            self.tokenizer.pad_token_id, self.cfg.data.pad_to_multiple_of, self.device, self.autocast,
+            self.tokenizer.pad_token_id, self.cfg.data.pad_to_multiple_of, self.device, self.autocast, progress=True,
         )
 
     def _evaluate(self) -> None:

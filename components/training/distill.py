@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
+from tqdm import tqdm
 
 from components.data.mlm import GlobalBatchSampler, MLMMasker, pad_batch, round_up, step_generator
 from components.errors import NonFiniteLossError
@@ -128,7 +129,9 @@ class Evaluator:
         device: torch.device,
         autocast,
         reduce: Reduce = no_reduce,
+        progress: bool = False,
     ) -> Dict[str, float]:
+        """The held-out metrics; ``progress`` shows a bar over the batches."""
         was_training = student.training
         student.eval()
         sums: Dict[str, torch.Tensor] = {}
@@ -136,7 +139,7 @@ class Evaluator:
         def add(name: str, value) -> None:
             sums[name] = sums.get(name, torch.zeros((), dtype=torch.float64, device=device)) + value
 
-        for batch in self.batches:
+        for batch in tqdm(self.batches, desc="eval", leave=False, dynamic_ncols=True, disable=not progress):
             batch = batch.to(device)
             masked = batch.masked_positions
             labels = batch.labels[masked]

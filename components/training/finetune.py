@@ -6,6 +6,7 @@ import csv
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
+from tqdm import tqdm
 
 from components.data.tasks import num_batches, per_word, TaskData, task_batches
 from components.models.tasks import TaskModel
@@ -33,18 +34,20 @@ def predict(
     pad_to_multiple_of: int = 8,
     device: torch.device = torch.device("cpu"),
     autocast: Optional[Callable] = None,
+    progress: bool = False,
 ) -> Tuple[List[Tuple[int, Any]], Optional[Dict[str, float]]]:
     """Predictions for every row of ``dataset`` as ``(index, prediction)`` in source order, and
     the task's metrics when the rows have labels.
 
     A prediction is the label as written in the data (classification), a float (regression),
-    or one tag per word (NER; words cut off by truncation get ``"O"``).
+    or one tag per word (NER; words cut off by truncation get ``"O"``). ``progress`` shows a bar.
     """
     was_training = model.training
     model.eval()
     rows: List[Tuple[int, Any]] = []
     predicted, references = [], []
-    for batch in task_batches(dataset, batch_size, pad_token_id, pad_to_multiple_of, shuffle=False, seed=0, epoch=0):
+    batches = task_batches(dataset, batch_size, pad_token_id, pad_to_multiple_of, shuffle=False, seed=0, epoch=0)
+    for batch in tqdm(batches, total=num_batches(dataset, batch_size), desc="predict", leave=False, dynamic_ncols=True, disable=not progress):
         with autocast() if autocast is not None else contextlib.nullcontext():
             out = model.predict(model(*model_inputs(batch, device))).cpu()
         index = batch["index"].tolist()

@@ -17,11 +17,14 @@ A :class:`Run` owns a recipe's ``output_dir``:
   at once. Every rank stops after the same step: the request travels in a collective.
 * **Main-rank writes.** :meth:`Run.on_main` runs a write on the main rank; if it fails, every
   rank raises (none waits forever in the next collective).
-* **Metrics.** :meth:`Run.open_metrics` opens the metric logger, dropping whatever an
-  interrupted run logged after its last checkpoint.
+* **Metrics.** :meth:`Run.open_metrics` opens the metric logger (``metrics.jsonl`` plus
+  TensorBoard or the config's ``metric_logger``), dropping whatever an interrupted run logged
+  after its last checkpoint; :meth:`Run.profiler` and :meth:`Run.memory_stats` serve the
+  config's ``profiler`` and ``log_peak_memory_stats``.
 """
 
 import contextlib
+import functools
 import logging
 import signal
 import sys
@@ -41,9 +44,9 @@ from components.checkpointing.resume import (
     load_latest_checkpoint,
     save_checkpoint,
 )
-from components.errors import CheckpointError, ConfigError, RunInterrupted, UserError
-from components.training.config import config_differences
-from components.training.metrics import MetricLogger
+from components.errors import CheckpointError, ConfigError, MissingDependencyError, RunInterrupted, UserError
+from components.training.config import config_differences, instantiate
+from components.training.metrics import MetricLogger, peak_memory_stats
 
 log = logging.getLogger(__name__)
 
@@ -169,12 +172,49 @@ class Run:
 
     def open_metrics(self, next_step: int) -> MetricLogger:
         """The metric logger (main rank only writes), dropping what an interrupted run logged
-        from ``next_step`` on; also writes the resolved ``config.yaml``."""
-        self.metrics = MetricLogger(self.output_dir, purge_step=next_step, enabled=self.is_main)
+        from ``next_step`` on; also writes the resolved ``config.yaml``. Its dashboard is the
+        config's ``metric_logger`` (any torchtune metric logger) or TensorBoard."""
+        sink = None
+        if self.is_main and self.cfg.get("metric_logger") is not None:
+            sink = _instantiate_optional("metric_logger", self.cfg.metric_logger)
+            if hasattr(sink, "log_config"):  # WandB and MLflow record the run's config
+                sink.log_config(self.cfg)
+        self.metrics = MetricLogger(self.output_dir, purge_step=next_step, enabled=self.is_main, sink=sink)
         if self.is_main:
             with atomic_file(self.output_dir / "config.yaml", "config") as f:
                 f.write(OmegaConf.to_yaml(self.cfg))
         return self.metrics
+
+    def memory_stats(self) -> Dict[str, float]:
+        """Peak CUDA memory since the last call (``log_peak_memory_stats``), else nothing."""
+        if not self.cfg.get("log_peak_memory_stats", False):
+            return {}
+        return dict(peak_memory_stats(self.parallel.device))
+
+    def profiler(self):
+        """The config's ``profiler`` (torchtune's ``setup_torch_profiler``) as a context manager
+        whose ``step()`` the recipe calls after every optimizer step; a no-op when it is absent
+        or disabled. Traces go to ``<output_dir>/profiling/`` unless it names another folder."""
+        from torchtune.training import DummyProfiler
+
+        node = self.cfg.get("profiler")
+        if node is None or not node.get("enabled", False):
+            return DummyProfiler()
+        node = OmegaConf.to_container(node, resolve=True)
+        node.setdefault("output_dir", str(self.output_dir / "profiling"))
+        if self.parallel.device.type != "cuda":  # profile what there is
+            node["cuda"] = node["xpu"] = False
+        profiler = _instantiate_optional("profiler", node)
+        profiler = profiler[0] if isinstance(profiler, tuple) else profiler  # setup_torch_profiler: (profiler, cfg)
+        if self.parallel.device.type != "cuda" and isinstance(profiler, torch.profiler.profile):
+            # torchtune's trace handler ranks ops by CUDA time, which is all zeros here
+            from torchtune.training._profiler import trace_handler
+
+            profiler.on_trace_ready = functools.partial(
+                trace_handler, output_dir=node["output_dir"], metric="self_cpu_time_total"
+            )
+        log.info("Profiling into %s", node["output_dir"])
+        return profiler
 
     # ------------------------------------------------------------------ during the run
     def save_checkpoint(self, step: int, state: Dict[str, Any]) -> Path:
@@ -255,6 +295,15 @@ class Run:
         if self._lock is not None:
             self._lock.close()
             self._lock = None
+
+
+def _instantiate_optional(section: str, node):
+    """Instantiate an observability component; a missing package (wandb, mlflow) is one line."""
+    try:
+        return instantiate(node)
+    except ImportError as e:
+        target = node.get("_component_", section)
+        raise MissingDependencyError(f"{section}: {target} needs a package that is not installed ({e})") from e
 
 
 def execute(recipe):

@@ -72,6 +72,14 @@ class DistillConfig:
     resume_from_checkpoint: bool = False
     enable_activation_checkpointing: bool = False
     compile: bool = False
+    # Dashboard for the logged scalars: null is TensorBoard under <output_dir>/tensorboard; or any
+    # torchtune metric logger (torchtune.training.metric_logging.DiskLogger, WandBLogger,
+    # MLFlowLogger...) with its arguments. metrics.jsonl is written either way.
+    metric_logger: Optional[Component] = None
+    # torchtune.training.setup_torch_profiler with its arguments (enabled, wait_steps,
+    # warmup_steps, active_steps, ...); traces go to <output_dir>/profiling unless output_dir is set
+    profiler: Optional[Component] = None
+    log_peak_memory_stats: bool = True  # peak CUDA memory at every logged step (CUDA only)
 
 
 @dataclass
@@ -125,3 +133,11 @@ class FinetuneConfig:
     eval_every_n_steps: Optional[int] = bounded(None, low=1)
     keep_last_n_checkpoints: int = bounded(1, low=0)
     resume_from_checkpoint: bool = False
+    # Dashboard for the logged scalars: null is TensorBoard under <output_dir>/tensorboard; or any
+    # torchtune metric logger (torchtune.training.metric_logging.DiskLogger, WandBLogger,
+    # MLFlowLogger...) with its arguments. metrics.jsonl is written either way.
+    metric_logger: Optional[Component] = None
+    # torchtune.training.setup_torch_profiler with its arguments (enabled, wait_steps,
+    # warmup_steps, active_steps, ...); traces go to <output_dir>/profiling unless output_dir is set
+    profiler: Optional[Component] = None
+    log_peak_memory_stats: bool = True  # peak CUDA memory at every logged step (CUDA only)
