@@ -25,6 +25,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from components.checkpointing import save_student
 from components.data import build_windows, GlobalBatchSampler, MLMMasker
 from components.errors import CheckpointError, ConfigError, NonFiniteLossError
+from components.models.student import check_student, copy_teacher_embeddings
 from components.quantization import get_scheme, prepare_qat, set_fake_quantize
 from components.training.config import check_config, config_section, instantiate, instantiate_target, parse
 from components.training.distill import check_finite, count_tokens, distill_forward, Evaluator, step_batches
@@ -34,6 +35,7 @@ from components.training.schema import DistillConfig
 from components.training.stages import (
     apply_trainable,
     check_stage_patterns,
+    expand_stages,
     group_lambdas,
     param_groups,
     resolve_stages,
@@ -53,7 +55,7 @@ class DistillRecursiveRecipe:
     The run's bookkeeping (output folder, resume, signals, writes) is ``self.run``'s."""
 
     def __init__(self, cfg: DictConfig):
-        self.cfg = check_config(cfg, DistillConfig)
+        self.cfg = check_config(expand_stages(cfg), DistillConfig)
         self.output_dir = Path(self.cfg.output_dir)
         self.parallel = self.make_parallel()
         self.device = self.parallel.device
@@ -84,6 +86,8 @@ class DistillRecursiveRecipe:
         self.tokenizer = self.teacher.tokenizer
         with config_section("student"):
             self.student = self._build_student().to(self.device)
+            if cfg.copy_teacher_embeddings:
+                copy_teacher_embeddings(self.student, self.teacher.encoder)
         with config_section("loss"):
             self.loss_fn = instantiate(cfg.loss, student=self.student.spec, teacher=self.teacher.spec).to(self.device)
         self.default_weights = dict(self.loss_fn.weights)  # for stages that set none
@@ -94,6 +98,7 @@ class DistillRecursiveRecipe:
             check_stage_patterns(stage_configs, [n for n, _ in self.trainable_named_parameters()])
             for stage in stage_configs or []:  # fail now, not hours in, on a stage that cannot work
                 self.loss_fn.check_weights(stage.get("loss_weights") or self.default_weights)
+                self.loss_fn.check_layers(stage.get("layers"))
         log.info(
             "Teacher %s: %d layers, hidden %d. Student: %s, %.2fM parameters (%.2fM without the MLM head)",
             self.teacher.name,
@@ -148,6 +153,7 @@ class DistillRecursiveRecipe:
             if key in accepts and key not in given
         }
         student = instantiate(given, **extra)
+        check_student(student)
         if student.spec.vocab_size != teacher_vocab:
             raise ConfigError(
                 f"student vocabulary ({student.spec.vocab_size}, student.vocab_size) differs from the "
@@ -275,6 +281,7 @@ class DistillRecursiveRecipe:
         log.info("Stage %r: steps %d-%d", stage.name, stage.start + 1, stage.end)
         apply_trainable(self.trainable_named_parameters(), stage)
         self.loss_fn.set_weights(stage.loss_weights or self.default_weights)
+        self.loss_fn.set_layers(stage.layers)
         if self.qat_scheme is not None:
             set_fake_quantize(self.student, stage.fake_quantize)
         return stage

@@ -34,7 +34,7 @@ def test_defaults_are_filled_in():
         ({"student.hiden_size": 3}, r"'student.hiden_size'.*has no argument 'hiden_size' \(did you mean 'hidden_size'\?\)"),
         ({"max_steps": "ten"}, r"'max_steps' must be int or null, got str 'ten'"),
         ({"data.batch_size": 2.5}, r"'data.batch_size' must be int, got float 2.5"),
-        ({"dtype": "fp16"}, r"'dtype' must be one of \['fp32', 'bf16'\], got str 'fp16'"),
+        ({"dtype": "fp16"}, r"'dtype' must be one of \['fp32', 'bf16'\], got str 'fp16': fp16 is not offered.*use dtype=bf16"),
         ({"student.num_iterations": "six"}, r"'student.num_iterations' must be int, got str 'six'"),
         ({"loss._component_": "components.losses.NoSuchLoss"}, r"loss._component_: cannot import 'components.losses.NoSuchLoss'"),
         ({"stages": "[{name: a, stepz: 3}]"}, r"Unknown config key 'stepz' in section 'stages\[0\]' \(did you mean 'steps'\?\)"),
@@ -56,6 +56,7 @@ def test_every_shipped_config_is_valid():
     from pathlib import Path
 
     from components.training.schema import ExportConfig, FinetuneConfig
+    from components.training.stages import expand_stages
 
     configs = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
     assert {p.name for p in configs} >= {"tiny.yaml", "tiny_qat.yaml", "bert_base.yaml", "bert_base_qat.yaml",
@@ -66,7 +67,7 @@ def test_every_shipped_config_is_valid():
             check_config(OmegaConf.merge(OmegaConf.load(path), {"checkpoint_dir": "s", "output_dir": "o"}), ExportConfig)
             continue
         schema = FinetuneConfig if path.name.startswith(("finetune", "glue", "ner")) else DistillConfig
-        cfg = check_config(OmegaConf.load(path), schema)
+        cfg = check_config(expand_stages(OmegaConf.load(path)), schema)
         keys = ("output_dir", "checkpoint_dir", "tuning", "max_steps") if schema is FinetuneConfig else ("output_dir", "max_steps", "save_every_n_steps")
         for key in keys + ("resume_from_checkpoint",):
             assert key in OmegaConf.load(path), f"{path.name} does not set {key}"

@@ -8,8 +8,10 @@ import torch
 from components.losses import (
     AttentionKLLoss,
     DistillationLoss,
+    FeatureMapLoss,
     HiddenAlignmentLoss,
     MaskedLMLoss,
+    MeanVarianceLoss,
     MINIALBERT_WEIGHTS,
     OutputKLLoss,
     resolve_layer_map,
@@ -92,16 +94,54 @@ def test_attention_kl_per_head_over_valid_queries():
     assert math.isfinite(loss.item())
 
 
-def test_attention_kl_averages_heads_when_counts_differ():
+def test_attention_kl_groups_teacher_heads_when_the_counts_divide():
+    """4 teacher heads over 2 student heads: student head h against the mean of teacher heads
+    2h and 2h+1 (the documented rule), per head."""
     mask_row = [1, 1, 1]
     student, teacher = attention_probs(2, 3, mask_row, 3), attention_probs(4, 3, mask_row, 4)
     expected = 0.0
     for q in range(3):
+        for h in range(2):
+            t = [(teacher[0, 2 * h, q, k].item() + teacher[0, 2 * h + 1, q, k].item()) / 2 for k in range(3)]
+            expected += kl(t, student[0, h, q].tolist()) / 2
+    loss = AttentionKLLoss()(student, teacher, torch.tensor([mask_row]))
+    assert loss.item() == pytest.approx(expected / 3, rel=1e-5)
+
+
+def test_attention_kl_averages_heads_when_counts_do_not_divide():
+    mask_row = [1, 1, 1]
+    student, teacher = attention_probs(2, 3, mask_row, 3), attention_probs(3, 3, mask_row, 4)
+    expected = 0.0
+    for q in range(3):
         s = [sum(student[0, h, q, k].item() for h in range(2)) / 2 for k in range(3)]
-        t = [sum(teacher[0, h, q, k].item() for h in range(4)) / 4 for k in range(3)]
+        t = [sum(teacher[0, h, q, k].item() for h in range(3)) / 3 for k in range(3)]
         expected += kl(t, s)
     loss = AttentionKLLoss()(student, teacher, torch.tensor([mask_row]))
     assert loss.item() == pytest.approx(expected / 3, rel=1e-5)
+
+
+def test_feature_map_and_mean_variance_terms_by_hand():
+    s = torch.tensor([[[1.0, 2.0, 3.0, 6.0], [0.0, 0.0, 1.0, 1.0], [9.0, 9.0, 9.0, 9.5]]])
+    t = torch.tensor([[[2.0, 1.0, 0.0, 1.0], [1.0, 3.0, 1.0, 3.0], [0.0, 0.0, 0.0, 0.0]]])
+    mask = torch.tensor([[1, 1, 0]])  # the third token is padding
+
+    def normed(v):
+        m = sum(v) / len(v)
+        var = sum((x - m) ** 2 for x in v) / len(v)
+        return [(x - m) / math.sqrt(var + 1e-5) for x in v]
+
+    def stats(v):
+        m = sum(v) / len(v)
+        return m, sum((x - m) ** 2 for x in v) / len(v)
+
+    fm = [sum((a - b) ** 2 for a, b in zip(normed(s[0, i].tolist()), normed(t[0, i].tolist()))) / 4 for i in range(2)]
+    assert FeatureMapLoss()(s, t, mask).item() == pytest.approx(sum(fm) / 2, rel=1e-5)
+    means = [(stats(s[0, i].tolist())[0] - stats(t[0, i].tolist())[0]) ** 2 for i in range(2)]
+    variances = [abs(stats(s[0, i].tolist())[1] - stats(t[0, i].tolist())[1]) for i in range(2)]
+    assert MeanVarianceLoss("mean")(s, t, mask).item() == pytest.approx(sum(means) / 2, rel=1e-5)
+    assert MeanVarianceLoss("variance")(s, t, mask).item() == pytest.approx(sum(variances) / 2, rel=1e-5)
+    # invariant to the scale and offset of either side: it transfers the shape of the features
+    assert FeatureMapLoss()(3 * s + 7, t, mask).item() == pytest.approx(FeatureMapLoss()(s, t, mask).item(), rel=1e-3)
 
 
 def test_layer_maps():

@@ -1,30 +1,47 @@
 """The composite distillation loss: weights, the layer map, and every term for logging.
 
     total = w_mlm * mlm + w_output * output
-          + w_hidden * sum_{(s, t) in map} hidden(s, t)
-          + w_attention * sum_{(s, t) in map} attention(s, t)
+          + sum over layer-wise terms x of  w_x * sum_{(s, t) in active map} x(s, t)
           + w_embedding * hidden(embeddings)
 
-Each mapped layer has weight 1 (MiniALBERT). Token-level terms are divided by the number of
-masked tokens (mlm, output) or non-padding tokens (hidden, attention, embedding) of the whole
-optimizer step when the caller passes those counts.
+Layer-wise terms: ``hidden`` (cosine or MSE, MiniALBERT/TinyBERT), ``attention`` (per-head KL),
+``feature_map`` (MobileBERT's LayerNorm-then-MSE), ``feature_mean`` and ``feature_variance``
+(MobileBERT's released mean/variance transfer). Each mapped layer has weight 1. The *active*
+map is the whole layer map unless a stage selects some student layers (:meth:`set_layers`):
+MobileBERT's progressive transfer trains layer k with layer k's losses only. Pre-training
+distillation, ``a * MLM + (1 - a) * KD``, is the weights ``{mlm: a, output: 1 - a}``.
+
+Token-level terms are divided by the number of masked tokens (mlm, output) or non-padding
+tokens (the others) of the whole optimizer step when the caller passes those counts.
 """
 
 import math
 from dataclasses import dataclass
-from typing import Dict, List, Literal, Mapping, Optional, Set, Tuple, Union
+from typing import Dict, List, Literal, Mapping, Optional, Sequence, Set, Tuple, Union
 
 import torch
 from torch import nn
 
-from components.losses.terms import AttentionKLLoss, HiddenAlignmentLoss, MaskedLMLoss, OutputKLLoss
+from components.losses.terms import (
+    AttentionKLLoss,
+    FeatureMapLoss,
+    HiddenAlignmentLoss,
+    MaskedLMLoss,
+    MeanVarianceLoss,
+    OutputKLLoss,
+)
 from components.models.output import EncoderOutput, EncoderSpec
 
-TERMS = ("mlm", "output", "hidden", "attention", "embedding")
-LossTerm = Literal["mlm", "output", "hidden", "attention", "embedding"]
+TERMS = ("mlm", "output", "hidden", "attention", "embedding", "feature_map", "feature_mean", "feature_variance")
+LossTerm = Literal["mlm", "output", "hidden", "attention", "embedding", "feature_map", "feature_mean", "feature_variance"]
+# terms summed over the (active) layer map
+LAYER_TERMS = ("hidden", "attention", "feature_map", "feature_mean", "feature_variance")
 
 # MiniALBERT: 1 * mlm + 3 * (attention + hidden) + 5 * output, T = 1.
 MINIALBERT_WEIGHTS = {"mlm": 1.0, "output": 5.0, "hidden": 3.0, "attention": 3.0, "embedding": 0.0}
+# MobileBERT's layer-wise transfer (paper: feature maps 100, attention 1; released code: mean
+# 5000, variance 5); its pre-training distillation stage is {mlm: 0.5, output: 0.5}.
+MOBILEBERT_WEIGHTS = {"feature_map": 100.0, "attention": 1.0, "feature_mean": 5000.0, "feature_variance": 5.0}
 
 LayerMap = Union[Literal["uniform"], List[Optional[int]], Dict[int, int]]
 
@@ -109,8 +126,12 @@ class DistillationLoss(nn.Module):
         self.output = OutputKLLoss(temperature)
         self.hidden = HiddenAlignmentLoss(hidden_metric)
         self.attention = AttentionKLLoss(attention_reduction)
+        self.feature_map = FeatureMapLoss()
+        self.feature_mean = MeanVarianceLoss("mean")
+        self.feature_variance = MeanVarianceLoss("variance")
         self.weights: Dict[str, float] = {}
         self.set_weights(MINIALBERT_WEIGHTS if weights is None else weights)
+        self.active_layer_map = list(self.layer_map)
 
     def check_weights(self, weights: Mapping[str, float]) -> Dict[str, float]:
         """Validated weights for every term (missing ones 0); raises on what cannot work."""
@@ -135,12 +156,26 @@ class DistillationLoss(nn.Module):
     def set_weights(self, weights: Mapping[str, float]) -> None:
         self.weights = self.check_weights(weights)
 
+    def check_layers(self, layers: Optional[Sequence[int]]) -> List[Tuple[int, int]]:
+        """The pairs of the layer map whose student layer is in ``layers`` (all for ``None``)."""
+        if layers is None:
+            return list(self.layer_map)
+        mapped = {s for s, _ in self.layer_map}
+        unmapped = sorted(set(layers) - mapped)
+        if unmapped:
+            raise ValueError(f"layers {unmapped} are not student layers of the layer map (mapped: {sorted(mapped)})")
+        return [(s, t) for s, t in self.layer_map if s in set(layers)]
+
+    def set_layers(self, layers: Optional[Sequence[int]]) -> None:
+        """Which mapped student layers the layer-wise terms cover (a stage's ``layers``)."""
+        self.active_layer_map = self.check_layers(layers)
+
     # What the encoders must return for the active terms.
     def student_attention_layers(self) -> Set[int]:
-        return {s for s, _ in self.layer_map} if self.weights["attention"] else set()
+        return {s for s, _ in self.active_layer_map} if self.weights["attention"] else set()
 
     def teacher_attention_layers(self) -> Set[int]:
-        return {t for _, t in self.layer_map} if self.weights["attention"] else set()
+        return {t for _, t in self.active_layer_map} if self.weights["attention"] else set()
 
     @property
     def needs_student_logits(self) -> bool:
@@ -180,16 +215,15 @@ class DistillationLoss(nn.Module):
             sums["mlm"] = self.mlm(student.logits, masked_labels, "sum") / max(num_masked, 1)
         if w["output"]:
             sums["output"] = self.output(student.logits, teacher.logits, "sum") / max(num_masked, 1)
-        if w["hidden"]:
-            sums["hidden"] = sum(
-                self.hidden(self.project(student.hidden_states[s]), teacher.hidden_states[t], attention_mask, "sum")
-                for s, t in self.layer_map
-            ) / max(num_tokens, 1)
-        if w["attention"]:
-            sums["attention"] = sum(
-                self.attention(student.attentions[s], teacher.attentions[t], attention_mask, "sum")
-                for s, t in self.layer_map
-            ) / max(num_tokens, 1)
+        for term in LAYER_TERMS:
+            if not w[term]:
+                continue
+            loss = getattr(self, term)
+            if term == "attention":
+                pairs = ((student.attentions[s], teacher.attentions[t]) for s, t in self.active_layer_map)
+            else:
+                pairs = ((self.project(student.hidden_states[s]), teacher.hidden_states[t]) for s, t in self.active_layer_map)
+            sums[term] = sum(loss(s, t, attention_mask, "sum") for s, t in pairs) / max(num_tokens, 1)
         if w["embedding"]:
             sums["embedding"] = self.hidden(
                 self.project(student.hidden_states[0]), teacher.hidden_states[0], attention_mask, "sum"

@@ -84,13 +84,70 @@ class HiddenAlignmentLoss(nn.Module):
         return _reduce(per_token * mask, mask.sum(), reduction)
 
 
+class FeatureMapLoss(nn.Module):
+    """MobileBERT's feature-map transfer: both hidden states through a LayerNorm without
+    parameters (zero mean, unit variance over the hidden dimension), then the mean squared
+    error over that dimension, per non-padding token."""
+
+    def forward(
+        self, student: torch.Tensor, teacher: torch.Tensor, attention_mask: torch.Tensor, reduction: str = "mean"
+    ) -> torch.Tensor:
+        student, teacher = student.float(), teacher.float()
+        normed_s = F.layer_norm(student, student.shape[-1:])
+        normed_t = F.layer_norm(teacher, teacher.shape[-1:])
+        per_token = (normed_s - normed_t).pow(2).mean(-1)
+        mask = attention_mask.to(per_token.dtype)
+        return _reduce(per_token * mask, mask.sum(), reduction)
+
+
+class MeanVarianceLoss(nn.Module):
+    """MobileBERT's released mean/variance transfer, per non-padding token: the squared
+    difference of the hidden states' means over the hidden dimension (``statistic="mean"``) or
+    the absolute difference of their variances (``statistic="variance"``)."""
+
+    def __init__(self, statistic: str = "mean"):
+        super().__init__()
+        if statistic not in ("mean", "variance"):
+            raise ValueError(f"statistic must be 'mean' or 'variance', got {statistic!r}")
+        self.statistic = statistic
+
+    def forward(
+        self, student: torch.Tensor, teacher: torch.Tensor, attention_mask: torch.Tensor, reduction: str = "mean"
+    ) -> torch.Tensor:
+        student, teacher = student.float(), teacher.float()
+        if self.statistic == "mean":
+            per_token = (student.mean(-1) - teacher.mean(-1)).pow(2)
+        else:
+            per_token = (student.var(-1, unbiased=False) - teacher.var(-1, unbiased=False)).abs()
+        mask = attention_mask.to(per_token.dtype)
+        return _reduce(per_token * mask, mask.sum(), reduction)
+
+
+def match_heads(student: torch.Tensor, teacher: torch.Tensor):
+    """Attention maps ``[batch, heads, q, k]`` with the same number of heads on both sides.
+
+    The rule for teachers with other head counts: when the teacher's heads are a multiple of
+    the student's (BERT-large's 16 over MobileBERT's 4), each student head is matched with the
+    mean of a contiguous group of teacher heads (teacher heads 1-4 -> student head 1, ...);
+    otherwise both sides are averaged over all their heads. A mean of attention distributions
+    is a distribution, so the KL stays well defined."""
+    hs, ht = student.shape[1], teacher.shape[1]
+    if hs == ht:
+        return student, teacher
+    if ht % hs == 0:
+        grouped = teacher.unflatten(1, (hs, ht // hs)).mean(2)
+        return student, grouped
+    return student.mean(1, keepdim=True), teacher.mean(1, keepdim=True)
+
+
 class AttentionKLLoss(nn.Module):
     """KL(teacher || student) of each attention distribution (one per query row and head),
-    averaged over heads, at non-padding query positions.
+    averaged over heads, at non-padding query positions: MobileBERT's per-head attention
+    transfer, and MiniALBERT's attention loss.
 
-    When the head counts differ, both sides are first averaged over their heads (the mean of
-    attention distributions is a distribution), and the KL is taken between the head means.
-    Padded keys carry zero probability on both sides and contribute nothing.
+    When the head counts differ, :func:`match_heads` pairs them (groups of teacher heads when
+    the counts divide, else the head means). Padded keys carry zero probability on both sides
+    and contribute nothing.
 
     ``reduction_over="distribution"`` is that per-distribution KL (MobileBERT's definition);
     ``"element"`` also divides by the number of keys (the padded sequence length), which is what
@@ -110,9 +167,7 @@ class AttentionKLLoss(nn.Module):
         attention_mask: torch.Tensor,
         reduction: str = "mean",
     ) -> torch.Tensor:
-        student, teacher = student.float(), teacher.float()
-        if student.shape[1] != teacher.shape[1]:
-            student, teacher = student.mean(1, keepdim=True), teacher.mean(1, keepdim=True)
+        student, teacher = match_heads(student.float(), teacher.float())
         tiny = torch.finfo(student.dtype).tiny
         per_row = (torch.xlogy(teacher, teacher) - teacher * student.clamp_min(tiny).log()).sum(-1)
         if self.reduction_over == "element":

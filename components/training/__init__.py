@@ -2,6 +2,7 @@ from components.training.config import check_config, ConfigError, instantiate, p
 from components.training.stages import (
     cosine_warmup_decay,
     linear_warmup_decay,
+    progressive_stages,
     resolve_stages,
     Stage,
     StageConfig,
@@ -13,6 +14,7 @@ __all__ = [
     "cosine_warmup_decay",
     "instantiate",
     "linear_warmup_decay",
+    "progressive_stages",
     "parse",
     "resolve_stages",
     "Stage",

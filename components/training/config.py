@@ -112,10 +112,19 @@ def _type_ok(value, annotation) -> bool:
     return True
 
 
+# Values people try that deserve more than "must be one of".
+_HINTS = {
+    ("dtype", "fp16"): "fp16 is not offered: NoNorm students (MobileBERT) and long distillation "
+    "runs overflow in fp16 (NaN); use dtype=bf16, which has fp32's range",
+}
+
+
 def _check_value(value, annotation, path: str) -> None:
     if not _type_ok(value, annotation):
+        hint = _HINTS.get((path, value) if isinstance(value, str) else None)
         raise ConfigError(
             f"Config key {path!r} must be {_type_name(annotation)}, got {type(value).__name__} {value!r}"
+            + (f": {hint}" if hint else "")
         )
 
 

@@ -56,7 +56,10 @@ class DistillConfig:
         provided=("total_steps",),
     )
     # Stages of the run in order; null: one stage training everything with loss.weights.
+    # A stage-list builder may stand here instead (stages: {_component_: components.training.progressive_stages, ...}).
     stages: Optional[List[StageConfig]] = None
+    # Start the student's embeddings from the teacher's wherever name and shape agree (MobileBERT)
+    copy_teacher_embeddings: bool = False
     quantization: QuantizationConfig = field(default_factory=dict)  # defaults filled in by the checks
     seed: int = 42
     device: str = "auto"  # auto | cpu | cuda | cuda:N

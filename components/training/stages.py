@@ -42,6 +42,9 @@ class StageConfig:
     # Quantisation-aware training: the student's Linear layers and word embeddings see the
     # integers of the run's quantization.scheme in this stage (fake quantisation).
     fake_quantize: bool = False
+    # Student layers (1-based) whose mapped pairs the layer-wise losses cover in this stage;
+    # null: every pair of the layer map (progressive transfer: [k] in phase k).
+    layers: Optional[List[int]] = None
 
 
 @dataclass
@@ -53,6 +56,7 @@ class Stage:
     trainable: Tuple[str, ...]
     lr_scale: Tuple[Tuple[str, float], ...]
     fake_quantize: bool = False
+    layers: Optional[Tuple[int, ...]] = None
 
     def trains(self, name: str) -> bool:
         return any(fnmatch.fnmatchcase(name, p) for p in self.trainable)
@@ -88,6 +92,7 @@ def resolve_stages(configs: Optional[Sequence[Mapping]], total_steps: int) -> Li
                 trainable=tuple(c.trainable),
                 lr_scale=tuple((p, float(s)) for p, s in c.lr_scale.items()),
                 fake_quantize=c.fake_quantize,
+                layers=tuple(c.layers) if c.layers is not None else None,
             )
         )
         start += c.steps
@@ -107,6 +112,88 @@ def check_stage_patterns(configs: Optional[Sequence[Mapping]], names: Sequence[s
                         f"stages[{i}].{key}: {pattern!r} matches no parameter "
                         f"(names start with {prefixes})"
                     )
+
+
+def progressive_stages(
+    num_layers: int,
+    steps_per_layer: int,
+    layer_parameters: str = "student.layers.{index}.*",
+    also_trainable: Sequence[str] = ("loss.*",),
+    layer_weights: Optional[Mapping[str, float]] = None,
+    final_weights: Optional[Mapping[str, float]] = None,
+    final_steps: Optional[int] = None,
+    during: float = 3.0,
+    after: float = 0.3,
+) -> List[dict]:
+    """MobileBERT's progressive knowledge transfer as a stage list (plain data; the resolved
+    config shows every stage). Use it as ``stages: {_component_: components.training.progressive_stages, ...}``.
+
+    Phase k (``layer_k``) trains student layer k and the layers before it, with only layer k's
+    layer-wise losses (``layers: [k]``): learning-rate multiplier ``during`` (3) for layer k,
+    ``after`` (0.3) for earlier layers; later layers, the embeddings and the MLM head are frozen
+    (MobileBERT: multiplier 0 before a layer's phase, embeddings frozen while layers transfer).
+    Then a last stage, ``pretrain_distill``, trains everything with ``final_weights``
+    (MobileBERT's pre-training distillation ``0.5 * MLM + 0.5 * KD``).
+
+    Args:
+        num_layers: student layers (iterations) to transfer, in order.
+        steps_per_layer: optimizer steps of each layer's phase.
+        layer_parameters: glob of layer k's parameters, ``{index}`` being k - 1: the bottleneck
+            student's ``student.layers.{index}.*``; for a recursive student, whose per-iteration
+            parameters are its adapters, ``student.adapters.{index}.*``.
+        also_trainable: globs that train in every phase at multiplier 1 (the hidden-state
+            projections of a teacher of another width, ``loss.*``; the shared layer of a
+            recursive student, ``student.layer.*``).
+        layer_weights: the layer-wise phases' loss weights (MobileBERT's by default).
+        final_weights: the last stage's loss weights; ``{}`` leaves the last stage out.
+        final_steps: the last stage's steps; ``None`` takes what remains of ``max_steps``.
+        during, after: learning-rate multipliers of layer k during and after its phase.
+    """
+    from components.losses.distillation import MOBILEBERT_WEIGHTS
+
+    if num_layers < 1 or steps_per_layer < 1:
+        raise ValueError(f"progressive_stages needs num_layers >= 1 and steps_per_layer >= 1, got {num_layers}, {steps_per_layer}")
+    if "{index}" not in layer_parameters:
+        raise ValueError(f"layer_parameters must contain '{{index}}' (the 0-based layer), got {layer_parameters!r}")
+    layer_weights = dict(MOBILEBERT_WEIGHTS if layer_weights is None else layer_weights)
+    final_weights = {"mlm": 0.5, "output": 0.5} if final_weights is None else dict(final_weights)
+    stages = []
+    for k in range(1, num_layers + 1):
+        layer = [layer_parameters.format(index=i) for i in range(k)]
+        scale = {layer[k - 1]: during, **{glob: after for glob in layer[: k - 1]}}
+        stages.append(
+            {
+                "name": f"layer_{k}",
+                "steps": steps_per_layer,
+                "loss_weights": dict(layer_weights),
+                "layers": [k],
+                "trainable": layer + list(also_trainable),
+                "lr_scale": scale,
+            }
+        )
+    if final_weights:
+        stages.append({"name": "pretrain_distill", "steps": final_steps, "loss_weights": final_weights})
+    return stages
+
+
+def expand_stages(cfg):
+    """A ``stages`` section given as a ``_component_`` (a stage-list builder such as
+    :func:`progressive_stages`) becomes the list it builds, before the config is checked."""
+    from omegaconf import OmegaConf
+
+    from components.errors import ConfigError
+    from components.training.config import config_section, instantiate
+
+    node = cfg.get("stages") if hasattr(cfg, "get") else None
+    if node is None or not OmegaConf.is_dict(node) or "_component_" not in node:
+        return cfg
+    with config_section("stages"):
+        stages = instantiate(node)
+    if not isinstance(stages, list):
+        raise ConfigError(f"stages: {node._component_} returned {type(stages).__name__}, not a list of stages")
+    cfg = cfg.copy()
+    cfg.stages = stages
+    return cfg
 
 
 def stage_at(stages: Sequence[Stage], step: int) -> Stage:
