@@ -93,6 +93,43 @@ class Embeddings(nn.Module):
         return self.dropout(self.norm(x))
 
 
+def attend(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    num_heads: int,
+    dropout: float = 0.0,
+    training: bool = False,
+    need_probs: bool = False,
+) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Scaled dot-product attention over already projected ``[batch, seq, width]`` queries,
+    keys and values split into ``num_heads`` heads; returns the ``[batch, seq, width]`` context
+    (heads merged, before any output projection) and, when ``need_probs``, the probabilities
+    ``[batch, heads, seq, seq]`` (softmax in fp32, before dropout). SDPA otherwise.
+    """
+    batch, seq, width = q.shape
+    head_dim = width // num_heads
+
+    def heads(t: torch.Tensor) -> torch.Tensor:
+        return t.view(batch, seq, num_heads, head_dim).transpose(1, 2)
+
+    q, k, v = heads(q), heads(k), heads(v)
+    dropout = dropout if training else 0.0
+    probs = None
+    if need_probs:
+        scores = (q @ k.transpose(-1, -2)) / math.sqrt(head_dim)
+        if bias is not None:
+            scores = scores + bias
+        # Softmax in fp32 keeps the distillation targets exact under bf16 autocast.
+        probs = scores.float().softmax(dim=-1)
+        context = F.dropout(probs, dropout, training).to(v.dtype) @ v
+    else:
+        mask = None if bias is None else bias.to(q.dtype)
+        context = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
+    return context.transpose(1, 2).reshape(batch, seq, width), probs
+
+
 class MultiHeadAttention(nn.Module):
     """Bidirectional self-attention. SDPA unless the caller needs the probabilities."""
 
@@ -111,25 +148,16 @@ class MultiHeadAttention(nn.Module):
     def forward(
         self, x: torch.Tensor, bias: Optional[torch.Tensor], need_probs: bool = False
     ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-        batch, seq, width = x.shape
-
-        def heads(t: torch.Tensor) -> torch.Tensor:
-            return t.view(batch, seq, self.num_heads, self.head_dim).transpose(1, 2)
-
-        q, k, v = heads(self.query(x)), heads(self.key(x)), heads(self.value(x))
-        dropout = self.dropout if self.training else 0.0
-        probs = None
-        if need_probs:
-            scores = (q @ k.transpose(-1, -2)) / math.sqrt(self.head_dim)
-            if bias is not None:
-                scores = scores + bias
-            # Softmax in fp32 keeps the distillation targets exact under bf16 autocast.
-            probs = scores.float().softmax(dim=-1)
-            context = F.dropout(probs, dropout, self.training).to(v.dtype) @ v
-        else:
-            mask = None if bias is None else bias.to(q.dtype)
-            context = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
-        context = context.transpose(1, 2).reshape(batch, seq, width)
+        context, probs = attend(
+            self.query(x),
+            self.key(x),
+            self.value(x),
+            bias,
+            self.num_heads,
+            self.dropout,
+            self.training,
+            need_probs,
+        )
         return self.output(context), probs
 
 
