@@ -125,10 +125,12 @@ def ensure_smoke_assets(
     assets_dir: str, vocab_size: int = 2000, pretrain_steps: int = 300, seed: int = 0
 ) -> Path:
     """Build the corpus and the tiny teacher under ``assets_dir`` unless they exist."""
-    root = check_write_path(assets_dir, "smoke assets")
+    root = Path(assets_dir)
     corpus, teacher = root / "corpus.jsonl", root / "teacher"
     if corpus.is_file() and (teacher / "config.json").is_file():
-        return root
+        return root  # reading needs no write permission (they may live outside output_dir)
+    root = check_write_path(assets_dir, "smoke assets")
+    corpus, teacher = root / "corpus.jsonl", root / "teacher"
     from transformers import BertConfig, BertForMaskedLM
 
     log.info("Building smoke-run assets in %s (tiny teacher, stdlib-docstring corpus)", root)

@@ -50,3 +50,13 @@ def corpus_file(tmp_path_factory, documents):
         for doc in documents:
             f.write(json.dumps({"text": doc}) + "\n")
     return path
+
+
+@pytest.fixture(scope="session")
+def smoke_assets(tmp_path_factory):
+    """The smoke runs' teacher and corpus (configs/tiny.yaml and friends), built once for every
+    test that runs a shipped smoke config: pass ``teacher.assets_dir`` and
+    ``data.source.assets_dir`` to point the config at them."""
+    from components.smoke import ensure_smoke_assets
+
+    return ensure_smoke_assets(str(tmp_path_factory.mktemp("smoke_assets")))

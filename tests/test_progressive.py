@@ -111,8 +111,8 @@ def test_bad_progressive_settings_are_config_errors(tmp_path, teacher_dir, corpu
 def test_progressive_stages_as_data():
     stages = progressive_stages(3, 10, final_steps=5)
     assert [s["name"] for s in stages] == ["layer_1", "layer_2", "layer_3", "pretrain_distill"]
-    assert stages[2]["trainable"] == ["student.layers.0.*", "student.layers.1.*", "student.layers.2.*", "loss.*"]
-    assert stages[2]["lr_scale"] == {"student.layers.2.*": 3.0, "student.layers.0.*": 0.3, "student.layers.1.*": 0.3}
+    assert stages[2]["trainable"] == ["student.blocks.0.*", "student.blocks.1.*", "student.blocks.2.*", "loss.*"]
+    assert stages[2]["lr_scale"] == {"student.blocks.2.*": 3.0, "student.blocks.0.*": 0.3, "student.blocks.1.*": 0.3}
     assert stages[2]["layers"] == [3] and stages[3]["steps"] == 5
     assert stages[3]["loss_weights"] == {"mlm": 0.5, "output": 0.5}
     assert progressive_stages(2, 1, final_weights={})[-1]["name"] == "layer_2"

@@ -22,14 +22,17 @@ def tune_run(*args, cwd=REPO, timeout=600):
     )
 
 
-def test_tiny_config_end_to_end(tmp_path):
+def test_tiny_config_end_to_end(tmp_path, smoke_assets):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     from components.checkpointing import load_student
     from tests.recipe_helpers import logged
 
     out = tmp_path / "tiny"
-    result = tune_run("--config", "configs/tiny.yaml", f"output_dir={out}", "max_steps=120", "eval_every_n_steps=60")
+    result = tune_run(
+        "--config", "configs/tiny.yaml", f"output_dir={out}", "max_steps=120", "eval_every_n_steps=60",
+        f"teacher.assets_dir={smoke_assets}", f"data.source.assets_dir={smoke_assets}",
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
 
     records = logged(out)

@@ -1,9 +1,9 @@
 """Everything this library writes, loadable through transformers' Auto classes and pipelines.
 
-``import components`` registers two model types with transformers (no ``trust_remote_code``):
+``import components`` registers three model types with transformers (no ``trust_remote_code``):
 
-* ``recursive_encoder``: a student in our native format (adapters, or a MiniALBERT-wide MLM
-  head). ``AutoConfig``, ``AutoModel`` (hidden states), ``AutoModelForMaskedLM`` and, with a
+* ``recursive_encoder`` (and ``bottleneck_encoder``): a student in our native format
+  (adapters, or a MiniALBERT-wide MLM head; a bottleneck student MobileBERT cannot express). ``AutoConfig``, ``AutoModel`` (hidden states), ``AutoModelForMaskedLM`` and, with a
   fresh head for fine-tuning in transformers, ``AutoModelForSequenceClassification`` /
   ``AutoModelForTokenClassification``.
 * ``finetuned_encoder``: a model written by ``recipes/finetune.py`` (``tuning=full``):
@@ -76,8 +76,21 @@ class _EncoderConfig(PreTrainedConfig):
         kwargs["tie_word_embeddings"] = bool(args.get("tie_word_embeddings", False))
 
 
-class StudentConfig(_EncoderConfig):
-    """``config.json`` of a student in our native format (``model_type: recursive_encoder``).
+class _NativeStudentConfig(_EncoderConfig):
+    """A student in our native format: the builder arguments under the key named like the
+    ``model_type`` (the family)."""
+
+    def __post_init__(self, **kwargs):
+        setattr(self, self.model_type, dict(getattr(self, self.model_type) or {}))
+        self._derive(kwargs)
+        super().__post_init__(**kwargs)
+
+    def encoder_family(self):
+        return self.model_type, getattr(self, self.model_type)
+
+
+class StudentConfig(_NativeStudentConfig):
+    """``config.json`` of a recursive student in our native format (``model_type: recursive_encoder``).
 
     Args:
         recursive_encoder: the ``RecursiveEncoder`` builder arguments, as saved.
@@ -86,13 +99,17 @@ class StudentConfig(_EncoderConfig):
     model_type = STUDENT_MODEL_TYPE
     recursive_encoder: Optional[Dict[str, Any]] = None
 
-    def __post_init__(self, **kwargs):
-        self.recursive_encoder = dict(self.recursive_encoder or {})
-        self._derive(kwargs)
-        super().__post_init__(**kwargs)
 
-    def encoder_family(self):
-        return STUDENT_MODEL_TYPE, self.recursive_encoder
+class BottleneckStudentConfig(_NativeStudentConfig):
+    """``config.json`` of a bottleneck student that transformers' MobileBERT cannot express
+    (``model_type: bottleneck_encoder``; every other one is written as a MobileBERT).
+
+    Args:
+        bottleneck_encoder: the ``BottleneckEncoder`` builder arguments, as saved.
+    """
+
+    model_type = "bottleneck_encoder"
+    bottleneck_encoder: Optional[Dict[str, Any]] = None
 
 
 class FinetunedConfig(_EncoderConfig):
@@ -235,7 +252,7 @@ class _WithTaskHead(_EncoderPreTrainedModel):
             if self.task_type != "token_classification" and (config.problem_type == "regression" or num_labels == 1):
                 self.task_type = "regression"
             dropout = getattr(config, "classifier_dropout", None)
-            dropout = config.recursive_encoder["dropout"] if dropout is None else dropout
+            dropout = config.encoder_family()[1]["dropout"] if dropout is None else dropout
         self.encoder = self._build_encoder(config)
         head_class = TokenHead if self.task_type == "token_classification" else SequenceHead
         self.head = head_class(self.encoder.spec.hidden_size, num_labels, dropout)
@@ -277,16 +294,14 @@ def _classes(config_class, prefix: str, bases) -> Dict[Any, type]:
     }
 
 
-STUDENT_CLASSES = _classes(
-    StudentConfig,
-    "RecursiveEncoder",
-    {
-        AutoModel: _Model,
-        AutoModelForMaskedLM: _ForMaskedLM,
-        AutoModelForSequenceClassification: _ForSequenceClassification,
-        AutoModelForTokenClassification: _ForTokenClassification,
-    },
-)
+_STUDENT_TASKS = {
+    AutoModel: _Model,
+    AutoModelForMaskedLM: _ForMaskedLM,
+    AutoModelForSequenceClassification: _ForSequenceClassification,
+    AutoModelForTokenClassification: _ForTokenClassification,
+}
+STUDENT_CLASSES = _classes(StudentConfig, "RecursiveEncoder", _STUDENT_TASKS)
+BOTTLENECK_CLASSES = _classes(BottleneckStudentConfig, "BottleneckEncoder", _STUDENT_TASKS)
 FINETUNED_CLASSES = _classes(
     FinetunedConfig,
     "FinetunedEncoder",
@@ -300,7 +315,11 @@ FINETUNED_CLASSES = _classes(
 
 def register() -> None:
     """Register our model types with transformers' Auto classes (idempotent)."""
-    for config_class, classes in ((StudentConfig, STUDENT_CLASSES), (FinetunedConfig, FINETUNED_CLASSES)):
+    for config_class, classes in (
+        (StudentConfig, STUDENT_CLASSES),
+        (BottleneckStudentConfig, BOTTLENECK_CLASSES),
+        (FinetunedConfig, FINETUNED_CLASSES),
+    ):
         AutoConfig.register(config_class.model_type, config_class, exist_ok=True)
         for auto, model_class in classes.items():
             auto.register(config_class, model_class, exist_ok=True)

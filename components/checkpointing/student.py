@@ -1,86 +1,143 @@
 """Export a student to a Hugging Face-style folder, and load one back.
 
-* An adapter-free student with an ALBERT-shaped MLM head is written as an ALBERT checkpoint
-  (``config.json`` + ``model.safetensors`` + tokenizer) that ``AlbertForMaskedLM.from_pretrained``
-  loads and that reproduces our logits.
-* Any other student (adapters, a MiniALBERT-style wide head) is written in our own format:
-  ``config.json`` with ``model_type: recursive_encoder`` and the builder arguments, our weight
-  names in ``model.safetensors``, and the tokenizer. ``load_student`` rebuilds it exactly.
+Every student family has a transformers format it is written in whenever it fits (the
+:data:`FORMATS` table; a new family is one entry):
 
-``load_student`` also reads plain ALBERT checkpoints with one shared layer, so a published
-ALBERT can start a distillation run.
+* an adapter-free recursive student with an ALBERT-shaped MLM head is an ALBERT checkpoint
+  (``AlbertForMaskedLM.from_pretrained`` loads it and reproduces our logits);
+* a bottleneck student is a MobileBERT checkpoint (``MobileBertForMaskedLM``), except for
+  IB-BERT-shaped attention, which transformers cannot build.
+
+Any other student (adapters, a MiniALBERT-style wide head) is written in our own format:
+``config.json`` with ``model_type`` the family (``recursive_encoder``, ``bottleneck_encoder``)
+and the builder arguments under that key, our weight names in ``model.safetensors``, and the
+tokenizer; ``import components`` registers these types with transformers' Auto classes.
+``load_student`` rebuilds every one exactly, and also reads published ALBERT (one shared
+layer) and MobileBERT checkpoints, so they can start a distillation run.
 """
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Dict, Optional
 
 import torch
 from safetensors.torch import load_file, save_file
+from torch import nn
 
-from components.checkpointing.albert import (
-    albert_config_kwargs,
-    albert_to_native,
-    native_to_albert,
-    recursive_kwargs_from_albert,
-)
+from components.checkpointing import albert, mobilebert
 from components.checkpointing.hf_bert import CheckpointError
 from components.checkpointing.io import atomic_directory
-from components.models.recursive import RecursiveEncoder
+from components.models.families import encoder_family, ENCODERS
 
-NATIVE_MODEL_TYPE = "recursive_encoder"
+NATIVE_MODEL_TYPE = "recursive_encoder"  # the recursive family's native model_type
 FORMAT_VERSION = 1
 # config.json key for what this library records about how a student was made (training
 # metadata: transformers keeps unknown config keys, so ALBERT exports carry it too)
 METADATA_KEY = "recursive_distill"
 
 
-def is_albert_compatible(model: RecursiveEncoder) -> bool:
-    c = model.config
+@dataclass(frozen=True)
+class HFFormat:
+    """How one student family is written as a transformers model."""
+
+    family: str  # key of components.models.families.ENCODERS
+    model_type: str  # transformers' model_type
+    config_class: str  # transformers config class name
+    fits: Callable[[Dict], bool]  # whether a student's builder arguments are expressible
+    config_kwargs: Callable[[Dict], Dict]  # builder arguments -> transformers config kwargs
+    builder_kwargs: Callable[[Dict], Dict]  # transformers config.json -> builder arguments
+    to_hf: Callable[[Dict, Dict], Dict]  # (our state, builder arguments) -> transformers state
+    from_hf: Callable[[Dict, Dict], Dict]  # (transformers state, builder arguments) -> ours
+
+
+def _albert_fits(c: Dict) -> bool:
     return c["adapter_placement"] is None and c["mlm_head"] and c["mlm_head_size"] == c["embedding_size"]
 
 
-def _native_state(model: RecursiveEncoder) -> dict:
+def _albert_from_hf(state: Dict, kwargs: Dict) -> Dict:
+    state = albert.albert_to_native(state, kwargs)
+    if kwargs["embedding_size"] == kwargs["hidden_size"]:  # ALBERT keeps a Linear we do not have
+        eye = torch.eye(kwargs["hidden_size"])
+        if not torch.allclose(state.pop("projector.weight"), eye) or state.pop("projector.bias").any():
+            raise CheckpointError("an ALBERT with E == H and a non-identity embedding projection is not a recursive student")
+    return state
+
+
+FORMATS = {
+    "albert": HFFormat(
+        "recursive_encoder", "albert", "AlbertConfig", _albert_fits, albert.albert_config_kwargs,
+        albert.recursive_kwargs_from_albert, albert.native_to_albert, _albert_from_hf,
+    ),
+    "mobilebert": HFFormat(
+        "bottleneck_encoder", "mobilebert", "MobileBertConfig", mobilebert.is_mobilebert_compatible,
+        mobilebert.mobilebert_config_kwargs, mobilebert.bottleneck_kwargs_from_mobilebert,
+        mobilebert.native_to_mobilebert, mobilebert.mobilebert_to_native,
+    ),
+}
+
+
+# every config.json model_type load_student reads: native families and transformers formats
+STUDENT_MODEL_TYPES = frozenset({f.family for f in FORMATS.values()} | set(FORMATS))
+
+
+def hf_format(model: nn.Module) -> Optional[str]:
+    """The transformers format ``model`` can be written in, or ``None``."""
+    family = encoder_family(model)
+    return next((name for name, f in FORMATS.items() if f.family == family and f.fits(model.config)), None)
+
+
+def is_albert_compatible(model: nn.Module) -> bool:
+    return hf_format(model) == "albert"
+
+
+def _native_state(model: nn.Module) -> dict:
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    if model.config["tie_word_embeddings"]:
+    if model.config.get("tie_word_embeddings"):
         state.pop("mlm_head.decoder.weight", None)  # safetensors refuses shared tensors
     return state
 
 
 def save_student(
-    model: RecursiveEncoder, folder: Path, tokenizer=None, format: str = "auto", metadata: Optional[dict] = None
+    model: nn.Module, folder: Path, tokenizer=None, format: str = "auto", metadata: Optional[dict] = None
 ) -> str:
     """Write ``model`` (and ``tokenizer``) to ``folder`` atomically; returns the format used.
 
     Args:
-        format: ``"albert"``, ``"native"``, or ``"auto"`` (ALBERT whenever the student is one).
+        format: ``"auto"`` (the family's transformers format whenever the student fits it),
+            ``"native"``, or a transformers format by name (``"albert"``, ``"mobilebert"``).
         metadata: how the student was made (e.g. ``{"quantization_aware": {...}}``), saved in
             ``config.json`` under ``"recursive_distill"``; see :func:`student_metadata`.
     """
+    family = encoder_family(model)
+    fits = hf_format(model)
     if format == "auto":
-        format = "albert" if is_albert_compatible(model) else "native"
-    if format == "albert" and not is_albert_compatible(model):
-        raise ValueError(
-            "Only an adapter-free student whose MLM head is E-wide is an ALBERT model; "
-            "export this one with format='native'"
-        )
-    if format not in ("albert", "native"):
-        raise ValueError(f"Unknown student format {format!r}; use 'albert', 'native' or 'auto'")
+        format = fits or "native"
+    if format != "native":
+        if format not in FORMATS:
+            raise ValueError(f"Unknown student format {format!r}; use 'auto', 'native' or one of {sorted(FORMATS)}")
+        if format != fits:
+            raise ValueError(
+                f"This {type(model).__name__} cannot be written as {format!r} "
+                f"({'it fits ' + repr(fits) if fits else 'it fits no transformers format'}); "
+                "export it with format='native'"
+            )
     state = _native_state(model)
     with atomic_directory(Path(folder), "student") as tmp:
-        if format == "albert":
-            from transformers import AlbertConfig
+        if format != "native":
+            import transformers
 
+            spec = FORMATS[format]
             extra = {METADATA_KEY: metadata} if metadata else {}
-            AlbertConfig(**albert_config_kwargs(model.config), **extra).save_pretrained(str(tmp))
-            save_file(native_to_albert(state, model.config), str(tmp / "model.safetensors"), {"format": "pt"})
+            getattr(transformers, spec.config_class)(**spec.config_kwargs(model.config), **extra).save_pretrained(str(tmp))
+            save_file(spec.to_hf(state, model.config), str(tmp / "model.safetensors"), {"format": "pt"})
         else:
             config = {
-                "model_type": NATIVE_MODEL_TYPE,
+                "model_type": family,
                 # the transformers class that loads it (components.checkpointing.auto)
-                "architectures": ["RecursiveEncoderForMaskedLM" if model.mlm_head is not None else "RecursiveEncoderModel"],
+                "architectures": [_auto_class_name(family, model.config.get("mlm_head", False))],
                 "format_version": FORMAT_VERSION,
-                "recursive_encoder": model.config,
+                family: model.config,
             }
             if metadata:
                 config[METADATA_KEY] = metadata
@@ -91,6 +148,11 @@ def save_student(
     return format
 
 
+def _auto_class_name(family: str, mlm_head: bool) -> str:
+    prefix = "".join(part.title() for part in family.split("_"))  # recursive_encoder -> RecursiveEncoder
+    return prefix + ("ForMaskedLM" if mlm_head else "Model")
+
+
 def student_metadata(path: str) -> dict:
     """What :func:`save_student` recorded about how the student in ``path`` was made."""
     try:
@@ -99,11 +161,11 @@ def student_metadata(path: str) -> dict:
         return {}
 
 
-def load_student(path: str, **overrides) -> RecursiveEncoder:
-    """Rebuild a student from a folder written by :func:`save_student`, or from an ALBERT
-    checkpoint with one shared layer. ``overrides`` change builder arguments that do not
-    touch the saved weights' shapes: dropout, say, or ``adapter_placement`` to add fresh
-    adapters to an adapter-free student."""
+def load_student(path: str, **overrides) -> nn.Module:
+    """Rebuild a student from a folder written by :func:`save_student`, or from a published
+    checkpoint of a family's transformers format (ALBERT with one shared layer, MobileBERT).
+    ``overrides`` change builder arguments that do not touch the saved weights' shapes:
+    dropout, say, or ``adapter_placement`` to add fresh adapters to an adapter-free student."""
     folder = Path(path)
     config_file = folder / "config.json"
     if not config_file.is_file():
@@ -113,10 +175,9 @@ def load_student(path: str, **overrides) -> RecursiveEncoder:
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{config_file} is not valid JSON: {e}") from e
     model_type = config.get("model_type")
-    if model_type not in (NATIVE_MODEL_TYPE, "albert"):
+    if model_type not in STUDENT_MODEL_TYPES:
         raise CheckpointError(
-            f"{config_file}: model_type {model_type!r} is not a student "
-            f"(expected {NATIVE_MODEL_TYPE!r} or 'albert')"
+            f"{config_file}: model_type {model_type!r} is not a student (expected one of {sorted(STUDENT_MODEL_TYPES)})"
         )
     weights = folder / "model.safetensors"
     if not weights.is_file():
@@ -125,32 +186,30 @@ def load_student(path: str, **overrides) -> RecursiveEncoder:
         state = load_file(str(weights))
     except Exception as e:
         raise CheckpointError(f"Could not read {weights}: {e}") from e
-    if model_type == NATIVE_MODEL_TYPE:
-        kwargs = config["recursive_encoder"]
+    if model_type in ENCODERS:  # our native format
+        family, kwargs = model_type, config[model_type]
         if state and all(k.startswith("encoder.") for k in state):  # saved by transformers' save_pretrained
             state = {k[len("encoder."):]: v for k, v in state.items()}
     else:
-        kwargs = recursive_kwargs_from_albert(config)
-        state = albert_to_native(state, kwargs)
-        if kwargs["embedding_size"] == kwargs["hidden_size"]:
-            eye = torch.eye(kwargs["hidden_size"])
-            if not torch.allclose(state.pop("projector.weight"), eye) or state.pop("projector.bias").any():
-                raise CheckpointError(
-                    f"{folder}: an ALBERT with E == H and a non-identity embedding projection "
-                    "is not a recursive student"
-                )
-    model = RecursiveEncoder(**{**kwargs, **overrides})
+        spec = FORMATS[model_type]
+        family = spec.family
+        try:
+            kwargs = spec.builder_kwargs(config)
+            state = spec.from_hf(state, kwargs)
+        except (ValueError, KeyError) as e:
+            raise CheckpointError(f"{folder}: {e}") from e
+    model = ENCODERS[family](**{**kwargs, **overrides})
     if not model.config["mlm_head"]:  # left out on purpose (fine-tuning does not use it)
         state = {k: v for k, v in state.items() if not k.startswith("mlm_head.")}
-    if kwargs.get("tie_word_embeddings") and model.config["mlm_head"]:
+    tied = kwargs.get("tie_word_embeddings") and model.config["mlm_head"]
+    if tied:
         state.pop("mlm_head.decoder.weight", None)
     missing, unexpected = model.load_state_dict(state, strict=False)
-    if kwargs.get("tie_word_embeddings"):
+    if tied:
         missing = [k for k in missing if k != "mlm_head.decoder.weight"]
-    if kwargs.get("adapter_placement") is None:
+    if kwargs.get("adapter_placement", "none") is None:
         # adapters added to an adapter-free student (overrides) keep their initialisation
         missing = [k for k in missing if not k.startswith("adapters.")]
     if missing or unexpected:
         raise CheckpointError(f"{weights} does not match its config: missing {missing}, unexpected {unexpected}")
     return model
-

@@ -21,7 +21,7 @@ from torch import nn
 
 from components.checkpointing.hf_bert import load_hf_encoder, load_tokenizer, resolve_checkpoint_dir, SUPPORTED_MODEL_TYPES
 from components.checkpointing.io import atomic_directory
-from components.checkpointing.student import load_student, NATIVE_MODEL_TYPE
+from components.checkpointing.student import load_student, STUDENT_MODEL_TYPES
 from components.errors import CheckpointError
 from components.models.families import encoder_family, ENCODERS
 from components.models.tasks import TaskModel
@@ -42,14 +42,14 @@ def load_encoder(path: str, revision: Optional[str] = None) -> Tuple[nn.Module, 
         model_type = json.loads(config_file.read_text()).get("model_type")
     except ValueError as e:
         raise CheckpointError(f"{config_file} is not valid JSON: {e}") from e
-    if model_type in (NATIVE_MODEL_TYPE, "albert"):
+    if model_type in STUDENT_MODEL_TYPES:
         encoder = load_student(str(folder), mlm_head=False)
     elif model_type in SUPPORTED_MODEL_TYPES:
         encoder, _ = load_hf_encoder(folder, mlm_head=False)
     else:
         raise CheckpointError(
             f"{config_file}: model_type {model_type!r} is neither a student of this library "
-            f"({NATIVE_MODEL_TYPE!r}, 'albert') nor a supported teacher family {sorted(SUPPORTED_MODEL_TYPES)}"
+            f"{sorted(STUDENT_MODEL_TYPES)} nor a supported teacher family {sorted(SUPPORTED_MODEL_TYPES)}"
         )
     return encoder, load_tokenizer(folder, encoder.spec.vocab_size)
 

@@ -1,5 +1,6 @@
 from components.models.adapters import BottleneckAdapter, PLACEMENTS
 from components.models.bert import BertEncoder
+from components.models.bottleneck import bottleneck_tiny, BottleneckEncoder, mobilebert, mobilebert_tiny
 from components.models.output import EncoderOutput, EncoderSpec
 from components.models.recursive import (
     minialbert_128,
@@ -11,6 +12,8 @@ from components.models.teacher import FrozenTeacher, hf_teacher
 
 __all__ = [
     "BertEncoder",
+    "bottleneck_tiny",
+    "BottleneckEncoder",
     "BottleneckAdapter",
     "EncoderOutput",
     "EncoderSpec",
@@ -18,6 +21,8 @@ __all__ = [
     "hf_teacher",
     "minialbert_128",
     "minialbert_312",
+    "mobilebert",
+    "mobilebert_tiny",
     "PLACEMENTS",
     "recursive_tiny",
     "RecursiveEncoder",

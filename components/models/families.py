@@ -4,10 +4,11 @@ from torch import nn
 
 from components.errors import CheckpointError
 from components.models.bert import BertEncoder
+from components.models.bottleneck import BottleneckEncoder
 from components.models.recursive import RecursiveEncoder
 
 # family name (as saved in config files) -> class built from the saved builder arguments
-ENCODERS = {"recursive_encoder": RecursiveEncoder, "bert_encoder": BertEncoder}
+ENCODERS = {"recursive_encoder": RecursiveEncoder, "bottleneck_encoder": BottleneckEncoder, "bert_encoder": BertEncoder}
 
 
 def encoder_family(encoder: nn.Module) -> str:

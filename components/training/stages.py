@@ -106,6 +106,8 @@ def check_stage_patterns(configs: Optional[Sequence[Mapping]], names: Sequence[s
         c = StageConfig(**dict(c))
         for key, patterns in (("trainable", c.trainable), ("lr_scale", list(c.lr_scale))):
             for pattern in patterns:
+                if pattern == "loss.*":  # the loss has parameters only for a teacher of another width
+                    continue
                 if not any(fnmatch.fnmatchcase(n, pattern) for n in names):
                     prefixes = sorted({n.split(".")[0] + "." + n.split(".")[1] for n in names if n.count(".") > 1})
                     raise ValueError(
@@ -117,7 +119,7 @@ def check_stage_patterns(configs: Optional[Sequence[Mapping]], names: Sequence[s
 def progressive_stages(
     num_layers: int,
     steps_per_layer: int,
-    layer_parameters: str = "student.layers.{index}.*",
+    layer_parameters: str = "student.blocks.{index}.*",
     also_trainable: Sequence[str] = ("loss.*",),
     layer_weights: Optional[Mapping[str, float]] = None,
     final_weights: Optional[Mapping[str, float]] = None,
@@ -139,7 +141,7 @@ def progressive_stages(
         num_layers: student layers (iterations) to transfer, in order.
         steps_per_layer: optimizer steps of each layer's phase.
         layer_parameters: glob of layer k's parameters, ``{index}`` being k - 1: the bottleneck
-            student's ``student.layers.{index}.*``; for a recursive student, whose per-iteration
+            student's ``student.blocks.{index}.*``; for a recursive student, whose per-iteration
             parameters are its adapters, ``student.adapters.{index}.*``.
         also_trainable: globs that train in every phase at multiplier 1 (the hidden-state
             projections of a teacher of another width, ``loss.*``; the shared layer of a
