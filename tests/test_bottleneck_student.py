@@ -107,3 +107,30 @@ def test_a_bottleneck_student_fine_tunes_with_the_same_recipe(tokenizer, tmp_pat
 
     loaded = AutoModelForSequenceClassification.from_pretrained(tmp_path / "ft" / "model")
     assert type(loaded.encoder).__name__ == "BottleneckEncoder"
+
+
+def test_a_teacher_of_another_shape_teaches_through_per_layer_projections(tmp_path, tokenizer):
+    """A stock BERT (here 8 heads, 48 wide, 2 layers) teaches a 2-block bottleneck student (4 heads,
+    64 wide): one learned projection per block, teacher heads matched in groups of two."""
+    from recipes.distill_recursive import DistillRecursiveRecipe
+    from components.training.run import execute
+    from tests.helpers import make_hf_teacher
+    from tests.recipe_helpers import tiny_config
+
+    teacher = make_hf_teacher(tmp_path / "teacher", tokenizer, layers=2, hidden=48)
+    import json
+
+    config = json.loads((teacher / "config.json").read_text())
+    config["num_attention_heads"] = 8
+    (teacher / "config.json").write_text(json.dumps(config))
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n\n".join(f"the value {i} of the object is returned to the caller" for i in range(64)))
+    cfg = tiny_config(tmp_path / "run", teacher, corpus, max_steps=6, save_every_n_steps=None)
+    cfg["student"] = {"_component_": "components.models.bottleneck_tiny", "num_layers": 2, "max_position_embeddings": 80}
+    cfg["loss"].update(projection="per_layer", attention_reduction="distribution")
+    cfg["stages"] = {"_component_": "components.training.progressive_stages", "num_layers": 2, "steps_per_layer": 2,
+                     "also_trainable": ["loss.*", "student.embeddings.*"]}
+    recipe = execute(DistillRecursiveRecipe(OmegaConf.create(cfg)))
+    assert sorted(recipe.loss_fn.projections) == ["0", "1", "2"]
+    assert [w.shape for w in (p.weight for p in recipe.loss_fn.projections.values())] == [(48, 64)] * 3
+    assert isinstance(load_student(str(tmp_path / "run" / "student")), BottleneckEncoder)

@@ -232,6 +232,18 @@ def test_projection_when_student_is_narrower():
     assert loss_fn.projection.weight.grad is not None
 
 
+def test_per_layer_projections_train_only_for_the_active_layers():
+    loss_fn = DistillationLoss(*specs(student_hidden=4), weights={"feature_map": 1.0}, projection="per_layer")
+    assert loss_fn.projection is None and sorted(loss_fn.projections) == ["0", "1", "2"]
+    loss_fn.set_layers([2])
+    student, teacher, labels, mask = records(2, student_hidden=4)
+    loss_fn(student, teacher, labels, mask).total.backward()
+    grads = {name: p.weight.grad for name, p in loss_fn.projections.items()}
+    assert grads["2"] is not None and grads["1"] is None and grads["0"] is None
+    with pytest.raises(ValueError, match="projection must be 'shared' or 'per_layer'"):
+        DistillationLoss(*specs(student_hidden=4), projection="each")
+
+
 def test_inactive_terms_ask_for_nothing():
     loss_fn = DistillationLoss(*specs(), weights={"hidden": 1.0})
     assert loss_fn.student_attention_layers() == set() and loss_fn.teacher_attention_layers() == set()

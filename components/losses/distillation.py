@@ -95,9 +95,11 @@ class DistillationLoss(nn.Module):
             ``KLDivLoss(reduction="mean")`` did (use it to keep the paper's loss weights
             balanced as published: at 256 tokens the term is 256x smaller).
 
-    When the student is narrower than the teacher, a learned linear projection (one, shared by
-    all mapped layers and the embeddings) maps student hidden states to the teacher's width. It
-    trains with the student and is not part of the exported student.
+    When the student is narrower than the teacher, learned linear projections map student
+    hidden states to the teacher's width (``projection``: one shared by all mapped layers and the
+    embeddings, or one per mapped layer: ``per_layer``, for students whose layers differ, such as
+    MobileBERT's under a stock BERT teacher). They train with the student and are not part of
+    the exported student.
     """
 
     def __init__(
@@ -109,6 +111,7 @@ class DistillationLoss(nn.Module):
         layer_map: LayerMap = "uniform",
         hidden_metric: Literal["cosine", "mse"] = "cosine",
         attention_reduction: Literal["distribution", "element"] = "distribution",
+        projection: Literal["shared", "per_layer"] = "shared",
     ):
         super().__init__()
         if student.vocab_size != teacher.vocab_size:
@@ -117,11 +120,17 @@ class DistillationLoss(nn.Module):
             )
         self.student_spec, self.teacher_spec = student, teacher
         self.layer_map = resolve_layer_map(layer_map, student.num_layers, teacher.num_layers)
-        self.projection = (
-            nn.Linear(student.hidden_size, teacher.hidden_size)
-            if student.hidden_size != teacher.hidden_size
-            else None
-        )
+        if projection not in ("shared", "per_layer"):
+            raise ValueError(f"projection must be 'shared' or 'per_layer', got {projection!r}")
+        self.projection = self.projections = None
+        if student.hidden_size != teacher.hidden_size:
+            if projection == "shared":
+                self.projection = nn.Linear(student.hidden_size, teacher.hidden_size)
+            else:  # one per mapped student layer, and one for the embeddings ("0")
+                layers = [0] + [s for s, _ in self.layer_map]
+                self.projections = nn.ModuleDict(
+                    {str(i): nn.Linear(student.hidden_size, teacher.hidden_size) for i in layers}
+                )
         self.mlm = MaskedLMLoss()
         self.output = OutputKLLoss(temperature)
         self.hidden = HiddenAlignmentLoss(hidden_metric)
@@ -185,7 +194,10 @@ class DistillationLoss(nn.Module):
     def needs_teacher_logits(self) -> bool:
         return bool(self.weights["output"])
 
-    def project(self, hidden: torch.Tensor) -> torch.Tensor:
+    def project(self, hidden: torch.Tensor, layer: int = 0) -> torch.Tensor:
+        """Student hidden states of ``layer`` (0: the embeddings) at the teacher's width."""
+        if self.projections is not None:
+            return self.projections[str(layer)](hidden)
         return self.projection(hidden) if self.projection is not None else hidden
 
     def forward(
@@ -222,11 +234,11 @@ class DistillationLoss(nn.Module):
             if term == "attention":
                 pairs = ((student.attentions[s], teacher.attentions[t]) for s, t in self.active_layer_map)
             else:
-                pairs = ((self.project(student.hidden_states[s]), teacher.hidden_states[t]) for s, t in self.active_layer_map)
+                pairs = ((self.project(student.hidden_states[s], s), teacher.hidden_states[t]) for s, t in self.active_layer_map)
             sums[term] = sum(loss(s, t, attention_mask, "sum") for s, t in pairs) / max(num_tokens, 1)
         if w["embedding"]:
             sums["embedding"] = self.hidden(
-                self.project(student.hidden_states[0]), teacher.hidden_states[0], attention_mask, "sum"
+                self.project(student.hidden_states[0], 0), teacher.hidden_states[0], attention_mask, "sum"
             ) / max(num_tokens, 1)
         total = sum(w[name] * value for name, value in sums.items())
         return LossOutput(total=total, terms=sums)

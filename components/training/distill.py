@@ -155,7 +155,7 @@ class Evaluator:
                     add(f"{who}_loss", torch.nn.functional.cross_entropy(logits, labels, reduction="sum"))
                     add(f"{who}_correct", (logits.argmax(-1) == labels).sum())
             for s, t in loss_fn.layer_map:
-                student_hidden = loss_fn.project(s_out.hidden_states[s].float())
+                student_hidden = loss_fn.project(s_out.hidden_states[s].float(), s)
                 cos = torch.nn.functional.cosine_similarity(
                     student_hidden[mask], t_out.hidden_states[t].float()[mask], dim=-1
                 )
