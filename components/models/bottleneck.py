@@ -16,8 +16,6 @@ keys and values are projected from the H-wide block input (IB-BERT's shape); tra
 build that case only when H == I.
 """
 
-import functools
-import inspect
 from typing import Collection, Optional, Tuple
 
 import torch
@@ -33,6 +31,7 @@ from components.models.layers import (
     init_weights,
 )
 from components.models.output import EncoderOutput, EncoderSpec
+from components.models.presets import preset
 
 NORMALIZATIONS = ("no_norm", "layer_norm")
 
@@ -487,33 +486,7 @@ class BottleneckEncoder(nn.Module):
         return []
 
 
-def _preset(**defaults):
-    """Make a named builder of :class:`BottleneckEncoder` with other defaults.
-
-    The builder gets the class's full signature with these defaults, so ``help()`` shows every
-    key and config checks catch a misspelt one before anything is loaded.
-    """
-
-    def decorate(fn):
-        base = inspect.signature(BottleneckEncoder)
-        fn.__signature__ = base.replace(
-            parameters=[
-                p.replace(default=defaults[p.name]) if p.name in defaults else p
-                for p in base.parameters.values()
-            ],
-            return_annotation=BottleneckEncoder,
-        )
-
-        @functools.wraps(fn)
-        def build(**kwargs) -> BottleneckEncoder:
-            return BottleneckEncoder(**{**defaults, **kwargs})
-
-        return build
-
-    return decorate
-
-
-@_preset(vocab_size=30522)
+@preset(BottleneckEncoder, vocab_size=30522)
 def mobilebert():
     """MobileBERT (``google/mobilebert-uncased``'s shape): E=128, H=512, I=128, 24 blocks,
     4 heads, 4 FFNs of 512, shared query/key bottleneck, trigram input, NoNorm, ReLU.
@@ -526,7 +499,8 @@ def mobilebert():
     """
 
 
-@_preset(
+@preset(
+    BottleneckEncoder,
     vocab_size=30522,
     num_feedforward_networks=2,
     use_bottleneck_attention=True,
@@ -543,7 +517,8 @@ def mobilebert_tiny():
     """
 
 
-@_preset(
+@preset(
+    BottleneckEncoder,
     vocab_size=1000,
     embedding_size=32,
     hidden_size=64,

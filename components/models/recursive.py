@@ -9,8 +9,6 @@ Without adapters this is exactly a transformers ``AlbertForMaskedLM`` with one h
 (``components.checkpointing.albert`` converts between the two).
 """
 
-import functools
-import inspect
 from typing import Collection, Optional
 
 import torch
@@ -27,6 +25,7 @@ from components.models.layers import (
     TransformerLayer,
 )
 from components.models.output import EncoderOutput, EncoderSpec
+from components.models.presets import preset
 
 
 class RecursiveEncoder(nn.Module):
@@ -202,32 +201,6 @@ class RecursiveEncoder(nn.Module):
         return [] if self.adapters is None else list(self.adapters.parameters())
 
 
-def _preset(**defaults):
-    """Make a named builder of :class:`RecursiveEncoder` with other defaults.
-
-    The builder gets the class's full signature with these defaults, so ``help()`` shows every
-    key and config checks catch a misspelt one before anything is loaded.
-    """
-
-    def decorate(fn):
-        base = inspect.signature(RecursiveEncoder)
-        fn.__signature__ = base.replace(
-            parameters=[
-                p.replace(default=defaults[p.name]) if p.name in defaults else p
-                for p in base.parameters.values()
-            ],
-            return_annotation=RecursiveEncoder,
-        )
-
-        @functools.wraps(fn)
-        def build(**kwargs) -> RecursiveEncoder:
-            return RecursiveEncoder(**{**defaults, **kwargs})
-
-        return build
-
-    return decorate
-
-
 _MINIALBERT = dict(
     vocab_size=30522,
     embedding_size=128,
@@ -240,7 +213,7 @@ _MINIALBERT = dict(
 )
 
 
-@_preset(**_MINIALBERT)
+@preset(RecursiveEncoder, **_MINIALBERT)
 def minialbert_128():
     """miniALBERT-128: E=128, H=768, 12 heads, FFN 3072, 6 iterations, adapters r=16.
 
@@ -248,13 +221,14 @@ def minialbert_128():
     """
 
 
-@_preset(**{**_MINIALBERT, "vocab_size": 28996, "embedding_size": 312})
+@preset(RecursiveEncoder, **{**_MINIALBERT, "vocab_size": 28996, "embedding_size": 312})
 def minialbert_312():
     """The E=312 variant: about 17.45M parameters without the MLM head with BioBERT's
     28,996-token vocabulary (the paper's "17.5M"), 17.93M with bert-base-uncased's 30,522."""
 
 
-@_preset(
+@preset(
+    RecursiveEncoder,
     vocab_size=1000,
     embedding_size=32,
     hidden_size=64,
