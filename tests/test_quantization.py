@@ -24,6 +24,7 @@ from components.quantization.schemes import (
     group_for,
     quantize_weight,
     round_activation,
+    SCHEMES,
 )
 from tests.recipe_helpers import logged, run_recipe, tiny_config
 
@@ -79,8 +80,8 @@ def test_activation_rounding_is_onnx_runtimes_dynamic_quantize_linear(shift):
 
 
 def test_fake_quantised_linear_is_onnx_runtimes_int8_linear(tmp_path):
-    """One Linear through quantize_dynamic (ORT's own weight integers) against our fake
-    quantisation: the same up to float summation order."""
+    """One Linear through quantize_dynamic (ORT's own weight integers, reduced range) against our
+    fake quantisation: the same up to float summation order, on CPUs with and without VNNI."""
     from onnxruntime.quantization import quantize_dynamic, QuantType
 
     torch.manual_seed(0)
@@ -89,11 +90,12 @@ def test_fake_quantised_linear_is_onnx_runtimes_int8_linear(tmp_path):
     x[1, 2, 3] = 9.0
     torch.onnx.export(linear, (x,), str(tmp_path / "f.onnx"), dynamo=True, opset_version=21, external_data=False)
     quantize_dynamic(str(tmp_path / "f.onnx"), str(tmp_path / "q.onnx"), op_types_to_quantize=["MatMul"],
-                     per_channel=True, reduce_range=False, weight_type=QuantType.QInt8)
+                     per_channel=True, reduce_range=True, weight_type=QuantType.QInt8)
     session = ort.InferenceSession(str(tmp_path / "q.onnx"), providers=["CPUExecutionProvider"])
     y = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
     with torch.no_grad():
-        simulated = torch.nn.functional.linear(fake_quantize_activation(x), fake_quantize_weight(linear.weight, 8), linear.bias)
+        qmax = SCHEMES["int8_dynamic"].weight_qmax
+        simulated = torch.nn.functional.linear(fake_quantize_activation(x), fake_quantize_weight(linear.weight, 8, qmax=qmax), linear.bias)
         exact = linear(x)
     assert np.abs(y - simulated.numpy()).max() <= 1e-5
     assert np.abs(y - exact.numpy()).max() > 1e-3  # the check above is not trivially true
@@ -209,6 +211,21 @@ def test_both_students_export_every_scheme_with_its_files(exports):
     assert exports["qat_int8_dynamic"][1]["quantization_aware"]["steps"] == 5
     assert exports["plain_int8_dynamic"][1]["quantization_aware"] is None
     assert exports["plain_int4_weight"][1]["group_size"] == 16
+
+
+def test_int8_products_cannot_saturate_on_cpus_without_vnni(exports):
+    """ONNX Runtime's int8 kernel on AVX2 adds pairs of uint8 x int8 products in int16: every
+    weight the integer MatMuls read stays within [-64, 64], so 2 * 255 * 64 < 32767."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(exports["qat_int8_dynamic"][0] / "model.onnx"))
+    weights = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    integer_nodes = [n for n in model.graph.node if n.op_type in ("MatMulInteger", "DynamicQuantizeMatMul")]
+    assert integer_nodes
+    for node in integer_nodes:
+        w = weights[node.input[1]]
+        assert w.dtype == np.int8 and np.abs(w.astype(np.int32)).max() <= 64, node.name
 
 
 def test_converted_files_compute_what_fake_quantisation_trained_for(exports):

@@ -8,8 +8,9 @@
 3. The scheme:
    * ``int8_dynamic``: ``onnxruntime.quantization.quantize_dynamic`` on the MatMuls whose second
      input is a weight (activation x activation products, QK^T and PV, stay fp32), int8
-     per-channel symmetric weights, no reduced range. It computes the same integers as
-     ``components.quantization.schemes.quantize_weight``.
+     per-channel symmetric weights in ONNX Runtime's reduced range [-64, 64] (exact on CPUs
+     without VNNI too). It computes the same integers as
+     ``components.quantization.schemes.quantize_weight`` with the scheme's ``weight_qmax``.
    * ``int8_weight`` / ``int4_weight``: each such MatMul becomes ONNX Runtime's ``MatMulNBits``
      holding our integers and scales, computing in fp32.
    * every scheme: the word-embedding ``Gather`` reads int8 rows and multiplies by each row's scale.
@@ -196,7 +197,7 @@ def weight_only_matmuls(model, scheme: Scheme) -> None:
         weight = torch.from_numpy(numpy_helper.to_array(init).copy()).T  # [N, K], as in torch
         n, k = weight.shape
         block = _block_size(k, scheme.group_size)
-        q, scale = quantize_weight(weight, scheme.weight_bits, scheme.group_size)
+        q, scale = quantize_weight(weight, scheme.weight_bits, scheme.group_size, scheme.weight_qmax)
         scale = scale.expand(n, k // block)  # one scale per channel: repeated over its blocks
         packed = (q.to(torch.int16) + offset).to(torch.uint8).view(n, k // block, block)
         if scheme.weight_bits == 4:  # two to a byte, the first in the low nibble
@@ -280,7 +281,7 @@ def _quantize_dynamic(model, path: Path) -> None:
                 op_types_to_quantize=["MatMul"],
                 nodes_to_quantize=[n.name for n in weight_matmuls(model)],
                 per_channel=True,
-                reduce_range=False,
+                reduce_range=True,  # weights in [-64, 64]: see components/quantization/schemes.py
                 weight_type=quantization.QuantType.QInt8,
             )
     finally:

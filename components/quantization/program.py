@@ -38,7 +38,7 @@ class QuantizedLinear(nn.Module):
 
     def __init__(self, linear: nn.Linear, scheme: Scheme):
         super().__init__()
-        q, scale = quantize_weight(linear.weight, scheme.weight_bits, scheme.group_size)
+        q, scale = quantize_weight(linear.weight, scheme.weight_bits, scheme.group_size, scheme.weight_qmax)
         self.packed = scheme.weight_bits == 4
         self.register_buffer("qweight", _pack_int4(q) if self.packed else q)
         self.register_buffer("scale", scale)

@@ -44,12 +44,12 @@ class _FakeQuantizer(nn.Module):
 class WeightFakeQuantizer(_FakeQuantizer):
     """Symmetric integer weights, per output channel (or per group of inputs)."""
 
-    def __init__(self, config: Scheme, bits: int, group_size: Optional[int]):
+    def __init__(self, config: Scheme, bits: int, group_size: Optional[int], qmax: Optional[int] = None):
         super().__init__(config)
-        self.bits, self.group_size = bits, group_size
+        self.bits, self.group_size, self.qmax = bits, group_size, qmax
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
-        return fake_quantize_weight(weight, self.bits, self.group_size) if self.enabled else weight
+        return fake_quantize_weight(weight, self.bits, self.group_size, self.qmax) if self.enabled else weight
 
 
 class ActivationFakeQuantizer(_FakeQuantizer):
@@ -100,7 +100,9 @@ def prepare_qat(model: nn.Module, scheme: Scheme) -> nn.Module:
     )
     for module in model.modules():
         if isinstance(module, FakeQuantizedLinear):
-            module.weight_fake_quantizer = WeightFakeQuantizer(scheme, scheme.weight_bits, scheme.group_size)
+            module.weight_fake_quantizer = WeightFakeQuantizer(
+                scheme, scheme.weight_bits, scheme.group_size, scheme.weight_qmax
+            )
             module.activation_fake_quantizer = ActivationFakeQuantizer(scheme) if scheme.dynamic_activations else None
         elif isinstance(module, FakeQuantizedEmbedding):
             module.weight_fake_quantizer = WeightFakeQuantizer(scheme, EMBEDDING_BITS, None)  # one scale per token

@@ -6,18 +6,26 @@ these functions, so what QAT trains for is exactly what the deployed runtime com
 scheme             weights                                     activations (inputs of every Linear)
 =================  ==========================================  =======================================
 ``int8_dynamic``   int8, symmetric, per output channel,        uint8, asymmetric, ONE scale per tensor,
-                   scale = absmax / 127, values in [-127, 127]  computed at run time from its min/max
-``int8_weight``    as above                                    float
+                   scale = absmax / 64, values in [-64, 64]    computed at run time from its min/max
+``int8_weight``    int8, symmetric, per output channel,        float
+                   scale = absmax / 127, values in [-127, 127]
 ``int4_weight``    int4, symmetric, per group of ``group_size``  float
                    inputs, scale = absmax / 7, in [-7, 7]
 =================  ==========================================  =======================================
 
 ``int8_dynamic`` is ONNX Runtime's dynamic quantisation (``quantize_dynamic`` with
-``per_channel=True, reduce_range=False, weight_type=QInt8``): ``DynamicQuantizeLinear`` turns each
+``per_channel=True, reduce_range=True, weight_type=QInt8``): ``DynamicQuantizeLinear`` turns each
 activation into uint8 with ``scale = (max(x, 0) - min(x, 0)) / 255`` and
 ``zero_point = round(-min(x, 0) / scale)``, rounding half to even, and the weights are rounded the
 same way; integer products accumulate in int32. Simulating those roundings in float gives ORT's
-outputs to about 1e-6 (measured; ``tests/test_quantization.py`` checks it). torchao's
+outputs to about 1e-6 (measured; ``tests/test_quantization.py`` checks it).
+
+Why the weights use 7 bits (``reduce_range``): on x86 CPUs without VNNI (AVX2, AVX-512F) ONNX
+Runtime multiplies uint8 activations by int8 weights with ``vpmaddubsw``, which adds pairs of
+products into int16 and saturates past 32767; with weights up to 127 a pair reaches
+2 * 255 * 127, and outputs come out wrong by up to 0.23 on a 96 -> 160 Linear (measured on an
+AVX2 EPYC). Weights within [-64, 64] keep every pair below 2 * 255 * 64 = 32640, so the
+file computes the same on every CPU; QAT trains for exactly those integers. torchao's
 ``IntxFakeQuantizeConfig`` cannot express this (per-token activations only, weights scaled by
 absmax / 127.5 into [-128, 127]), so the rounding rules are written here and plugged into
 torchao's fake-quantised modules (``components.quantization.qat``).
@@ -30,6 +38,7 @@ All fake quantisers use the straight-through estimator: forward computes the rou
 backward passes the gradient through unchanged.
 """
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Dict, Optional, Tuple
 
@@ -39,7 +48,8 @@ import torch
 @dataclass(frozen=True)
 class Scheme:
     name: str
-    weight_bits: int  # 8 or 4
+    weight_bits: int  # 8 or 4: the integer type weights are stored in
+    weight_qmax: int  # weights take values in [-weight_qmax, weight_qmax]
     group_size: Optional[int]  # None: one scale per output channel
     dynamic_activations: bool  # uint8 per-tensor dynamic activations (ORT DynamicQuantizeLinear)
     runtime: str  # what the scheme targets, in words (README, export.json)
@@ -49,6 +59,7 @@ SCHEMES: Dict[str, Scheme] = {
     "int8_dynamic": Scheme(
         "int8_dynamic",
         8,
+        64,  # ONNX Runtime's reduce_range: no int16 saturation on CPUs without VNNI
         None,
         True,
         "ONNX Runtime dynamic int8 (MatMulInteger / DynamicQuantizeMatMul): int8 per-channel weights, "
@@ -57,6 +68,7 @@ SCHEMES: Dict[str, Scheme] = {
     "int8_weight": Scheme(
         "int8_weight",
         8,
+        127,
         None,
         False,
         "int8 per-channel weights dequantised to fp32 at run time (ONNX DequantizeLinear + MatMul); "
@@ -65,6 +77,7 @@ SCHEMES: Dict[str, Scheme] = {
     "int4_weight": Scheme(
         "int4_weight",
         4,
+        7,
         32,
         False,
         "int4 weights in groups of group_size inputs (ONNX blocked DequantizeLinear, fused by ONNX Runtime "
@@ -84,7 +97,7 @@ def get_scheme(name: str, group_size: Optional[int] = None) -> Scheme:
     if group_size is not None and scheme.group_size is not None:
         if group_size < 2 or group_size & (group_size - 1):
             raise ValueError(f"group_size must be a power of two of at least 2, got {group_size}")
-        scheme = Scheme(scheme.name, scheme.weight_bits, group_size, scheme.dynamic_activations, scheme.runtime)
+        scheme = dataclasses.replace(scheme, group_size=group_size)
     return scheme
 
 
@@ -105,16 +118,18 @@ def group_for(inputs: int, group_size: Optional[int]) -> Optional[int]:
     return group
 
 
-def quantize_weight(weight: torch.Tensor, bits: int, group_size: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+def quantize_weight(
+    weight: torch.Tensor, bits: int, group_size: Optional[int] = None, qmax: Optional[int] = None
+) -> Tuple[torch.Tensor, torch.Tensor]:
     """Symmetric integers and scales for a ``[out, in]`` weight (or an ``[rows, dim]`` table).
 
-    Returns ``(q, scale)``: ``q`` int8 of the weight's shape with values in
-    ``[-(2**(bits-1) - 1), 2**(bits-1) - 1]``; ``scale`` float32 ``[out, 1]`` per row, or
-    ``[out, in // group_size]`` per group. ``q * scale`` (repeated over each group) is the
+    Returns ``(q, scale)``: ``q`` int8 of the weight's shape with values in ``[-qmax, qmax]``
+    (default ``2**(bits-1) - 1``; a scheme's ``weight_qmax``); ``scale`` float32 ``[out, 1]`` per
+    row, or ``[out, in // group_size]`` per group. ``q * scale`` (repeated over each group) is the
     dequantised weight.
     """
     w = weight.detach().float()
-    qmax = 2 ** (bits - 1) - 1
+    qmax = qmax or 2 ** (bits - 1) - 1
     group_size = group_for(w.shape[1], group_size)
     if group_size is None:
         scale = _safe(w.abs().amax(dim=1, keepdim=True) / qmax)
@@ -135,9 +150,11 @@ def dequantize_weight(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return (q.view(rows, scale.shape[1], -1).float() * scale[..., None]).view(rows, cols)
 
 
-def fake_quantize_weight(weight: torch.Tensor, bits: int, group_size: Optional[int] = None) -> torch.Tensor:
+def fake_quantize_weight(
+    weight: torch.Tensor, bits: int, group_size: Optional[int] = None, qmax: Optional[int] = None
+) -> torch.Tensor:
     """The weight as the runtime sees it, with straight-through gradients."""
-    q, scale = quantize_weight(weight, bits, group_size)
+    q, scale = quantize_weight(weight, bits, group_size, qmax)
     rounded = dequantize_weight(q, scale).to(weight.dtype)
     return weight + (rounded - weight).detach()
 
