@@ -58,7 +58,8 @@ def test_tiny_config_end_to_end(tmp_path, smoke_assets):
 
     fill = transformers.pipeline("fill-mask", model=str(out / "student"))
     predictions = fill("the " + fill.tokenizer.mask_token + " is here")
-    assert len(predictions) == 5 and all(p["sequence"].startswith("the ") for p in predictions)
+    assert len(predictions) == 5 and all(p["sequence"].endswith("is here") for p in predictions)
+    assert sorted((p["score"] for p in predictions), reverse=True) == [p["score"] for p in predictions]
 
 
 @pytest.mark.parametrize(
