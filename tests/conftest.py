@@ -59,6 +59,4 @@ def smoke_assets(tmp_path_factory):
     ``data.source.assets_dir`` to point the config at them."""
     from components.smoke import ensure_smoke_assets
 
-    # a shorter teacher pre-training than the shipped smoke run's 300 steps: the tests check the
-    # pipeline and that losses fall, not how good the teacher is
-    return ensure_smoke_assets(str(tmp_path_factory.mktemp("smoke_assets")), pretrain_steps=60)
+    return ensure_smoke_assets(str(tmp_path_factory.mktemp("smoke_assets")))
