@@ -4,6 +4,7 @@ import errno
 import os
 import pickle
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -101,7 +102,9 @@ def assert_same_run(a: Path, b: Path) -> None:
 def test_sigkill_at_a_random_step_then_resume(tmp_path, run_config, uninterrupted):
     # a random point in the first half: the second half is the margin a loaded machine's
     # polling needs to land the kill before the run ends (which would make the test vacuous)
-    kill_at = random.Random().randint(2, STEPS // 2)
+    # after the first checkpoint (step 4): a run killed before it has nothing to resume from,
+    # and resuming it is refused (test_resume_without_a_checkpoint_never_replaces_a_run)
+    kill_at = random.Random().randint(5, STEPS // 2)
     out = tmp_path / "killed"
     process = start(run_config, f"output_dir={out}")
     wait_for_step(out, kill_at, process)
@@ -193,6 +196,29 @@ def test_no_usable_checkpoint_is_an_error_not_a_fresh_start(tmp_path, teacher_di
     damage(list_checkpoints(out)[0], "truncated")
     with pytest.raises(CheckpointError, match="No usable checkpoint to resume from: .*truncated"):
         run_recipe(tiny_config(out, teacher_dir, corpus_file, max_steps=6, resume_from_checkpoint=True))
+
+
+def test_resume_without_a_checkpoint_never_replaces_a_run(tmp_path, teacher_dir, corpus_file):
+    """A finished run whose checkpoints are gone, or a run killed before its first checkpoint:
+    resume_from_checkpoint=True refuses, names what it found, and leaves it all in place."""
+    out = tmp_path / "run"
+    run_recipe(tiny_config(out, teacher_dir, corpus_file, max_steps=3, save_every_n_steps=None))
+    shutil.rmtree(out / "checkpoints")
+    metrics = (out / "metrics.jsonl").read_bytes()
+    with pytest.raises(CheckpointError, match=r"has no checkpoint to resume from while it holds a run's outputs "
+                                              r"\(student/, metrics.jsonl, tensorboard/\)"):
+        run_recipe(tiny_config(out, teacher_dir, corpus_file, max_steps=6, resume_from_checkpoint=True))
+    assert (out / "metrics.jsonl").read_bytes() == metrics and (out / "student" / "config.json").is_file()
+
+    killed = tmp_path / "killed"  # as a run killed at step 2 of save_every_n_steps=4 leaves it
+    killed.mkdir()
+    (killed / "metrics.jsonl").write_text('{"step": 1, "loss/total": 9.0}\n')
+    with pytest.raises(CheckpointError, match=r"holds a run's outputs \(metrics.jsonl\)"):
+        run_recipe(tiny_config(killed, teacher_dir, corpus_file, max_steps=2, resume_from_checkpoint=True))
+
+    fresh = tmp_path / "fresh"  # nothing there yet: resuming starts at step 0
+    recipe = run_recipe(tiny_config(fresh, teacher_dir, corpus_file, max_steps=2, resume_from_checkpoint=True))
+    assert recipe.step == 2
 
 
 # what a full disk looks like from Python's own writes, and from torch.save's C++ writer

@@ -30,7 +30,7 @@ import signal
 import sys
 import threading
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -132,9 +132,29 @@ class Run:
             return None
         found = load_latest_checkpoint(self.output_dir)
         if found is None:
+            left = self._run_outputs()
+            if left:
+                raise CheckpointError(
+                    f"resume_from_checkpoint=True, but {self.output_dir} has no checkpoint to resume from while it "
+                    f"holds a run's outputs ({', '.join(left)}): starting over would replace them. Move them away, "
+                    "or choose another output_dir"
+                )
             log.warning("resume_from_checkpoint=True but %s has no checkpoint: starting at step 0", self.output_dir)
             return None
         return str(found[0])
+
+    def _run_outputs(self) -> List[str]:
+        """What a finished or interrupted run left in ``output_dir`` besides usable checkpoints."""
+        out = self.output_dir
+        left = [f"{name}/" if (out / name).is_dir() else name for name in self.outputs if (out / name).exists()]
+        metrics = out / "metrics.jsonl"
+        if metrics.is_file() and metrics.stat().st_size > 0:
+            left.append("metrics.jsonl")
+        if (out / "tensorboard").is_dir() and any((out / "tensorboard").iterdir()):
+            left.append("tensorboard/")
+        damaged = sorted(p.name for p in checkpoints_dir(out).glob("damaged-*")) if checkpoints_dir(out).is_dir() else []
+        left += [f"checkpoints/{name} (damaged)" for name in damaged]
+        return left
 
     def _check_resumed_config(self, path: Path, state: Dict[str, Any]) -> None:
         saved_world = state.get("world_size", 1)
