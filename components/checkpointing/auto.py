@@ -29,7 +29,7 @@ from typing import Any, Dict, Optional, Tuple
 
 from transformers import PreTrainedConfig
 
-from components.checkpointing.student import NATIVE_MODEL_TYPE as STUDENT_MODEL_TYPE
+from components.checkpointing.student import class_prefix, NATIVE_MODEL_TYPE as STUDENT_MODEL_TYPE
 from components.checkpointing.tasks import FINETUNED_MODEL_TYPE
 from components.models.families import ENCODERS
 
@@ -53,7 +53,7 @@ class _EncoderConfig(PreTrainedConfig):
             ("vocab_size", "vocab_size"),
             ("hidden_size", "hidden_size"),
             ("num_attention_heads", "num_heads"),
-            ("num_hidden_layers", "num_iterations" if family == "recursive_encoder" else "num_layers"),
+            ("num_hidden_layers", "num_iterations" if "num_iterations" in args else "num_layers"),
             ("max_position_embeddings", "max_position_embeddings"),
             ("pad_token_id", "pad_token_id"),
         ):
@@ -133,11 +133,15 @@ class FinetunedConfig(_EncoderConfig):
 
 
 # ------------------------------------------------------------------ registration
-# (config class, class-name prefix, {Auto class name: task}); auto_models builds the real classes
-MODEL_CLASSES = (
-    (StudentConfig, "RecursiveEncoder", ("Model", "ForMaskedLM", "ForSequenceClassification", "ForTokenClassification")),
-    (BottleneckStudentConfig, "BottleneckEncoder", ("Model", "ForMaskedLM", "ForSequenceClassification", "ForTokenClassification")),
-    (FinetunedConfig, "FinetunedEncoder", ("Model", "ForSequenceClassification", "ForTokenClassification")),
+# (config class, class-name prefix, tasks); auto_models builds the real classes
+_ALL_TASKS = ("Model", "ForMaskedLM", "ForSequenceClassification", "ForTokenClassification")
+MODEL_CLASSES = tuple(
+    (config_class, class_prefix(config_class.model_type), tasks)
+    for config_class, tasks in (
+        (StudentConfig, _ALL_TASKS),
+        (BottleneckStudentConfig, _ALL_TASKS),
+        (FinetunedConfig, ("Model", "ForSequenceClassification", "ForTokenClassification")),
+    )
 )
 _AUTO = {
     "Model": "AutoModel",

@@ -148,9 +148,14 @@ def save_student(
     return format
 
 
+def class_prefix(model_type: str) -> str:
+    """The transformers class names of a native model type start with this (``recursive_encoder``
+    -> ``RecursiveEncoder``ForMaskedLM...); components.checkpointing.auto uses the same rule."""
+    return "".join(part.title() for part in model_type.split("_"))
+
+
 def _auto_class_name(family: str, mlm_head: bool) -> str:
-    prefix = "".join(part.title() for part in family.split("_"))  # recursive_encoder -> RecursiveEncoder
-    return prefix + ("ForMaskedLM" if mlm_head else "Model")
+    return class_prefix(family) + ("ForMaskedLM" if mlm_head else "Model")
 
 
 def student_metadata(path: str) -> dict:
