@@ -78,7 +78,7 @@ class DistillRecursiveRecipe:
     # ------------------------------------------------------------------ setup
     def setup(self) -> None:
         cfg = self.cfg
-        resume = self.run.start()
+        self.resume = resume = self.run.start()
         torch.manual_seed(self.seed)  # the same student on every rank
 
         with self.parallel.main_first():  # the main rank builds any files (smoke assets) first
@@ -120,6 +120,7 @@ class DistillRecursiveRecipe:
             self.student.activation_checkpointing = True
         if cfg.compile:
             self._compile()
+        self.parallel.broadcast_parameters(self.trainable)  # the same initial weights on every rank
         self.parallel.shard_student(self.student)
 
         self._setup_data()
@@ -128,6 +129,15 @@ class DistillRecursiveRecipe:
         with config_section("lr_schedule"):
             self._setup_optimizer()
 
+        self.run.check_ranks_agree(
+            {
+                "config": OmegaConf.to_yaml(cfg),
+                "data": self.run.fingerprints.get("data"),
+                "teacher": self.run.fingerprints.get("teacher"),
+                "windows": self.window_counts,
+                "max_steps": self.max_steps,
+            }
+        )
         if resume is not None:
             self._load_checkpoint(*resume)
         self.metrics = self.run.open_metrics(self.step + 1)
@@ -175,14 +185,16 @@ class DistillRecursiveRecipe:
             source = data.source
             if OmegaConf.is_dict(source) or isinstance(source, dict):
                 source = instantiate(source)
-            self.windows, held_out = build_windows(data, source, self.tokenizer, self.seed)
+            self.windows, held_out, fingerprint = build_windows(data, source, self.tokenizer, self.seed)
+        self.run.identify(data=fingerprint, teacher=getattr(self.teacher, "fingerprint", None))
+        self.window_counts = {"training": len(self.windows), "held-out": 0 if held_out is None else len(held_out)}
         self.masker = MLMMasker(self.tokenizer, data.mlm_probability)
         world, rank = self.parallel.world_size, self.parallel.rank
         with config_section("data"):
             self.sampler = GlobalBatchSampler(
                 len(self.windows), data.batch_size, cfg.gradient_accumulation_steps, world, rank, self.seed
             )
-        self.max_steps = cfg.max_steps or cfg.epochs * self.sampler.steps_per_epoch
+        self.max_steps = cfg.max_steps or self._epoch_steps()
         self.evaluator = (
             Evaluator(
                 held_out,
@@ -208,6 +220,18 @@ class DistillRecursiveRecipe:
             max_length=data.max_length,
             pad_to_multiple_of=data.pad_to_multiple_of,
         )
+
+    def _epoch_steps(self) -> int:
+        """``epochs`` in steps; a resumed run keeps the count it started with (its schedule and
+        stages were laid out over it), even if an accepted data change moved the window count."""
+        steps = self.cfg.epochs * self.sampler.steps_per_epoch
+        if self.resume is not None:
+            saved = self.resume[1].get("max_steps")
+            same_epochs = (self.resume[1].get("config") or {}).get("epochs") == self.cfg.epochs
+            if saved is not None and same_epochs and saved != steps:
+                log.warning("epochs=%d now means %d steps, %d when the run began: keeping %d", self.cfg.epochs, steps, saved, saved)
+                return saved
+        return steps
 
     def trainable_named_parameters(self):
         return self.trainable.named_parameters()
@@ -263,7 +287,7 @@ class DistillRecursiveRecipe:
             progress.update(1)
             progress.set_postfix(loss=f"{metrics['loss/total']:.4f}", stage=stage.name)
             if self.step % cfg.log_every_n_steps == 0 or self.step == self.max_steps:
-                self.metrics.log({**metrics, **self.run.memory_stats()}, self.step)
+                self.run.log({**metrics, **self.run.memory_stats()}, self.step)
             if cfg.eval_every_n_steps and self.step % cfg.eval_every_n_steps == 0 and self.step < self.max_steps:
                 self._evaluate()
             if cfg.save_every_n_steps and self.step % cfg.save_every_n_steps == 0 and self.step < self.max_steps:
@@ -334,7 +358,7 @@ class DistillRecursiveRecipe:
             self.student, self.teacher, self.loss_fn, self.device, self.autocast, self.parallel.reduce_sum,
             progress=self.parallel.is_main,
         )
-        self.metrics.log(metrics, self.step)
+        self.run.log(metrics, self.step)
         log.info("Step %d: %s", self.step, ", ".join(f"{k.split('/', 1)[1]}={v:.4f}" for k, v in metrics.items()))
         return metrics
 
@@ -346,6 +370,7 @@ class DistillRecursiveRecipe:
             "model": model_state,  # student.* and loss.* (the hidden-state projection)
             "optimizer": optimizer_state,
             "scheduler": self.scheduler.state_dict(),
+            "max_steps": self.max_steps,
         }
         return self.run.save_checkpoint(self.step, state)
 

@@ -151,7 +151,7 @@ class FinetuneRecipe:
             progress.update(1)
             progress.set_postfix(loss=f"{metrics['loss']:.4f}", epoch=epoch + 1)
             if self.step % cfg.log_every_n_steps == 0 or self.step == self.max_steps:
-                self.metrics.log({**metrics, **self.run.memory_stats()}, self.step)
+                self.run.log({**metrics, **self.run.memory_stats()}, self.step)
             end_of_epoch = self.step % self.steps_per_epoch == 0
             if end_of_epoch:
                 batches = None
@@ -188,7 +188,7 @@ class FinetuneRecipe:
 
     def _evaluate(self) -> None:
         _, metrics = self._predict("validation")
-        self.metrics.log({f"eval/{k}": v for k, v in metrics.items()}, self.step)
+        self.run.log({f"eval/{k}": v for k, v in metrics.items()}, self.step)
         value = metrics[self.metric]
         improved = is_better(self.metric, value, self.best["value"])
         log.info(

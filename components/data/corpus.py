@@ -3,19 +3,23 @@
 A corpus is local ``.txt`` / ``.jsonl`` / ``.json`` / ``.parquet`` files (paths, folders or
 globs, optionally compressed) or the name of a dataset on the Hugging Face Hub. Documents are
 tokenised with the teacher's tokenizer (no truncation) and cut into windows of ``max_length``
-tokens, special tokens included, whose starts are ``stride`` tokens apart.
+tokens, special tokens included, whose starts are ``stride`` tokens apart. The tokens are kept
+in a memory-mapped store (``components.data.store``), not as one list per window.
 """
 
 import glob
 import logging
 import os
+import re
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple, Union
 
 import datasets
 
 from components.checkpointing.io import looks_like_local_path
+from components.data.store import build_store, cache_root, store_key, TokenWindows
 from components.errors import CorpusError
+from components.fingerprint import files_fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -61,20 +65,45 @@ def local_files(sources: Sequence[str]) -> List[str]:
 
 def _first_undecodable(files: Sequence[str]) -> Optional[Tuple[str, int, int, int]]:
     """(file, line, column, byte) of the first byte sequence that is not UTF-8, if any."""
-    import gzip
-    import bz2
-    import lzma
-
-    openers = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}
     for file in files:
-        opener = openers.get(os.path.splitext(file)[1].lower(), open)
-        with opener(file, "rb") as f:
+        with _open_any(file) as f:
             for number, line in enumerate(f, start=1):
                 try:
                     line.decode("utf-8")
                 except UnicodeDecodeError as e:
                     return file, number, e.start + 1, line[e.start]
     return None
+
+
+# A "paragraph" this long is a file without blank lines (one sentence per line, say): read
+# as one document it is built quadratically by ``datasets`` and tokenised whole.
+PARAGRAPH_LIMIT = 1 << 20  # bytes
+BLANK_LINE = re.compile(rb"\n[ \t\r]*\n")
+
+
+def _open_any(file: str):
+    """A binary file object that decompresses what it reads."""
+    import bz2
+    import gzip
+    import lzma
+
+    openers = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}
+    return openers.get(os.path.splitext(file)[1].lower(), open)(file, "rb")
+
+
+def giant_paragraph_files(files: Sequence[str], limit: int = PARAGRAPH_LIMIT) -> List[str]:
+    """The files whose first ``limit`` bytes hold no blank line although they are longer: read
+    by paragraph, they would start with a paragraph of more than ``limit`` bytes."""
+    found = []
+    for file in files:
+        try:
+            with _open_any(file) as f:
+                head = f.read(limit + 1)
+        except (OSError, EOFError, ValueError):  # compressed formats we cannot peek into
+            continue
+        if len(head) > limit and not BLANK_LINE.search(head):
+            found.append(file)
+    return found
 
 
 def _not_utf8(files: Sequence[str], kind: str) -> CorpusError:
@@ -103,6 +132,7 @@ def load_documents(
     split: str = "train",
     sample_by: str = "paragraph",
     encoding_errors: str = "strict",
+    num_proc: Optional[int] = None,
 ) -> datasets.Dataset:
     """A dataset with one non-empty document per row in the column ``text``.
 
@@ -112,7 +142,8 @@ def load_documents(
         hub_config: the Hub dataset's configuration name (e.g. ``"20231101.en"``).
         split: the split of a Hub dataset.
         sample_by: how plain text files split into documents: ``"paragraph"`` (blank lines),
-            ``"line"`` or ``"document"`` (one per file).
+            ``"line"`` or ``"document"`` (one per file). A file whose first megabyte holds
+            no blank line has no paragraphs: it is read by line, with a warning.
         encoding_errors: for plain text files, ``"strict"`` refuses bytes that are not UTF-8
             (the error names the file, line and byte), ``"replace"`` turns them into U+FFFD
             and logs how many documents held such bytes.
@@ -133,10 +164,21 @@ def load_documents(
         if len(kinds) > 1:
             raise CorpusError(f"Corpus mixes file types {sorted(kinds)}; use one type per run")
         kind = kinds.pop()
+        if kind == "text" and sample_by == "paragraph":
+            giant = giant_paragraph_files(files)
+            if giant:
+                log.warning(
+                    "%s has no blank line in its first %d MiB: read by paragraph it would be one "
+                    "enormous document, so the corpus is read by line (one document per line). "
+                    "Set data.sample_by=line to say so, or separate documents with blank lines",
+                    giant[0] if len(giant) == 1 else f"{len(giant)} files ({giant[0]}, ...)",
+                    PARAGRAPH_LIMIT >> 20,
+                )
+                sample_by = "line"
         options = {"sample_by": sample_by, "encoding_errors": encoding_errors} if kind == "text" else {}
         described = files[0] if len(files) == 1 else f"{len(files)} files ({files[0]}, ...)"
         try:
-            ds = datasets.load_dataset(kind, data_files=files, split="train", **options)
+            ds = datasets.load_dataset(kind, data_files=files, split="train", num_proc=num_proc, **options)
         except Exception as e:
             if _is_decode_error(e):
                 raise _not_utf8(files, kind) from None
@@ -167,6 +209,7 @@ def load_documents(
         ds = ds.filter(
             lambda batch: [isinstance(t, str) and bool(t.strip()) for t in batch["text"]],
             batched=True,
+            num_proc=num_proc,
             desc="Dropping empty documents",
         )
     except Exception as e:
@@ -183,6 +226,28 @@ def load_documents(
         if replaced:
             log.warning("%d documents of %s held bytes that are not UTF-8 (replaced by U+FFFD)", replaced, described)
     return ds
+
+
+def data_fingerprint(
+    source: Union[str, Sequence[str]], documents: datasets.Dataset, hub_config: Optional[str] = None, split: str = "train"
+) -> dict:
+    """What identifies the corpus: each local file's name, size and (sampled) content hash, or
+    the Hub dataset's name, configuration, split, revision and ``datasets`` fingerprint."""
+    sources = [str(source)] if isinstance(source, (str, os.PathLike)) else [str(s) for s in source]
+    if all(_looks_local(s) for s in sources):
+        files = [os.path.abspath(f) for f in local_files(sources)]
+        # names relative to the files' common folder: moving the corpus is not changing it
+        root = os.path.commonpath(files) if len(files) > 1 else os.path.dirname(files[0])
+        return files_fingerprint(files, root=root)
+    info = documents.info
+    return {
+        "hub": sources[0],
+        "config": hub_config,
+        "split": split,
+        "revision": getattr(info, "version", None) and str(info.version),
+        "checksums": {k: v.get("checksum") for k, v in (info.download_checksums or {}).items()},
+        "fingerprint": documents._fingerprint,
+    }
 
 
 def window_starts(num_tokens: int, body: int, stride: int) -> List[int]:
@@ -211,10 +276,12 @@ def tokenize_windows(
     tokenizer,
     max_length: int,
     stride: int,
-    num_proc: Optional[int] = None,
-) -> datasets.Dataset:
-    """Token windows (column ``input_ids``) of at most ``max_length`` tokens, special tokens
-    included. Each document is cut on its own; the last window of a document may be shorter."""
+    cache_dir: Optional[Union[str, Path]] = None,
+    desc: str = "Tokenising into windows",
+) -> TokenWindows:
+    """Token windows of at most ``max_length`` tokens, special tokens included, read from a
+    memory-mapped store (see ``components.data.store``) built on first use. Each document is
+    cut on its own; the last window of a document may be shorter."""
     prefix, suffix = special_tokens_template(tokenizer)
     body = max_length - len(prefix) - len(suffix)
     if body < 1:
@@ -224,28 +291,9 @@ def tokenize_windows(
             f"data.stride={stride} must be between 1 and {body} (max_length minus special "
             "tokens), or tokens between windows would be skipped"
         )
-
-    def to_windows(batch):
-        encoded = tokenizer(
-            batch["text"],
-            add_special_tokens=False,
-            return_attention_mask=False,
-            return_token_type_ids=False,
-            verbose=False,
-        )["input_ids"]
-        windows = []
-        for ids in encoded:
-            for start in window_starts(len(ids), body, stride):
-                windows.append(prefix + ids[start : start + body] + suffix)
-        return {"input_ids": windows}
-
-    return documents.map(
-        to_windows,
-        batched=True,
-        remove_columns=documents.column_names,
-        num_proc=num_proc,
-        desc="Tokenising into windows",
-    )
+    key = store_key(documents._fingerprint, tokenizer, max_length, stride)
+    folder = Path(cache_dir) if cache_dir is not None else cache_root()
+    return build_store(documents, tokenizer, body, stride, prefix, suffix, folder / key, desc)
 
 
 def split_documents(

@@ -82,6 +82,9 @@ class SingleDevice:
         """The main rank's ``obj`` on every rank."""
         return obj
 
+    def broadcast_parameters(self, module: nn.Module) -> None:
+        """Make ``module``'s parameters and buffers rank 0's (before sharding)."""
+
     def barrier(self) -> None:
         pass
 
@@ -232,6 +235,11 @@ class DataParallel(SingleDevice):
         box = [obj]
         self._dist.broadcast_object_list(box, src=0, group=self._objects)
         return box[0]
+
+    def broadcast_parameters(self, module: nn.Module) -> None:
+        with torch.no_grad():
+            for tensor in [*module.parameters(), *module.buffers()]:
+                self._dist.broadcast(tensor.data, src=0)
 
     def barrier(self) -> None:
         self._dist.barrier(group=self._objects)

@@ -7,7 +7,10 @@ A :class:`Run` owns a recipe's ``output_dir``:
   Every write is confined to it (``components.checkpointing.io.set_write_root``).
 * **Resume.** The main rank chooses the newest checkpoint that verifies (size + SHA-256; damaged
   ones are set aside) and every rank loads that one. The saved config is compared with the new
-  one: keys that decide the model or the data order must match.
+  one: keys that decide the model or the data order must match. So are the fingerprints of the
+  corpus and the teacher (:meth:`Run.identify`), unless ``allow_changes_on_resume`` names them.
+* **Ranks agree.** :meth:`Run.check_ranks_agree` compares every rank's config, data and
+  teacher with rank 0's before step 1.
 * **Checkpoints.** The recipe hands over its own state (model, optimizer, schedule, ...); the
   run adds the step, the config and every rank's random state, and the main rank writes it
   atomically, keeping the newest ``keep_last`` checkpoints.
@@ -15,8 +18,9 @@ A :class:`Run` owns a recipe's ``output_dir``:
   current step; the recipe checkpoints and :meth:`Run.interrupt` raises
   :class:`~components.errors.RunInterrupted` (exit status 128 + signal). A second Ctrl-C stops
   at once. Every rank stops after the same step: the request travels in a collective.
-* **Main-rank writes.** :meth:`Run.on_main` runs a write on the main rank; if it fails, every
-  rank raises (none waits forever in the next collective).
+* **Main-rank writes.** :meth:`Run.on_main` runs a write on the main rank (checkpoints, the
+  student, metric lines through :meth:`Run.log`); if it fails, even by Ctrl-C, every rank
+  raises with its error (none waits forever in the next collective).
 * **Metrics.** :meth:`Run.open_metrics` opens the metric logger (``metrics.jsonl`` plus
   TensorBoard or the config's ``metric_logger``), dropping whatever an interrupted run logged
   after its last checkpoint; :meth:`Run.profiler` and :meth:`Run.memory_stats` serve the
@@ -45,10 +49,16 @@ from components.checkpointing.resume import (
     save_checkpoint,
 )
 from components.errors import CheckpointError, ConfigError, MissingDependencyError, RunInterrupted, UserError
+from components.fingerprint import fingerprint_differences
 from components.training.config import config_differences, instantiate
 from components.training.metrics import MetricLogger, peak_memory_stats
 
 log = logging.getLogger(__name__)
+
+
+# Config keys that may change on resume when the fingerprint they name is unchanged: a corpus
+# or a teacher moved to another folder is the same corpus or teacher.
+MOVABLE = {"data.source": "data", "teacher.path": "teacher"}
 
 
 class Run:
@@ -81,6 +91,8 @@ class Run:
         self.stop_signal: Optional[int] = None  # SIGTERM / SIGINT received by this rank
         self.stop_requested = False  # by any rank (set by the recipe from a collective)
         self.metrics: Optional[MetricLogger] = None
+        self.fingerprints: Dict[str, Any] = {}  # what the run trains on (see identify)
+        self._moved: Dict[str, Tuple[Any, Any]] = {}  # MOVABLE keys a resume changed
         self._lock = None
 
     @property
@@ -170,6 +182,9 @@ class Run:
             for k, v in changed.items()
             if any(k == m or k.startswith(m + ".") for m in self.must_match) and k not in self.may_change
         }
+        # a moved corpus or teacher is judged by its fingerprint, once the recipe has taken it
+        self._moved = {k: v for k, v in fatal.items() if k in MOVABLE}
+        fatal = {k: v for k, v in fatal.items() if k not in MOVABLE}
         if fatal:
             raise ConfigError(
                 f"Checkpoint {path} was written by a run with different "
@@ -177,10 +192,64 @@ class Run:
                 + ": resuming would change the model or the data order. Use the original values"
             )
         for key, (old, new) in changed.items():
-            log.warning("Resuming with %s changed: %r in the checkpoint, %r now", key, old, new)
+            if key not in self._moved:
+                log.warning("Resuming with %s changed: %r in the checkpoint, %r now", key, old, new)
+
+    def identify(self, **fingerprints: Any) -> None:
+        """Record what the run trains on (``data=``, ``teacher=``: see ``components.fingerprint``).
+        Every checkpoint keeps them; :meth:`resumed` refuses a checkpoint written on others."""
+        self.fingerprints.update({k: v for k, v in fingerprints.items() if v is not None})
+
+    def _check_fingerprints(self, path: Path, state: Dict[str, Any]) -> None:
+        allowed = set(self.cfg.get("allow_changes_on_resume") or ())
+        saved = state.get("fingerprints") or {}
+        for key, (old, new) in self._moved.items():
+            if MOVABLE[key] not in saved or MOVABLE[key] not in self.fingerprints:
+                raise ConfigError(
+                    f"Checkpoint {path} was written by a run with {key}={old!r}, now {new!r}, and there is no "
+                    "fingerprint to tell whether it holds the same thing. Use the original value"
+                )
+            log.info("%s moved from %r to %r; its fingerprint is checked below", key, old, new)
+        for name, now in self.fingerprints.items():
+            if name not in saved:
+                continue  # a checkpoint from before fingerprints were recorded
+            changes = fingerprint_differences(saved[name], now)
+            if not changes:
+                continue
+            detail = "; ".join(changes[:5]) + (f"; and {len(changes) - 5} more" if len(changes) > 5 else "")
+            if name in allowed:
+                log.warning("Resuming with a changed %s, as allow_changes_on_resume says: %s", name, detail)
+                continue
+            raise CheckpointError(
+                f"Checkpoint {path} was written on another {name}: {detail}. Resuming would silently "
+                f"train on something else. Restore the original {name}, or accept the change with "
+                f"'allow_changes_on_resume=[{name}]'"
+            )
+
+    def check_ranks_agree(self, facts: Dict[str, Any]) -> None:
+        """Before step 1: every rank must hold what rank 0 holds (resolved config, data,
+        teacher, window counts). A difference is an error on every rank naming the rank and
+        the key, instead of a hang when a collective later disagrees."""
+        if self.parallel.world_size == 1:
+            return
+        main = self.parallel.broadcast_object(facts)
+        differing = [key for key in facts if facts[key] != main.get(key)]
+        reports = [r for r in self.parallel.gather_objects((self.parallel.rank, differing)) if r[1]]
+        if reports:
+            mine = ""
+            if differing:
+                key = differing[0]
+                mine = f" Here (rank {self.parallel.rank}) {key} is {_short(facts[key])}, on rank 0 {_short(main.get(key))}."
+            raise ConfigError(
+                "The ranks disagree before step 1: "
+                + "; ".join(f"rank {rank} differs from rank 0 in {', '.join(keys)}" for rank, keys in reports)
+                + "." + mine + " Every rank must see the same config, corpus and teacher (shared files, same versions)"
+            )
 
     def resumed(self, path: Path, state: Dict[str, Any]) -> int:
-        """Restore this rank's random state from a checkpoint; returns its step."""
+        """Check the checkpoint's fingerprints against :meth:`identify`'s, restore this rank's
+        random state; returns its step."""
+        self._check_fingerprints(path, state)
         self.saved_step, self.saved_path = int(state["step"]), path
         rng = state["rng"][self.parallel.rank]
         torch.set_rng_state(rng["torch"])
@@ -249,6 +318,7 @@ class Run:
             "step": step,
             "world_size": self.parallel.world_size,
             "config": OmegaConf.to_container(self.cfg),
+            "fingerprints": self.fingerprints,
             "rng": [{k: v.cpu() if v is not None else None for k, v in r.items()} for r in self.parallel.gather_objects(rng)],
         }
         keep = self.cfg.keep_last_n_checkpoints
@@ -258,15 +328,27 @@ class Run:
         return self.saved_path
 
     def on_main(self, write: Callable[[], Any]) -> None:
-        """Run a write on the main rank; if it fails, every rank raises (none waits forever)."""
+        """Run a write on the main rank; if it fails (Ctrl-C included), every rank raises with
+        the main rank's error, so none waits forever in the next collective."""
         error = None
         if self.is_main:
             try:
                 write()
-            except Exception as e:  # the other ranks must not wait forever for a failed write
+            except BaseException as e:  # noqa: B036 - the other ranks must hear of it, then it propagates
                 error = e
-        if self.parallel.any(error is not None):
-            raise error or CheckpointError("The main process failed to write; see its error")
+        if self.parallel.world_size == 1:
+            if error is not None:
+                raise error
+            return
+        message = self.parallel.broadcast_object(None if error is None else f"{type(error).__name__}: {error}")
+        if error is not None:
+            raise error
+        if message is not None:
+            raise CheckpointError(f"Stopping: rank 0 failed to write ({message})")
+
+    def log(self, metrics: Dict[str, float], step: int) -> None:
+        """Log scalars (the main rank writes them; a failed write stops every rank)."""
+        self.on_main(lambda: self.metrics.log(metrics, step))
 
     def poll_stop(self) -> bool:
         """Whether any rank received a stop signal (a collective: call it on every rank)."""
@@ -315,6 +397,11 @@ class Run:
         if self._lock is not None:
             self._lock.close()
             self._lock = None
+
+
+def _short(value: Any, limit: int = 300) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def _instantiate_optional(section: str, node):

@@ -18,7 +18,8 @@ class DataConfig:
     text_column: str = "text"  # column with the text in .jsonl/.parquet/Hub data
     hub_config: Optional[str] = None  # configuration name of a Hub dataset
     split: str = "train"  # split of a Hub dataset
-    sample_by: Literal["paragraph", "line", "document"] = "paragraph"  # documents in .txt
+    # documents in .txt; a file with no blank line in its first MiB is read by line (warned)
+    sample_by: Literal["paragraph", "line", "document"] = "paragraph"
     # .txt bytes that are not UTF-8: "strict" stops naming file/line, "replace" uses U+FFFD
     encoding_errors: Literal["strict", "replace"] = "strict"
     max_length: int = bounded(256, low=8)  # tokens per window, special tokens included
@@ -28,7 +29,7 @@ class DataConfig:
     eval_fraction: float = bounded(0.01, low=0.0, high=1.0, high_open=True)  # share of documents held out (0: none)
     max_eval_windows: int = bounded(1024, low=0)
     pad_to_multiple_of: int = bounded(8, low=1)
-    num_proc: Optional[int] = bounded(None, low=1)  # processes for tokenisation
+    num_proc: Optional[int] = bounded(None, low=1)  # processes datasets reads the corpus files with
 
 
 @dataclass
@@ -73,6 +74,9 @@ class DistillConfig:
     save_every_n_steps: Optional[int] = bounded(None, low=1)  # null: checkpoint at the end only
     keep_last_n_checkpoints: int = bounded(2, low=0)  # 0: keep all
     resume_from_checkpoint: bool = False
+    # A checkpoint records the corpus's and the teacher's fingerprints; a resume on changed ones
+    # is refused unless named here: [data], [teacher] or both.
+    allow_changes_on_resume: List[Literal["data", "teacher"]] = field(default_factory=list)
     enable_activation_checkpointing: bool = False
     compile: bool = False
     # Dashboard for the logged scalars: null is TensorBoard under <output_dir>/tensorboard; or any

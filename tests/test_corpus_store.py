@@ -1,0 +1,164 @@
+"""The corpus store (one flat memory-mapped token array per split), the one-giant-document
+guard, and the fingerprints that keep a resume on the data and teacher it started with."""
+
+import json
+import os
+import shutil
+
+import datasets
+import pytest
+
+from components.data import load_documents, tokenize_windows
+from components.data.corpus import special_tokens_template, window_starts
+from components.errors import CheckpointError
+from tests.recipe_helpers import logged, run_recipe, tiny_config
+
+
+def reference_windows(tokenizer, texts, max_length, stride):
+    """The windows as they were built before the store: one token list per window."""
+    prefix, suffix = special_tokens_template(tokenizer)
+    body = max_length - len(prefix) - len(suffix)
+    out = []
+    for ids in tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]:
+        out += [prefix + ids[s : s + body] + suffix for s in window_starts(len(ids), body, stride)]
+    return out
+
+
+def test_store_holds_each_token_once_and_reads_back_every_window(tokenizer, documents, tmp_path):
+    docs = datasets.Dataset.from_dict({"text": documents})
+    windows = tokenize_windows(docs, tokenizer, max_length=32, stride=8, cache_dir=tmp_path)
+    expected = reference_windows(tokenizer, documents, 32, 8)
+    assert windows["input_ids"] == expected
+    assert windows[[3, 0, len(expected) - 1]]["input_ids"] == [expected[3], expected[0], expected[-1]]
+    assert windows.select(range(5, 9))[[1, 2]]["input_ids"] == expected[6:8]
+    # uint16 tokens (the vocabulary fits) + 16 bytes per window: 2 + 16/8 = 4 bytes per token
+    meta = windows.meta
+    assert meta["dtype"] == "uint16"
+    on_disk = sum(p.stat().st_size for p in windows.folder.iterdir())
+    tokens = meta["num_tokens"]
+    assert tokens == sum(len(ids) for ids in tokenizer(documents, add_special_tokens=False)["input_ids"])
+    assert on_disk - len(json.dumps(meta)) - 1 == 2 * tokens + 16 * len(expected)
+    assert on_disk / tokens <= 4.01
+
+
+def test_store_is_built_once_and_reused(tokenizer, documents, tmp_path, monkeypatch):
+    docs = datasets.Dataset.from_dict({"text": documents[:5]})
+    first = tokenize_windows(docs, tokenizer, max_length=32, stride=16, cache_dir=tmp_path)
+    stamp = os.stat(first.folder / "tokens.bin").st_mtime_ns
+    import components.data.store as store
+
+    monkeypatch.setattr(store, "DOCS_PER_BATCH", None)  # a rebuild would fail
+    again = tokenize_windows(docs, tokenizer, max_length=32, stride=16, cache_dir=tmp_path)
+    assert again.folder == first.folder and os.stat(again.folder / "tokens.bin").st_mtime_ns == stamp
+    monkeypatch.undo()
+    # other window settings are another store, not a stale reuse
+    assert tokenize_windows(docs, tokenizer, max_length=32, stride=8, cache_dir=tmp_path).folder != first.folder
+
+
+def test_large_vocabularies_are_stored_as_int32(tokenizer, documents, tmp_path):
+    class Wide:  # the same tokenizer claiming 70k entries
+        def __init__(self, inner):
+            self.inner = inner
+
+        def __len__(self):
+            return 70_000
+
+        def __getattr__(self, name):
+            return getattr(self.inner, name)
+
+        def __call__(self, *args, **kwargs):
+            return self.inner(*args, **kwargs)
+
+    docs = datasets.Dataset.from_dict({"text": documents[:4]})
+    windows = tokenize_windows(docs, Wide(tokenizer), max_length=32, stride=16, cache_dir=tmp_path)
+    assert windows.meta["dtype"] == "int32"
+    assert windows["input_ids"] == reference_windows(tokenizer, documents[:4], 32, 16)
+
+
+def test_an_interrupted_build_leaves_nothing_behind(tokenizer, documents, tmp_path):
+    docs = datasets.Dataset.from_dict({"text": documents[:5]})
+
+    def broken_iter(batch_size):
+        yield {"text": documents[:1]}
+        raise KeyboardInterrupt
+
+    docs.iter = broken_iter
+    with pytest.raises(KeyboardInterrupt):
+        tokenize_windows(docs, tokenizer, max_length=32, stride=16, cache_dir=tmp_path)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_file_without_blank_lines_is_read_by_line(tmp_path, caplog):
+    lines = [f"sentence number {i} says something about the weather today." for i in range(20_000)]
+    text = "\n".join(lines) + "\n"
+    assert len(text.encode()) > (1 << 20)
+    (tmp_path / "lines.txt").write_text(text)
+    with caplog.at_level("WARNING"):
+        docs = load_documents(str(tmp_path / "lines.txt"))  # sample_by defaults to paragraph
+    assert len(docs) == 20_000 and docs[7]["text"] == lines[7]
+    assert "lines.txt has no blank line in its first 1 MiB" in caplog.text and "sample_by=line" in caplog.text
+    # paragraphs stay paragraphs when there are blank lines
+    (tmp_path / "paragraphs.txt").write_text("\n\n".join(lines[:30_000]) + "\n")
+    caplog.clear()
+    assert len(load_documents(str(tmp_path / "paragraphs.txt"))) == 20_000
+    assert "blank line" not in caplog.text
+
+
+# ---------------------------------------------------------------- fingerprints on resume
+
+
+def _copy_corpus(corpus_file, folder):
+    folder.mkdir()
+    shutil.copy(corpus_file, folder / "corpus.jsonl")
+    return folder / "corpus.jsonl"
+
+
+def test_a_resume_on_a_changed_corpus_is_refused(tmp_path, teacher_dir, corpus_file):
+    corpus = _copy_corpus(corpus_file, tmp_path / "data")
+    out = tmp_path / "run"
+    run_recipe(tiny_config(out, teacher_dir, corpus, max_steps=6, save_every_n_steps=3))
+    shutil.rmtree(out / "student")  # as if stopped after the step-6 checkpoint
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
+    with open(corpus, "a", encoding="utf-8") as f:
+        f.write(json.dumps({"text": "a document added after the run began"}) + "\n")
+    cfg = tiny_config(out, teacher_dir, corpus, max_steps=9, save_every_n_steps=3, resume_from_checkpoint=True)
+    with pytest.raises(CheckpointError, match=r"another data: corpus.jsonl changed size .*allow_changes_on_resume=\[data\]"):
+        run_recipe(cfg)
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file() and p.name != ".lock"} == {
+        p: t for p, t in before.items() if p.name != ".lock"
+    }
+    # accepted on purpose: the run continues
+    cfg["allow_changes_on_resume"] = ["data"]
+    run_recipe(cfg)
+    assert max(logged(out)) == 9
+
+
+def test_moving_the_corpus_is_not_changing_it(tmp_path, teacher_dir, corpus_file):
+    corpus = _copy_corpus(corpus_file, tmp_path / "data")
+    out = tmp_path / "run"
+    run_recipe(tiny_config(out, teacher_dir, corpus, max_steps=3, save_every_n_steps=3))
+    moved = tmp_path / "elsewhere"
+    shutil.move(corpus.parent, moved)
+    run_recipe(tiny_config(out, teacher_dir, moved / "corpus.jsonl", max_steps=6, resume_from_checkpoint=True))
+    assert max(logged(out)) == 6
+
+
+def test_epochs_keep_their_schedule_when_an_accepted_change_moves_the_window_count(tmp_path, teacher_dir, documents):
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"text": d}) + "\n" for d in documents[:3]))
+    out = tmp_path / "run"
+    overrides = {"data.stride": 30, "data.eval_fraction": 0.0, "keep_last_n_checkpoints": 0}
+    cfg = tiny_config(out, teacher_dir, corpus, max_steps=None, epochs=1, save_every_n_steps=2, **overrides)
+    total = run_recipe(cfg).max_steps
+    assert total >= 4
+    lrs = {step: r["lr"] for step, r in logged(out).items() if "lr" in r}
+    # drop the end of the run, as if killed after the checkpoint of step 2
+    for path in (out / "checkpoints").iterdir():
+        if path.name != "step_00000002":
+            shutil.rmtree(path)
+    shutil.rmtree(out / "student")
+    with open(corpus, "a", encoding="utf-8") as f:  # twice the windows per epoch
+        f.write("".join(json.dumps({"text": d}) + "\n" for d in documents[:3]))
+    resumed = run_recipe({**cfg, "resume_from_checkpoint": True, "allow_changes_on_resume": ["data"]})
+    assert resumed.max_steps == total and resumed.sampler.steps_per_epoch > total
+    assert {step: r["lr"] for step, r in logged(out).items() if "lr" in r} == pytest.approx(lrs)
