@@ -44,6 +44,10 @@ class OutputDirBusy(UserError, RuntimeError):
     """Another process is running in this output_dir."""
 
 
+class LockingUnsupported(UserError, OSError):
+    """output_dir is on a filesystem without file locks (flock), so it cannot be locked."""
+
+
 class NonFiniteLossError(UserError, RuntimeError):
     """The loss or the gradient norm became NaN or infinite."""
 

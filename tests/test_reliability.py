@@ -263,12 +263,12 @@ def test_atomic_directory_keeps_the_old_contents_on_failure(tmp_path):
 
 
 def test_interrupted_writes_are_recovered(tmp_path):
-    (tmp_path / ".step_00000009.tmp-123").mkdir()
-    (tmp_path / ".config.yaml.tmp-5").write_text("half")
-    (tmp_path / ".student.old-77").mkdir()  # killed between the two renames of a replacement
-    (tmp_path / ".student.old-77" / "config.json").write_text("{}")
+    (tmp_path / ".step_00000009.tmp-4194401").mkdir()
+    (tmp_path / ".config.yaml.tmp-4194402").write_text("half")
+    (tmp_path / ".student.old-4194403").mkdir()  # killed between the two renames of a replacement
+    (tmp_path / ".student.old-4194403" / "config.json").write_text("{}")
     (tmp_path / "kept").mkdir()
-    (tmp_path / ".kept.old-9").mkdir()
+    (tmp_path / ".kept.old-4194404").mkdir()
     notes = recover_interrupted_writes(tmp_path)
     assert len(notes) == 4
     assert sorted(p.name for p in tmp_path.iterdir()) == ["kept", "student"]

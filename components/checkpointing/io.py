@@ -5,15 +5,27 @@ every write made through this module (checkpoints, the student, smoke assets, lo
 inside it, so no path in a config can make a recipe write elsewhere.
 """
 
+import errno
+import fcntl
+import logging
 import os
+import re
 import shutil
+import socket
+import stat
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Optional
 
-from components.errors import OutputDirBusy, UnsafePathError
+from components.errors import LockingUnsupported, OutputDirBusy, UnsafePathError
 
+log = logging.getLogger(__name__)
 _write_root: Optional[Path] = None
+# flock's answer on a filesystem that has no locks (Lustre without -o flock, some NFS setups)
+_NO_FLOCK = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS}
+# ".NAME.tmp-HOST-PID" / ".NAME.old-HOST-PID"; the older ".NAME.tmp-PID" form means this host.
+# HOST never holds a dot (see _host), so the last ".tmp-"/".old-" is the one we wrote.
+_LEFTOVER = re.compile(r"^\.(?P<name>.+)\.(?P<kind>tmp|old)-(?:(?P<host>[A-Za-z0-9_-]+)-)?(?P<pid>\d+)$")
 
 
 def looks_like_local_path(text: str) -> bool:
@@ -51,12 +63,25 @@ def fsync_tree(root: Path) -> None:
         _fsync(Path(folder))
 
 
+def _host() -> str:
+    """This host's name as it appears in temporary names: dots and anything unusual become "_"."""
+    return re.sub(r"[^A-Za-z0-9_-]", "_", socket.gethostname()) or "localhost"
+
+
 def _tmp_name(final: Path) -> Path:
-    return final.with_name(f".{final.name}.tmp-{os.getpid()}")
+    return final.with_name(f".{final.name}.tmp-{_host()}-{os.getpid()}")
 
 
 def _old_name(final: Path) -> Path:
-    return final.with_name(f".{final.name}.old-{os.getpid()}")
+    return final.with_name(f".{final.name}.old-{_host()}-{os.getpid()}")
+
+
+def _remove(path: Path) -> None:
+    """Delete a file, folder or symlink; a symlink goes, never what it points at."""
+    if path.is_symlink() or not path.is_dir():
+        path.unlink(missing_ok=True)
+    else:
+        shutil.rmtree(path)
 
 
 @contextmanager
@@ -72,8 +97,7 @@ def atomic_directory(final: os.PathLike, what: str = "folder") -> Iterator[Path]
     final = check_write_path(final, what)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = _tmp_name(final)
-    if tmp.exists():
-        shutil.rmtree(tmp)
+    _remove(tmp)  # left by an earlier failure of this process id (a container restart reuses it)
     tmp.mkdir()
     try:
         yield tmp
@@ -85,7 +109,7 @@ def atomic_directory(final: os.PathLike, what: str = "folder") -> Iterator[Path]
         os.rename(tmp, final)
         _fsync(final.parent)  # the renames are durable before the old copy goes
         if old is not None:
-            shutil.rmtree(old)
+            _remove(old)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -97,8 +121,11 @@ def atomic_file(final: os.PathLike, what: str = "file", mode: str = "w") -> Iter
     final = check_write_path(final, what)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = _tmp_name(final)
+    _remove(tmp)
     try:
-        with open(tmp, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
+        # O_EXCL: a symlink planted under the temporary name is refused, never written through
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o644)
+        with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
             yield f
             f.flush()
             os.fsync(f.fileno())
@@ -111,18 +138,47 @@ def atomic_file(final: os.PathLike, what: str = "file", mode: str = "w") -> Iter
 
 def lock_output_dir(folder: os.PathLike):
     """Hold an exclusive lock on ``folder/.lock`` for this process's lifetime (keep the returned
-    file open), so two runs never write, clean up or resume in one output_dir at once."""
-    import fcntl
+    file open), so two runs never write, clean up or resume in one output_dir at once.
 
+    ``.lock`` is opened without following a symlink and must be a plain file with one name:
+    the process id written into it must not land in a file elsewhere.
+    """
     path = Path(folder) / ".lock"
-    handle = open(path, "a+")
+    flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
     try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fd = os.open(path, flags, 0o644)
+    except OSError:
+        if path.is_symlink():
+            raise UnsafePathError(
+                f"{path} is a symlink (to {os.readlink(path)}); the lock file must be a plain file in output_dir "
+                f"{folder}. Remove the symlink and run again"
+            ) from None
+        raise
+    handle = os.fdopen(fd, "r+", encoding="utf-8")
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode) or info.st_nlink > 1:
+            what = "is not a plain file" if not stat.S_ISREG(info.st_mode) else "has other names (hard links)"
+            raise UnsafePathError(f"{path} {what}; the lock file must be a plain file of its own. Remove it and run again")
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        handle.seek(0)
         owner = handle.read().strip() or "unknown"
         handle.close()
         raise OutputDirBusy(f"output_dir {folder} is in use by another run (process {owner})") from None
+    except OSError as e:
+        handle.close()
+        if e.errno not in _NO_FLOCK:
+            raise
+        raise LockingUnsupported(
+            f"Cannot lock output_dir {folder}: its filesystem does not support file locks (flock: "
+            f"{os.strerror(e.errno)}). The lock is what keeps two runs from writing, cleaning up or resuming in one "
+            "folder at once. Put output_dir on a local disk or a filesystem with locking (Lustre mounted with "
+            "-o flock, or -o localflock when only one node writes there; NFS mounted without -o nolock, with its lock "
+            "service running)"
+        ) from None
+    except BaseException:
+        handle.close()
+        raise
     handle.seek(0)
     handle.truncate()
     handle.write(str(os.getpid()))
@@ -130,29 +186,56 @@ def lock_output_dir(folder: os.PathLike):
     return handle
 
 
+def _why_kept(host: Optional[str], pid: int) -> Optional[str]:
+    """Why the process that wrote a leftover may still be writing it; ``None`` if it is gone."""
+    if host is not None and host != _host():
+        return f"it was written on the host {host}, where its writer may still run"
+    if pid == os.getpid():
+        return None  # ours, from a write that failed earlier: recovery runs before this process writes
+    if pid <= 0:
+        return None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return None
+    except PermissionError:
+        pass  # it exists, under another user
+    return f"process {pid} on this host is still running and may be writing it"
+
+
 def recover_interrupted_writes(folder: os.PathLike) -> list:
     """Clean up after a process killed inside :func:`atomic_directory` / :func:`atomic_file`.
 
-    Temporary ``.NAME.tmp-PID`` leftovers are deleted; an ``.NAME.old-PID`` whose ``NAME`` is
-    missing (killed between the two renames) is renamed back. Returns what was done.
+    A temporary ``.NAME.tmp-HOST-PID`` leftover is deleted; an ``.NAME.old-HOST-PID`` whose
+    ``NAME`` is missing (killed between the two renames) is renamed back, otherwise deleted.
+    Only leftovers whose writer is gone are touched: written on this host by a process that no
+    longer runs (or by this one, before it writes anything). A leftover from another host or a
+    live process, and any symlink, is left in place and logged. Returns what was done.
     """
     folder = Path(folder)
     done = []
     if not folder.is_dir():
         return done
     for path in sorted(folder.iterdir()):
-        name = path.name
-        if not name.startswith("."):
+        match = _LEFTOVER.match(path.name)
+        if not match:
             continue
-        if ".tmp-" in name:
-            shutil.rmtree(path) if path.is_dir() else path.unlink()
+        if path.is_symlink():
+            log.warning("Left %s alone: it is a symlink, which no write of ours leaves; remove it yourself", path)
+            continue
+        reason = _why_kept(match["host"], int(match["pid"]))
+        if reason is not None:
+            log.warning("Left %s in place: %s. Delete it yourself once that run is over", path, reason)
+            continue
+        if match["kind"] == "tmp":
+            _remove(path)
             done.append(f"removed the unfinished write {path}")
-        elif ".old-" in name:
-            original = folder / name[1:].rsplit(".old-", 1)[0]
-            if original.exists():
-                shutil.rmtree(path) if path.is_dir() else path.unlink()
-                done.append(f"removed the replaced copy {path}")
-            else:
-                os.rename(path, original)
-                done.append(f"restored {original} from {path}")
+            continue
+        original = folder / match["name"]
+        if os.path.lexists(original):
+            _remove(path)
+            done.append(f"removed the replaced copy {path}")
+        else:
+            os.rename(path, original)
+            done.append(f"restored {original} from {path}")
     return done

@@ -10,6 +10,7 @@ succeeds; otherwise it is reported and the previous one is tried.
 import hashlib
 import json
 import logging
+import os
 import re
 import shutil
 from pathlib import Path
@@ -17,11 +18,12 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
-from components.checkpointing.hf_bert import CheckpointError
 from components.checkpointing.io import atomic_directory
+from components.errors import CheckpointError
 
 log = logging.getLogger(__name__)
 STEP_DIR = re.compile(r"^step_(\d{8})$")
+SHA256 = re.compile(r"^[0-9a-f]{64}$")
 REQUIRED_KEYS = ("step", "model", "optimizer")
 
 
@@ -75,16 +77,24 @@ def save_checkpoint(output_dir: Path, step: int, state: Dict[str, Any], keep_las
 def load_checkpoint(path: Path) -> Dict[str, Any]:
     """The state of one checkpoint, verified; raises :class:`CheckpointError` naming the problem."""
     path = Path(path)
+    meta_file = path / "meta.json"
     try:
-        meta = json.loads((path / "meta.json").read_text())
+        meta = json.loads(meta_file.read_text())
     except (OSError, ValueError) as e:
         raise CheckpointError(f"{path} is incomplete: meta.json is missing or unreadable ({e})") from e
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{meta_file} is damaged: it holds {type(meta).__name__} {str(meta)[:40]!r}, not an object")
+    written = meta.get("bytes")
+    if "bytes" in meta and (not isinstance(written, int) or isinstance(written, bool) or written < 0):
+        raise CheckpointError(f"{meta_file} is damaged: its \"bytes\" is {written!r}, not a size")
+    if "sha256" in meta and not (isinstance(meta["sha256"], str) and SHA256.match(meta["sha256"])):
+        raise CheckpointError(f"{meta_file} is damaged: its \"sha256\" is {str(meta['sha256'])[:80]!r}, not a SHA-256")
     state_file = path / "state.pt"
     if not state_file.is_file():
         raise CheckpointError(f"{path} is incomplete: state.pt is missing")
     size = state_file.stat().st_size
-    if "bytes" in meta and size != meta["bytes"]:
-        raise CheckpointError(f"{state_file} is truncated or damaged: {size} bytes, {meta['bytes']} written")
+    if "bytes" in meta and size != written:
+        raise CheckpointError(f"{state_file} is truncated or damaged: {size} bytes, {written} written")
     if "sha256" in meta and _sha256(state_file) != meta["sha256"]:
         raise CheckpointError(f"{state_file} is damaged: its SHA-256 differs from the one written")
     try:
@@ -97,10 +107,25 @@ def load_checkpoint(path: Path) -> Dict[str, Any]:
     return state
 
 
+def _set_aside(bad: Path) -> None:
+    """Rename a damaged checkpoint to the first free ``damaged-`` name; never onto an earlier one."""
+    aside = bad.with_name("damaged-" + bad.name)
+    n = 0
+    while os.path.lexists(aside):
+        n += 1
+        aside = bad.with_name(f"damaged-{bad.name}.{n}")
+    try:
+        os.rename(bad, aside)
+    except OSError as e:  # left as step_X it would count as a checkpoint when good ones are pruned
+        raise CheckpointError(f"Could not rename the damaged checkpoint {bad} to {aside.name} ({e}); move it away and resume again") from e
+    log.warning("Renamed the damaged checkpoint %s to %s", bad.name, aside.name)
+
+
 def load_latest_checkpoint(output_dir: Path) -> Optional[Tuple[Path, Dict[str, Any]]]:
     """(path, state) of the newest checkpoint that verifies and loads. Damaged ones are
-    reported and renamed ``damaged-step_XXXXXXXX`` (kept for inspection, never loaded or
-    counted when old checkpoints are pruned), and the one before is tried. ``None`` if there
+    reported and renamed ``damaged-step_XXXXXXXX`` (``damaged-step_XXXXXXXX.1``, ``.2``... when
+    that name is taken by one set aside before; kept for inspection, never loaded or counted
+    when old checkpoints are pruned), and the one before is tried. ``None`` if there
     are no checkpoints at all; an error if none is usable (so none is overwritten by a fresh
     start)."""
     problems, damaged = [], []
@@ -115,9 +140,7 @@ def load_latest_checkpoint(output_dir: Path) -> Optional[Tuple[Path, Dict[str, A
         if problems:
             log.warning("Resuming from the older checkpoint %s instead", path.name)
             for bad in damaged:
-                aside = bad.with_name("damaged-" + bad.name)
-                bad.rename(aside)
-                log.warning("Renamed the damaged checkpoint %s to %s", bad.name, aside.name)
+                _set_aside(bad)
         return path, state
     if problems:
         raise CheckpointError("No usable checkpoint to resume from: " + "; ".join(problems))
