@@ -30,3 +30,21 @@ def make_hf_teacher(folder: Path, tokenizer, kind: str = "bert", layers: int = 4
     model.save_pretrained(str(folder))
     tokenizer.save_pretrained(str(folder))
     return folder
+
+
+class FailingLogger:
+    """A metric logger (``metric_logger._component_``) whose ``fail_at``-th write raises
+    ``error`` ("OSError" or "KeyboardInterrupt"): a full disk or a Ctrl-C on the main rank."""
+
+    def __init__(self, fail_at: int = 2, error: str = "OSError"):
+        self.fail_at, self.error, self.writes = fail_at, error, 0
+
+    def log_dict(self, payload, step):
+        self.writes += 1
+        if self.writes == self.fail_at:
+            if self.error == "KeyboardInterrupt":
+                raise KeyboardInterrupt
+            raise OSError(28, f"No space left on device (metrics of step {step})")
+
+    def close(self):
+        pass

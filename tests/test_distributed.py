@@ -113,3 +113,47 @@ def test_sharded_teacher_and_student_hold_half_the_parameters(teacher_dir):
     assert sum(r["student_local"] for r in ranks) == ranks[0]["student_total"]
     for r in ranks:
         assert abs(r["student_local"] - r["student_total"] / 2) <= 64
+
+
+def tune_distributed_failing(config, *args, timeout=300):
+    """A distributed run expected to fail: (return code, stdout + stderr). ``tests`` is put
+    on the path so that configs can name test helpers."""
+    import os
+
+    result = subprocess.run(
+        [str(TUNE), "run", "--nproc_per_node", "2", "recipes/distill_recursive_distributed.py", "--config", str(config), *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,  # a hang (ranks waiting on a collective) fails here
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    return result.returncode, result.stdout + result.stderr
+
+
+def test_ranks_that_see_different_corpora_fail_before_step_1(tmp_path, teacher_dir, corpus_file):
+    text = corpus_file.read_text()
+    (tmp_path / "corpus_0.jsonl").write_text(text)
+    (tmp_path / "corpus_1.jsonl").write_text(text + json.dumps({"text": "one more document on rank 1"}) + "\n")
+    config = tmp_path / "dist.yaml"
+    cfg = tiny_config(tmp_path / "out", teacher_dir, tmp_path / "corpus_${oc.env:RANK}.jsonl", **{"data.batch_size": 8})
+    OmegaConf.save(OmegaConf.create(cfg), config)
+    code, output = tune_distributed_failing(config)
+    assert code != 0
+    assert "The ranks disagree before step 1: rank 1 differs from rank 0 in" in output and "data" in output
+    assert "distill:" not in output  # no step was taken
+    assert not (tmp_path / "out" / "checkpoints").exists()
+
+
+def test_ctrl_c_in_a_write_on_rank_0_ends_every_rank(tmp_path, teacher_dir, corpus_file):
+    """(An OSError takes the same path; Ctrl-C is the case an ``except Exception`` misses.)"""
+    config = tmp_path / "dist.yaml"
+    cfg = tiny_config(tmp_path / "out", teacher_dir, corpus_file, **{"data.batch_size": 8})
+    cfg["metric_logger"] = {"_component_": "tests.helpers.FailingLogger", "fail_at": 2, "error": "KeyboardInterrupt"}
+    OmegaConf.save(OmegaConf.create(cfg), config)
+    code, output = tune_distributed_failing(config)
+    assert code != 0
+    # rank 1 stops with rank 0's error instead of waiting in the next collective
+    assert "Stopping: rank 0 failed to write (KeyboardInterrupt" in output, output[-3000:]
+    # what was written before stays: the checkpoint of step 3 was never reached, metrics of step 1 are kept
+    assert '"step": 1' in (tmp_path / "out" / "metrics.jsonl").read_text()
