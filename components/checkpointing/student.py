@@ -26,7 +26,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from components.checkpointing import albert, mobilebert
-from components.checkpointing.hf_bert import CheckpointError
+from components.checkpointing.hf_bert import check_config_sizes, check_shapes, CheckpointError, weight_shapes
 from components.checkpointing.io import atomic_directory
 from components.models.families import encoder_family, ENCODERS
 
@@ -170,16 +170,21 @@ def load_student(path: str, **overrides) -> nn.Module:
     """Rebuild a student from a folder written by :func:`save_student`, or from a published
     checkpoint of a family's transformers format (ALBERT with one shared layer, MobileBERT).
     ``overrides`` change builder arguments that do not touch the saved weights' shapes:
-    dropout, say, or ``adapter_placement`` to add fresh adapters to an adapter-free student."""
+    dropout, say, or ``adapter_placement`` to add fresh adapters to an adapter-free student.
+
+    Folders may come from strangers: the config's sizes are checked against the weights' header
+    (:func:`~components.checkpointing.hf_bert.check_config_sizes`, the teacher loader's check)
+    before the weights are read, and the student is laid out on the meta device and compared
+    name by name and shape by shape before it is allocated."""
     folder = Path(path)
     config_file = folder / "config.json"
     if not config_file.is_file():
         raise CheckpointError(f"No student at {folder}: {config_file} does not exist")
     try:
-        config = json.loads(config_file.read_text())
-    except json.JSONDecodeError as e:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{config_file} is not valid JSON: {e}") from e
-    model_type = config.get("model_type")
+    model_type = config.get("model_type") if isinstance(config, dict) else None
     if model_type not in STUDENT_MODEL_TYPES:
         raise CheckpointError(
             f"{config_file}: model_type {model_type!r} is not a student (expected one of {sorted(STUDENT_MODEL_TYPES)})"
@@ -187,29 +192,45 @@ def load_student(path: str, **overrides) -> nn.Module:
     weights = folder / "model.safetensors"
     if not weights.is_file():
         raise CheckpointError(f"No weights for the student at {folder}: {weights} does not exist")
-    try:
-        state = load_file(str(weights))
-    except Exception as e:
-        raise CheckpointError(f"Could not read {weights}: {e}") from e
-    if model_type in ENCODERS:  # our native format
-        family, kwargs = model_type, config[model_type]
-        if state and all(k.startswith("encoder.") for k in state):  # saved by transformers' save_pretrained
-            state = {k[len("encoder."):]: v for k, v in state.items()}
+    native = model_type in ENCODERS  # our native format
+    if native:
+        family, kwargs = model_type, config.get(model_type)
+        if not isinstance(kwargs, dict):
+            raise CheckpointError(f"{config_file}: {model_type!r} must hold the builder arguments, got {kwargs!r}")
     else:
         spec = FORMATS[model_type]
         family = spec.family
         try:
             kwargs = spec.builder_kwargs(config)
+        except (ValueError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{config_file}: {e}") from e
+    check_config_sizes(config_file, kwargs, weight_shapes(folder), weights, family=model_type if native else None)
+    try:
+        state = load_file(str(weights))
+    except Exception as e:
+        raise CheckpointError(f"Could not read {weights}: {e}") from e
+    if native:
+        if state and all(k.startswith("encoder.") for k in state):  # saved by transformers' save_pretrained
+            state = {k[len("encoder."):]: v for k, v in state.items()}
+    else:
+        try:
             state = spec.from_hf(state, kwargs)
         except (ValueError, KeyError) as e:
             raise CheckpointError(f"{folder}: {e}") from e
-    model = ENCODERS[family](**{**kwargs, **overrides})
-    if not model.config["mlm_head"]:  # left out on purpose (fine-tuning does not use it)
+    build = {**kwargs, **overrides}
+    try:
+        with torch.device("meta"):  # the layout, to compare with the weights before allocating
+            layout = ENCODERS[family](**build)
+    except (ValueError, TypeError) as e:
+        raise CheckpointError(f"{config_file}: cannot build a {family} from it: {e}") from e
+    if not layout.config["mlm_head"]:  # left out on purpose (fine-tuning does not use it)
         state = {k: v for k, v in state.items() if not k.startswith("mlm_head.")}
-    tied = kwargs.get("tie_word_embeddings") and model.config["mlm_head"]
+    tied = kwargs.get("tie_word_embeddings") and layout.config["mlm_head"]
     if tied:
         state.pop("mlm_head.decoder.weight", None)
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    expected = {k: tuple(v.shape) for k, v in layout.state_dict().items()}
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
     if tied:
         missing = [k for k in missing if k != "mlm_head.decoder.weight"]
     if kwargs.get("adapter_placement", "none") is None:
@@ -217,4 +238,10 @@ def load_student(path: str, **overrides) -> nn.Module:
         missing = [k for k in missing if not k.startswith("adapters.")]
     if missing or unexpected:
         raise CheckpointError(f"{weights} does not match its config: missing {missing}, unexpected {unexpected}")
+    check_shapes(
+        expected, {k: tuple(v.shape) for k, v in state.items()}, str(folder), config_file, weights, kwargs,
+        family=model_type if native else None,
+    )
+    model = ENCODERS[family](**build)
+    model.load_state_dict(state, strict=False)
     return model
