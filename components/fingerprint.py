@@ -62,3 +62,14 @@ def fingerprint_differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> L
             found.append(f"{rest[0]} -> {rest[1]}")
         return sorted(found) or ["the file order changed"]
     return [f"{dict(old)} -> {dict(new)}"]
+
+
+def model_folder_fingerprint(folder: os.PathLike, weight_files: Sequence[os.PathLike]) -> Dict[str, Any]:
+    """A model checkpoint folder: its ``config.json`` and weight files, plus the Hub revision
+    when the folder is a snapshot in the Hugging Face cache (``.../snapshots/<commit>``)."""
+    folder = Path(folder)
+    files = [folder / "config.json", *weight_files] if (folder / "config.json").is_file() else list(weight_files)
+    found = files_fingerprint(files, root=folder)
+    if folder.parent.name == "snapshots":
+        found["revision"] = folder.name
+    return found

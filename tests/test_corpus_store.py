@@ -162,3 +162,20 @@ def test_epochs_keep_their_schedule_when_an_accepted_change_moves_the_window_cou
     resumed = run_recipe({**cfg, "resume_from_checkpoint": True, "allow_changes_on_resume": ["data"]})
     assert resumed.max_steps == total and resumed.sampler.steps_per_epoch > total
     assert {step: r["lr"] for step, r in logged(out).items() if "lr" in r} == pytest.approx(lrs)
+
+
+def test_a_resume_with_a_changed_teacher_is_refused(tmp_path, teacher_dir, corpus_file):
+    from safetensors.torch import load_file, save_file
+
+    teacher = tmp_path / "teacher"
+    shutil.copytree(teacher_dir, teacher)
+    out = tmp_path / "run"
+    run_recipe(tiny_config(out, teacher, corpus_file, max_steps=3, save_every_n_steps=3))
+    weights = load_file(teacher / "model.safetensors")
+    name = sorted(weights)[0]
+    weights[name] = weights[name] + 0.01  # same size, other values: a retrained teacher
+    save_file(weights, teacher / "model.safetensors", metadata={"format": "pt"})
+    cfg = tiny_config(out, teacher, corpus_file, max_steps=6, resume_from_checkpoint=True)
+    with pytest.raises(CheckpointError, match=r"another teacher: model.safetensors changed content"):
+        run_recipe(cfg)
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_00000003"]

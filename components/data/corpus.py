@@ -63,6 +63,16 @@ def local_files(sources: Sequence[str]) -> List[str]:
     return files
 
 
+def _open_any(file: str):
+    """A binary file object that decompresses what it reads."""
+    import bz2
+    import gzip
+    import lzma
+
+    openers = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}
+    return openers.get(os.path.splitext(file)[1].lower(), open)(file, "rb")
+
+
 def _first_undecodable(files: Sequence[str]) -> Optional[Tuple[str, int, int, int]]:
     """(file, line, column, byte) of the first byte sequence that is not UTF-8, if any."""
     for file in files:
@@ -79,16 +89,6 @@ def _first_undecodable(files: Sequence[str]) -> Optional[Tuple[str, int, int, in
 # as one document it is built quadratically by ``datasets`` and tokenised whole.
 PARAGRAPH_LIMIT = 1 << 20  # bytes
 BLANK_LINE = re.compile(rb"\n[ \t\r]*\n")
-
-
-def _open_any(file: str):
-    """A binary file object that decompresses what it reads."""
-    import bz2
-    import gzip
-    import lzma
-
-    openers = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}
-    return openers.get(os.path.splitext(file)[1].lower(), open)(file, "rb")
 
 
 def giant_paragraph_files(files: Sequence[str], limit: int = PARAGRAPH_LIMIT) -> List[str]:

@@ -20,6 +20,9 @@ class FrozenTeacher(nn.Module):
         encoder: the teacher network.
         tokenizer: its Hugging Face tokenizer; the student and the data use the same one.
         name: where the teacher came from, for messages.
+
+    ``fingerprint`` (set by :func:`hf_teacher`; ``None`` otherwise) identifies its weights, so
+    that a resume can tell whether it still distils the same teacher.
     """
 
     def __init__(self, encoder: nn.Module, tokenizer=None, name: str = "teacher"):
@@ -28,6 +31,7 @@ class FrozenTeacher(nn.Module):
         self.encoder.requires_grad_(False)
         self.tokenizer = tokenizer
         self.name = name
+        self.fingerprint = None
 
     def train(self, mode: bool = True) -> "FrozenTeacher":
         return super().train(False)
@@ -75,7 +79,11 @@ def hf_teacher(
 
     The folder needs ``config.json``, weights (``model.safetensors`` or ``pytorch_model.bin``,
     sharded or not) and tokenizer files. A checkpoint without an MLM head (a plain ``BertModel``)
-    loads too; then only hidden-state and attention losses can use it.
+    loads too; then only hidden-state and attention losses can use it. A Hub id is downloaded to
+    the Hugging Face cache, or read from it offline (``HF_HUB_OFFLINE=1``, or no connection).
+    The folder is untrusted input: its config's sizes are checked against the weights before
+    anything is allocated, and nothing in it is executed or written
+    (``components.checkpointing.hf_bert``).
 
     Args:
         dtype: ``"bf16"`` stores and runs the teacher in bfloat16: half the memory, and 2-4x
@@ -84,11 +92,14 @@ def hf_teacher(
         shard: set by the distributed recipe: shards the encoder with FSDP2 before the weights
             are read.
     """
-    from components.checkpointing.hf_bert import load_hf_encoder, load_tokenizer, resolve_checkpoint_dir
+    from components.checkpointing.hf_bert import load_hf_encoder, load_tokenizer, resolve_checkpoint_dir, weight_files
+    from components.fingerprint import model_folder_fingerprint
 
-    folder = resolve_checkpoint_dir(path, revision)
-    if dtype not in DTYPES:
+    if dtype not in DTYPES:  # before any download
         raise ValueError(f"teacher dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    folder = resolve_checkpoint_dir(path, revision)
     encoder, _ = load_hf_encoder(folder, dtype=DTYPES[dtype], shard=shard)
     tokenizer = load_tokenizer(folder, encoder.spec.vocab_size, needs_mask=True)
-    return FrozenTeacher(encoder, tokenizer, name=str(path))
+    teacher = FrozenTeacher(encoder, tokenizer, name=str(path))
+    teacher.fingerprint = model_folder_fingerprint(folder, weight_files(folder)[1])
+    return teacher
