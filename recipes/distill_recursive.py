@@ -78,7 +78,9 @@ class DistillRecursiveRecipe:
     # ------------------------------------------------------------------ setup
     def setup(self) -> None:
         cfg = self.cfg
-        self.resume = resume = self.run.start()
+        resume = self.run.start()
+        # (steps, epochs) the resumed run began with: an epochs-based schedule keeps its length
+        self.began_with = None if resume is None else (resume[1].get("max_steps"), (resume[1].get("config") or {}).get("epochs"))
         torch.manual_seed(self.seed)  # the same student on every rank
 
         with self.parallel.main_first():  # the main rank builds any files (smoke assets) first
@@ -225,10 +227,9 @@ class DistillRecursiveRecipe:
         """``epochs`` in steps; a resumed run keeps the count it started with (its schedule and
         stages were laid out over it), even if an accepted data change moved the window count."""
         steps = self.cfg.epochs * self.sampler.steps_per_epoch
-        if self.resume is not None:
-            saved = self.resume[1].get("max_steps")
-            same_epochs = (self.resume[1].get("config") or {}).get("epochs") == self.cfg.epochs
-            if saved is not None and same_epochs and saved != steps:
+        if self.began_with is not None:
+            saved, epochs = self.began_with
+            if saved is not None and epochs == self.cfg.epochs and saved != steps:
                 log.warning("epochs=%d now means %d steps, %d when the run began: keeping %d", self.cfg.epochs, steps, saved, saved)
                 return saved
         return steps
