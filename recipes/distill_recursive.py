@@ -29,7 +29,7 @@ from components.models.student import check_student, copy_teacher_embeddings
 from components.quantization import get_scheme, prepare_qat, set_fake_quantize
 from components.training.config import check_config, config_section, instantiate, instantiate_target, parse
 from components.training.distill import check_finite, count_tokens, distill_forward, Evaluator, step_batches
-from components.training.distributed import clip_gradients, resolve_device, SingleDevice
+from components.training.distributed import bf16_cpu_warning, clip_gradients, resolve_device, SingleDevice
 from components.training.run import configure_logging, execute, Run
 from components.training.schema import DistillConfig
 from components.training.stages import (
@@ -86,6 +86,10 @@ class DistillRecursiveRecipe:
         with self.parallel.main_first():  # the main rank builds any files (smoke assets) first
             self.teacher = self._build_teacher().to(self.device)
         self.tokenizer = self.teacher.tokenizer
+        asks = [key for key, on in (("dtype=bf16", self.bf16), ("teacher.dtype=bf16", _holds_bf16(self.teacher))) if on]
+        warning = bf16_cpu_warning(self.device, asks)
+        if warning:
+            log.warning(warning)
         with config_section("student"):
             self.student = self._build_student().to(self.device)
             if cfg.copy_teacher_embeddings:
@@ -400,6 +404,10 @@ class DistillRecursiveRecipe:
 
     def cleanup(self) -> None:
         self.run.close()
+
+
+def _holds_bf16(module: torch.nn.Module) -> bool:
+    return any(p.dtype == torch.bfloat16 for p in module.parameters())
 
 
 def main(recipe_class, cfg: DictConfig) -> None:

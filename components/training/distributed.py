@@ -41,6 +41,33 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def cpu_has_native_bf16() -> Optional[bool]:
+    """Whether this CPU has bf16 matrix instructions (AVX512_BF16 or AMX-BF16); ``None`` where
+    it cannot be told (no /proc/cpuinfo). Without them bf16 matmuls are emulated: slower than
+    fp32 (``benchmarks/run.py --quick`` measured a bf16 teacher at 0.27x on an AVX2-only CPU)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith(("flags", "Features"))), None)
+    except OSError:
+        return None
+    if flags is None:
+        return None
+    return "avx512_bf16" in flags or "amx_bf16" in flags or "bf16" in flags  # (the last: ARM's Features)
+
+
+def bf16_cpu_warning(device: torch.device, what: Sequence[str], native: Optional[bool] = None) -> Optional[str]:
+    """A warning when bf16 work (``what``: config keys asking for it) runs on a CPU without
+    native bf16; ``None`` when there is nothing to say."""
+    native = cpu_has_native_bf16() if native is None else native
+    if device.type != "cpu" or not what or native is not False:
+        return None
+    return (
+        f"{' and '.join(what)} on a CPU without bf16 instructions (no AVX512_BF16 or AMX): its bf16 matmuls are "
+        "emulated and slower than fp32 (0.27x measured on an AVX2-only CPU). Use fp32 here; bf16 pays on GPUs and "
+        "on CPUs with those instructions (Intel Cooper Lake, Sapphire Rapids and later; AMD Zen 4 and later)"
+    )
+
+
 class SingleDevice:
     """One process on one device."""
 
