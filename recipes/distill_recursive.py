@@ -105,6 +105,16 @@ class DistillRecursiveRecipe:
             for stage in stage_configs or []:  # fail now, not hours in, on a stage that cannot work
                 self.loss_fn.check_weights(stage.get("loss_weights") or self.default_weights)
                 self.loss_fn.check_layers(stage.get("layers"))
+        if cfg.data.mlm_probability == 0:
+            for stage in stage_configs or [{"name": "the run", "loss_weights": None}]:
+                weights = stage.get("loss_weights") or self.default_weights
+                needs_masks = [term for term in ("mlm", "output") if weights.get(term)]
+                if needs_masks:
+                    raise ConfigError(
+                        f"data.mlm_probability=0 masks no token, but {stage['name']!r} weights the {' and '.join(needs_masks)} "
+                        "term, which is computed at masked positions. Set those weights to 0 (hidden-state and attention "
+                        "distillation need no masks) or mask tokens"
+                    )
         log.info(
             "Teacher %s: %d layers, hidden %d. Student: %s, %.2fM parameters (%.2fM without the MLM head)",
             self.teacher.name,

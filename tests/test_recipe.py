@@ -1,5 +1,6 @@
 """The single-device recipe in-process: resume equivalence, stages, bad input."""
 
+import math
 import shutil
 
 import pytest
@@ -197,3 +198,19 @@ def test_resuming_with_other_data_settings_is_refused(tmp_path, teacher_dir, cor
     with caplog.at_level("WARNING"):
         run_recipe(tiny_config(out, teacher_dir, corpus_file, max_steps=6, resume_from_checkpoint=True, **{"optimizer.lr": 5e-4}))
     assert "Resuming with optimizer.lr changed: 0.001 in the checkpoint, 0.0005 now" in caplog.text
+
+
+def test_no_masking_for_hidden_state_and_attention_distillation(tmp_path, teacher_dir, corpus_file):
+    only_layers = {"mlm": 0, "output": 0, "hidden": 3, "attention": 3}
+    cfg = tiny_config(tmp_path / "run", teacher_dir, corpus_file, max_steps=2, **{"data.mlm_probability": 0.0, "loss.weights": only_layers})
+    recipe = run_recipe(cfg)
+    batch = recipe.step_batches(step=0)[0]
+    assert not batch.masked_positions.any()  # both models see the text as it is
+    records = logged(tmp_path / "run")
+    assert all(math.isfinite(records[s]["loss/total"]) for s in (1, 2))
+    assert "eval/alignment_cosine/student_2_teacher_4" in records[2] and "eval/student_mlm_loss" not in records[2]
+    # a term that reads masked positions cannot work without masks: refused before anything runs
+    cfg = tiny_config(tmp_path / "other", teacher_dir, corpus_file, max_steps=2, **{"data.mlm_probability": 0.0})
+    with pytest.raises(ConfigError, match=r"data.mlm_probability=0 masks no token, but 'the run' weights the mlm and output term"):
+        run_recipe(cfg)
+    assert not (tmp_path / "other" / "checkpoints").exists()

@@ -42,7 +42,8 @@ class MLMMasker:
 
     Args:
         tokenizer: the teacher's tokenizer (for the mask token, special tokens and vocab size).
-        mlm_probability: share of maskable tokens selected (0.15).
+        mlm_probability: share of maskable tokens selected (0.15); 0 masks nothing (for
+            distillation on hidden states and attention alone).
         mask_fraction, random_fraction: of the selected, how many become [MASK] / random.
     """
 
@@ -55,8 +56,8 @@ class MLMMasker:
     ):
         if tokenizer.mask_token_id is None:
             raise ValueError("The teacher's tokenizer has no mask token; it cannot be used for MLM")
-        if not 0 < mlm_probability < 1:
-            raise ValueError(f"data.mlm_probability must be in (0, 1), got {mlm_probability}")
+        if not 0 <= mlm_probability < 1:
+            raise ValueError(f"data.mlm_probability must be in [0, 1), got {mlm_probability}")
         self.p = mlm_probability
         self.mask_fraction = mask_fraction
         self.random_fraction = random_fraction

@@ -164,7 +164,7 @@ class Evaluator:
         masked_total, tokens_total = max(totals["masked"], 1), max(totals["tokens"], 1)
         metrics = {}
         for who in ("student", "teacher"):
-            if f"{who}_loss" in totals:
+            if f"{who}_loss" in totals and totals["masked"] > 0:  # (data.mlm_probability=0 masks nothing)
                 metrics[f"eval/{who}_mlm_loss"] = totals[f"{who}_loss"] / masked_total
                 metrics[f"eval/{who}_mlm_accuracy"] = totals[f"{who}_correct"] / masked_total
         for s, t in loss_fn.layer_map:

@@ -24,7 +24,8 @@ class DataConfig:
     encoding_errors: Literal["strict", "replace"] = "strict"
     max_length: int = bounded(256, low=8)  # tokens per window, special tokens included
     stride: int = bounded(128, low=1)  # tokens between the starts of consecutive windows of a document
-    mlm_probability: float = bounded(0.15, low=0.01, high=1.0, high_open=True)
+    # share of tokens masked; 0 (no masking) only when no stage weights the mlm or output term
+    mlm_probability: float = bounded(0.15, low=0.0, high=1.0, high_open=True)
     batch_size: int = bounded(32, low=1)  # windows per micro-batch (per device)
     eval_fraction: float = bounded(0.01, low=0.0, high=1.0, high_open=True)  # share of documents held out (0: none)
     max_eval_windows: int = bounded(1024, low=0)
