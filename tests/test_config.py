@@ -84,7 +84,7 @@ def test_every_shipped_config_is_valid():
         ({"data.batch_size": 0}, r"'data.batch_size' must be at least 1"),
         ({"gradient_accumulation_steps": 0}, r"'gradient_accumulation_steps' must be at least 1"),
         ({"log_every_n_steps": 0}, r"'log_every_n_steps' must be at least 1"),
-        ({"data.mlm_probability": 1.0}, r"'data.mlm_probability' must be at least 0.01 and below 1.0"),
+        ({"data.mlm_probability": 1.0}, r"'data.mlm_probability' must be at least 0.0 and below 1.0"),
         ({"stages": "[{loss_weights: {hiden: 1}}]"}, r"'stages\[0\].loss_weights' must be"),
         ({"stages": "[{steps: 0}]"}, r"'stages\[0\].steps' must be at least 1"),
     ],
