@@ -25,7 +25,7 @@ import os
 import shutil
 import socket
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Union
+from typing import List, Optional, Sequence, Union
 
 import numpy as np
 from tqdm import tqdm
@@ -190,8 +190,3 @@ def build_store(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return TokenWindows(folder)
-
-
-def store_size(folder: Path) -> Dict[str, int]:
-    """Bytes on disk of a store's files."""
-    return {p.name: p.stat().st_size for p in Path(folder).iterdir()}
