@@ -115,6 +115,16 @@ class DistillRecursiveRecipe:
                         "term, which is computed at masked positions. Set those weights to 0 (hidden-state and attention "
                         "distillation need no masks) or mask tokens"
                     )
+        if cfg.data.pack and self.loss_fn.attention.reduction_over == "element":
+            raise ConfigError(
+                "data.pack=true with loss.attention_reduction=element: that reduction divides by the padded row "
+                "length, which packing changes. Use attention_reduction=distribution or data.pack=false"
+            )
+        if cfg.data.pack and self.student.config.get("trigram_input"):
+            raise ConfigError(
+                "data.pack=true with a trigram-input student: its first and last tokens would read the neighbouring "
+                "windows' tokens. Set data.pack=false or student.trigram_input=false"
+            )
         log.info(
             "Teacher %s: %d layers, hidden %d. Student: %s, %.2fM parameters (%.2fM without the MLM head)",
             self.teacher.name,
@@ -235,6 +245,7 @@ class DistillRecursiveRecipe:
             pad_token_id=self.tokenizer.pad_token_id,
             max_length=data.max_length,
             pad_to_multiple_of=data.pad_to_multiple_of,
+            pack=data.pack,
         )
 
     def _epoch_steps(self) -> int:
@@ -289,7 +300,7 @@ class DistillRecursiveRecipe:
             if stage is not stage_at(self.stages, self.step):
                 stage = self._enter_stage(stage_at(self.stages, self.step))
             try:
-                metrics = self._train_step()
+                metrics = self.train_step()
             except NonFiniteLossError as e:
                 saved = self.run.saved_step
                 last = f"the checkpoint of step {saved} is kept" if saved else "no checkpoint was written"
@@ -325,7 +336,7 @@ class DistillRecursiveRecipe:
             set_fake_quantize(self.student, stage.fake_quantize)
         return stage
 
-    def _train_step(self) -> Dict[str, float]:
+    def train_step(self) -> Dict[str, float]:
         started = time.perf_counter()
         batches = self.step_batches(step=self.step)
         num_masked, num_tokens = count_tokens(batches, self.parallel.reduce_sum).tolist()

@@ -19,10 +19,10 @@ class RecordingRecipe(DistillRecursiveRecipe):
 
     steps = None
 
-    def _train_step(self):
+    def train_step(self):
         lrs = {name: group["lr"] for group in self.optimizer.param_groups for name in group["names"]}
         before = {n: p.detach().clone() for n, p in self.trainable_named_parameters()}
-        metrics = super()._train_step()
+        metrics = super().train_step()
         changed = {n for n, p in self.trainable_named_parameters() if not torch.equal(p.detach(), before[n])}
         trainable = {n for n, p in self.trainable_named_parameters() if p.requires_grad}
         self.steps.append(

@@ -15,6 +15,7 @@ from components.models.layers import (
     Embeddings,
     init_weights,
     MLMHead,
+    segment_positions,
     TransformerLayer,
 )
 from components.models.output import EncoderOutput, EncoderSpec
@@ -117,10 +118,12 @@ class BertEncoder(nn.Module):
         attention_layers: Collection[int] = (),
         logits_mask: Optional[torch.Tensor] = None,
         return_logits: bool = True,
+        segment_ids: Optional[torch.Tensor] = None,
     ) -> EncoderOutput:
-        """Same arguments and record as :meth:`RecursiveEncoder.forward`."""
-        x = self.embeddings(input_ids, token_type_ids)
-        bias = attention_bias(attention_mask, x.dtype)
+        """Same arguments and record as :meth:`RecursiveEncoder.forward` (packed rows included)."""
+        positions = None if segment_ids is None else segment_positions(segment_ids)
+        x = self.embeddings(input_ids, token_type_ids, positions)
+        bias = attention_bias(attention_mask, x.dtype, segment_ids)
         hidden_states, attentions = [x], {}
         for i, layer in enumerate(self.layers, start=1):
             x, probs = layer(x, bias, need_probs=i in attention_layers)

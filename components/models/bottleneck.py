@@ -27,6 +27,7 @@ from components.models.layers import (
     apply_mlm_head,
     attend,
     attention_bias,
+    segment_positions,
     get_activation,
     init_weights,
 )
@@ -103,9 +104,15 @@ class BottleneckEmbeddings(nn.Module):
         self.dropout = nn.Dropout(dropout)
 
     def forward(
-        self, input_ids: torch.Tensor, token_type_ids: Optional[torch.Tensor] = None
+        self,
+        input_ids: torch.Tensor,
+        token_type_ids: Optional[torch.Tensor] = None,
+        position_ids: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         seq_len = input_ids.shape[1]
+        if position_ids is not None and self.trigram_input:
+            # a packed sequence's first and last tokens would see their neighbours' tokens
+            raise ValueError("A trigram-input student cannot read packed rows; set data.pack=false")
         if seq_len > self.position_embeddings.num_embeddings:
             raise ValueError(
                 f"Sequence length {seq_len} exceeds the {self.position_embeddings.num_embeddings}"
@@ -117,8 +124,9 @@ class BottleneckEmbeddings(nn.Module):
             # (rather than padding a seq-1 slice) keeps torch.export's sequence dim free
             padded = F.pad(e, (0, 0, 1, 1))
             e = torch.cat([padded[:, 2:], e, padded[:, :-2]], dim=-1)  # next, this, previous
-        positions = torch.arange(seq_len, device=input_ids.device)
-        x = self.projection(e) + self.position_embeddings(positions)[None]
+        if position_ids is None:
+            position_ids = torch.arange(seq_len, device=input_ids.device)[None]
+        x = self.projection(e) + self.position_embeddings(position_ids)
         if token_type_ids is None:
             x = x + self.token_type_embeddings.weight[0]
         else:
@@ -457,6 +465,7 @@ class BottleneckEncoder(nn.Module):
         attention_layers: Collection[int] = (),
         logits_mask: Optional[torch.Tensor] = None,
         return_logits: bool = True,
+        segment_ids: Optional[torch.Tensor] = None,
     ) -> EncoderOutput:
         """Encode a batch.
 
@@ -465,9 +474,14 @@ class BottleneckEncoder(nn.Module):
                 others run SDPA.
             logits_mask: ``[batch, seq]`` bool; MLM logits only at these positions.
             return_logits: skip the MLM head entirely when ``False``.
+            segment_ids: ``[batch, seq]`` for packed rows: the 1-based number of the
+                sequence each token belongs to (0 = padding). Tokens attend only within
+                their sequence and positions restart with each, so every sequence is
+                encoded as it would be alone in a padded row.
         """
-        x = self.embeddings(input_ids, token_type_ids)
-        bias = attention_bias(attention_mask, x.dtype)
+        positions = None if segment_ids is None else segment_positions(segment_ids)
+        x = self.embeddings(input_ids, token_type_ids, positions)
+        bias = attention_bias(attention_mask, x.dtype, segment_ids)
         hidden_states, attentions = [x], {}
         for i, block in enumerate(self.blocks, start=1):
             need_probs = i in attention_layers

@@ -31,13 +31,24 @@ def get_activation(name: str):
 
 
 def attention_bias(
-    attention_mask: Optional[torch.Tensor], dtype: torch.dtype
+    attention_mask: Optional[torch.Tensor],
+    dtype: torch.dtype,
+    segment_ids: Optional[torch.Tensor] = None,
 ) -> Optional[torch.Tensor]:
     """``[batch, seq]`` mask (1 = token, 0 = padding) -> additive ``[batch, 1, 1, seq]`` bias.
 
     Returns ``None`` when nothing is padded, which lets SDPA take its fastest kernel (eager
     mode only: under ``torch.compile`` that data-dependent check would break the graph).
+
+    With ``segment_ids`` (packed rows, see :func:`segment_positions`) the bias is
+    block-diagonal, ``[batch, 1, seq, seq]``: a token attends only to the tokens of its own
+    segment, exactly as it would alone in a padded row.
     """
+    if segment_ids is not None:
+        allowed = (segment_ids[:, :, None] == segment_ids[:, None, :]) & (segment_ids[:, None, :] > 0)
+        bias = torch.zeros(allowed.shape, dtype=dtype, device=segment_ids.device)
+        bias.masked_fill_(~allowed, torch.finfo(dtype).min)
+        return bias[:, None]
     if attention_mask is None:
         return None
     if not torch.compiler.is_compiling() and bool(attention_mask.all()):
@@ -45,6 +56,15 @@ def attention_bias(
     bias = torch.zeros(attention_mask.shape, dtype=dtype, device=attention_mask.device)
     bias.masked_fill_(attention_mask == 0, torch.finfo(dtype).min)
     return bias[:, None, None, :]
+
+
+def segment_positions(segment_ids: torch.Tensor) -> torch.Tensor:
+    """Position ids of packed rows: ``segment_ids`` ``[batch, seq]`` numbers the sequences packed
+    into each row (1, 2, ... left to right; 0 = padding) and positions restart at 0 with each."""
+    index = torch.arange(segment_ids.shape[1], device=segment_ids.device).expand_as(segment_ids)
+    starts = torch.ones_like(segment_ids, dtype=torch.bool)
+    starts[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
+    return index - torch.cummax(torch.where(starts, index, 0), dim=1).values
 
 
 class Embeddings(nn.Module):
@@ -73,7 +93,10 @@ class Embeddings(nn.Module):
         self.position_offset = position_offset
 
     def forward(
-        self, input_ids: torch.Tensor, token_type_ids: Optional[torch.Tensor] = None
+        self,
+        input_ids: torch.Tensor,
+        token_type_ids: Optional[torch.Tensor] = None,
+        position_ids: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         seq_len = input_ids.shape[1]
         if seq_len + self.position_offset > self.position_embeddings.num_embeddings:
@@ -81,10 +104,9 @@ class Embeddings(nn.Module):
                 f"Sequence length {seq_len} exceeds the {self.position_embeddings.num_embeddings}"
                 f" position embeddings of this model (offset {self.position_offset})"
             )
-        positions = torch.arange(
-            self.position_offset, seq_len + self.position_offset, device=input_ids.device
-        )
-        x = self.word_embeddings(input_ids) + self.position_embeddings(positions)[None]
+        if position_ids is None:
+            position_ids = torch.arange(seq_len, device=input_ids.device)[None]
+        x = self.word_embeddings(input_ids) + self.position_embeddings(position_ids + self.position_offset)
         if self.token_type_embeddings is not None:
             if token_type_ids is None:
                 x = x + self.token_type_embeddings.weight[0]

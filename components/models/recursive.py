@@ -22,6 +22,7 @@ from components.models.layers import (
     Embeddings,
     init_weights,
     MLMHead,
+    segment_positions,
     TransformerLayer,
 )
 from components.models.output import EncoderOutput, EncoderSpec
@@ -169,6 +170,7 @@ class RecursiveEncoder(nn.Module):
         attention_layers: Collection[int] = (),
         logits_mask: Optional[torch.Tensor] = None,
         return_logits: bool = True,
+        segment_ids: Optional[torch.Tensor] = None,
     ) -> EncoderOutput:
         """Encode a batch.
 
@@ -177,9 +179,14 @@ class RecursiveEncoder(nn.Module):
                 all others run SDPA.
             logits_mask: ``[batch, seq]`` bool; MLM logits only at these positions.
             return_logits: skip the MLM head entirely when ``False``.
+            segment_ids: ``[batch, seq]`` for packed rows: the 1-based number of the
+                sequence each token belongs to (0 = padding). Tokens attend only within
+                their sequence and positions restart with each, so every sequence is
+                encoded as it would be alone in a padded row.
         """
-        x = self.projector(self.embeddings(input_ids, token_type_ids))
-        bias = attention_bias(attention_mask, x.dtype)
+        positions = None if segment_ids is None else segment_positions(segment_ids)
+        x = self.projector(self.embeddings(input_ids, token_type_ids, positions))
+        bias = attention_bias(attention_mask, x.dtype, segment_ids)
         hidden_states, attentions = [x], {}
         for i in range(1, self.num_iterations + 1):
             adapters = self.adapters[i - 1] if self.adapters is not None else None

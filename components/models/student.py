@@ -44,11 +44,14 @@ class Student(Protocol):
         attention_layers: Collection[int] = (),
         logits_mask: Optional[torch.Tensor] = None,
         return_logits: bool = True,
+        segment_ids: Optional[torch.Tensor] = None,
     ) -> EncoderOutput:
         """``hidden_states[0]`` the embedding output and ``hidden_states[i]`` layer ``i``'s, all
         ``spec.hidden_size`` wide; attention probabilities only for the 1-based
         ``attention_layers``; MLM logits at ``logits_mask`` positions (all when ``None``),
-        none when ``return_logits`` is ``False``."""
+        none when ``return_logits`` is ``False``. ``segment_ids`` (packed rows, ``data.pack``)
+        numbers the sequences of each row from 1 (0 = padding): each sequence must be encoded
+        exactly as alone in a padded row (block-diagonal attention, positions restarting)."""
         ...
 
     def adapter_parameters(self) -> List[nn.Parameter]:

@@ -54,6 +54,7 @@ class FrozenTeacher(nn.Module):
         attention_layers: Collection[int] = (),
         logits_mask: Optional[torch.Tensor] = None,
         return_logits: bool = True,
+        segment_ids: Optional[torch.Tensor] = None,
     ) -> EncoderOutput:
         """Same arguments and record as the student's forward."""
         return self.encoder(
@@ -63,6 +64,7 @@ class FrozenTeacher(nn.Module):
             attention_layers=attention_layers,
             logits_mask=logits_mask,
             return_logits=return_logits,
+            **({} if segment_ids is None else {"segment_ids": segment_ids}),
         )
 
 

@@ -26,13 +26,54 @@ class MaskedBatch:
     input_ids: torch.Tensor  # after masking
     attention_mask: torch.Tensor
     labels: torch.Tensor  # original token at masked positions, -100 elsewhere
+    segment_ids: Optional[torch.Tensor] = None  # packed rows only (see pack_batch)
 
     def to(self, device: torch.device) -> "MaskedBatch":
-        return MaskedBatch(*(t.to(device, non_blocking=True) for t in (self.input_ids, self.attention_mask, self.labels)))
+        return MaskedBatch(*(None if t is None else t.to(device, non_blocking=True) for t in self.tensors()))
+
+    def tensors(self):
+        return self.input_ids, self.attention_mask, self.labels, self.segment_ids
 
     @property
     def masked_positions(self) -> torch.Tensor:
         return self.labels != -100
+
+
+def pack_batch(batch: MaskedBatch, pad_token_id: int) -> MaskedBatch:
+    """The same sequences in fewer rows: each padded row's tokens are placed, longest first, in
+    the first row with room (first-fit decreasing; rows as long as the batch's). ``segment_ids``
+    number the sequences of each row, and the encoders then attend within a sequence and restart
+    positions with each, so every token's outputs, and every loss term, are those of the padded
+    batch (up to float rounding; MiniALBERT's attention_reduction="element" divides by the row
+    length and is refused with packing). For batches of short sentences this removes most padding:
+    32 sentences of median length 25 padded to 64 fill about 14 packed rows instead of 32."""
+    lengths = batch.attention_mask.sum(1).tolist()
+    width = batch.input_ids.shape[1]
+    rows: List[List[int]] = []  # the sequences (batch rows) of each packed row
+    room: List[int] = []
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        row = next((r for r, free in enumerate(room) if free >= lengths[i]), None)
+        if row is None:
+            rows.append([])
+            room.append(width)
+            row = len(rows) - 1
+        rows[row].append(i)
+        room[row] -= lengths[i]
+    shape = (len(rows), width)
+    input_ids = torch.full(shape, pad_token_id, dtype=batch.input_ids.dtype)
+    attention_mask = torch.zeros(shape, dtype=batch.attention_mask.dtype)
+    labels = torch.full(shape, -100, dtype=batch.labels.dtype)
+    segment_ids = torch.zeros(shape, dtype=torch.long)
+    for r, members in enumerate(rows):
+        start = 0
+        for k, i in enumerate(members, start=1):
+            n = lengths[i]
+            input_ids[r, start : start + n] = batch.input_ids[i, :n]
+            labels[r, start : start + n] = batch.labels[i, :n]
+            attention_mask[r, start : start + n] = 1
+            segment_ids[r, start : start + n] = k
+            start += n
+    return MaskedBatch(input_ids, attention_mask, labels, segment_ids)
 
 
 def step_batches(
@@ -44,15 +85,19 @@ def step_batches(
     pad_token_id: int,
     max_length: int,
     pad_to_multiple_of: int = 8,
+    pack: bool = False,
 ) -> List[MaskedBatch]:
-    """This rank's masked micro-batches for optimizer step ``step`` (see ``components.data.mlm``)."""
+    """This rank's masked micro-batches for optimizer step ``step`` (see ``components.data.mlm``),
+    each packed (:func:`pack_batch`) when ``pack``; masking happens before packing, so both
+    layouts hold the same masked tokens."""
     noise = masker.noise(sampler.global_batch, round_up(max_length, pad_to_multiple_of), step_generator(seed, step))
     batches, row = [], sampler.row_offset()
     for indices in sampler.next_step():
         padded = pad_batch(windows[indices]["input_ids"], pad_token_id, pad_to_multiple_of, max_length)
         length = padded["input_ids"].shape[1]
         inputs, labels = masker(padded["input_ids"], padded["attention_mask"], noise.rows(row, row + len(indices), length))
-        batches.append(MaskedBatch(inputs, padded["attention_mask"], labels))
+        batch = MaskedBatch(inputs, padded["attention_mask"], labels)
+        batches.append(pack_batch(batch, pad_token_id) if pack else batch)
         row += len(indices)
     return batches
 
@@ -68,12 +113,14 @@ def distill_forward(
     """Teacher and student forward on one micro-batch, and the loss terms, asking each encoder
     only for what the active terms read."""
     masked = batch.masked_positions
+    packed = {} if batch.segment_ids is None else {"segment_ids": batch.segment_ids}
     teacher_out = teacher(
         batch.input_ids,
         batch.attention_mask,
         attention_layers=loss_fn.teacher_attention_layers(),
         logits_mask=masked,
         return_logits=loss_fn.needs_teacher_logits,
+        **packed,
     )
     student_out = student(
         batch.input_ids,
@@ -81,6 +128,7 @@ def distill_forward(
         attention_layers=loss_fn.student_attention_layers(),
         logits_mask=masked,
         return_logits=loss_fn.needs_student_logits,
+        **packed,
     )
     return loss_fn(student_out, teacher_out, batch.labels, batch.attention_mask, num_masked, num_tokens)
 

@@ -30,6 +30,9 @@ class DataConfig:
     eval_fraction: float = bounded(0.01, low=0.0, high=1.0, high_open=True)  # share of documents held out (0: none)
     max_eval_windows: int = bounded(1024, low=0)
     pad_to_multiple_of: int = bounded(8, low=1)
+    # several windows per row with block-diagonal attention (same losses, less padding: for
+    # short sentences); not with attention_reduction=element or a trigram-input student
+    pack: bool = False
     num_proc: Optional[int] = bounded(None, low=1)  # processes datasets reads the corpus files with
 
 
