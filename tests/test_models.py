@@ -65,6 +65,30 @@ def test_adapter_free_student_is_albert(tmp_path, tied):
     assert torch.equal(reloaded(ids, mask, attention_layers={1, 2}).logits, ours.logits)
 
 
+def test_headless_adapter_free_student_is_an_albert_model(tmp_path):
+    """What hidden-state distillation from an embedding teacher produces: no MLM head."""
+    from transformers import AlbertModel
+
+    torch.manual_seed(0)
+    student = recursive_tiny(adapter_placement=None, mlm_head=False).eval()
+    assert save_student(student, tmp_path / "s") == "albert"
+    albert = AlbertModel.from_pretrained(str(tmp_path / "s"), attn_implementation="eager").eval()
+    ids, mask = batch()
+    ours = student(ids, mask)
+    theirs = albert(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+    valid = mask.bool()
+    for a, b in zip(ours.hidden_states, theirs.hidden_states):
+        assert (a - b)[valid].abs().max() <= TOL
+    reloaded = load_student(str(tmp_path / "s"))
+    assert reloaded.mlm_head is None
+    assert torch.equal(reloaded.eval()(ids, mask).last_hidden_state, ours.last_hidden_state)
+    # and an AlbertModel that transformers saved itself (no "albert." prefix, a pooler) reads too
+    albert.save_pretrained(str(tmp_path / "hf"))
+    again = load_student(str(tmp_path / "hf")).eval()
+    assert again.mlm_head is None
+    assert (again(ids, mask).last_hidden_state - ours.last_hidden_state)[valid].abs().max() <= TOL
+
+
 @pytest.mark.parametrize("placement", ["minialbert", "houlsby", "pfeiffer"])
 def test_student_with_adapters_round_trips_exactly(tmp_path, tokenizer, placement):
     torch.manual_seed(0)

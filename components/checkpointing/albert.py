@@ -64,7 +64,8 @@ def albert_config_kwargs(config: Dict) -> Dict:
         layer_norm_eps=config["layer_norm_eps"],
         pad_token_id=config["pad_token_id"],
         tie_word_embeddings=config["tie_word_embeddings"],
-        architectures=["AlbertForMaskedLM"],
+        # a student without an MLM head (hidden-state distillation) is an AlbertModel
+        architectures=["AlbertForMaskedLM" if config["mlm_head"] else "AlbertModel"],
     )
 
 
@@ -83,7 +84,7 @@ def recursive_kwargs_from_albert(hf: Dict) -> Dict:
         intermediate_size=hf["intermediate_size"],
         num_iterations=hf["num_hidden_layers"],
         adapter_placement=None,
-        mlm_head=True,
+        mlm_head=(hf.get("architectures") or ["AlbertForMaskedLM"])[0] != "AlbertModel",
         mlm_head_size=hf["embedding_size"],
         tie_word_embeddings=hf.get("tie_word_embeddings", True),
         activation=hf.get("hidden_act", "gelu_new"),
@@ -104,16 +105,21 @@ def native_to_albert(state: Dict[str, torch.Tensor], config: Dict) -> Dict[str, 
         state["projector.weight"] = torch.eye(h)
         state["projector.bias"] = torch.zeros(h)
     out = {NATIVE_TO_ALBERT[k]: v.contiguous() for k, v in state.items()}
-    # ALBERT ties decoder.bias to predictions.bias; writing both keeps its loader quiet.
-    out["predictions.decoder.bias"] = out["predictions.bias"].clone()
-    if config["tie_word_embeddings"]:
-        out.pop("predictions.decoder.weight", None)
+    if config["mlm_head"]:
+        # ALBERT ties decoder.bias to predictions.bias; writing both keeps its loader quiet.
+        out["predictions.decoder.bias"] = out["predictions.bias"].clone()
+        if config["tie_word_embeddings"]:
+            out.pop("predictions.decoder.weight", None)
     return out
 
 
 def albert_to_native(state: Dict[str, torch.Tensor], config: Dict) -> Dict[str, torch.Tensor]:
     """ALBERT's state dict -> ours (fills a tied decoder from the word embeddings)."""
+    if not any(k.startswith("albert.") for k in state):  # an AlbertModel saved by transformers
+        state = {("albert." + k if not k.startswith("predictions.") else k): v for k, v in state.items()}
     out = {ALBERT_TO_NATIVE[k]: v for k, v in state.items() if k in ALBERT_TO_NATIVE}
+    if not config["mlm_head"]:
+        return out
     if "mlm_head.decoder.weight" not in out:
         out["mlm_head.decoder.weight"] = out["embeddings.word_embeddings.weight"]
     if "mlm_head.decoder.bias" not in out and "predictions.decoder.bias" in state:

@@ -4,7 +4,8 @@ Every student family has a transformers format it is written in whenever it fits
 :data:`FORMATS` table; a new family is one entry):
 
 * an adapter-free recursive student with an ALBERT-shaped MLM head is an ALBERT checkpoint
-  (``AlbertForMaskedLM.from_pretrained`` loads it and reproduces our logits);
+  (``AlbertForMaskedLM.from_pretrained`` loads it and reproduces our logits); one without an
+  MLM head (hidden-state distillation from an embedding teacher) is an ``AlbertModel``;
 * a bottleneck student is a MobileBERT checkpoint (``MobileBertForMaskedLM``), except for
   IB-BERT-shaped attention, which transformers cannot build.
 
@@ -52,7 +53,7 @@ class HFFormat:
 
 
 def _albert_fits(c: Dict) -> bool:
-    return c["adapter_placement"] is None and c["mlm_head"] and c["mlm_head_size"] == c["embedding_size"]
+    return c["adapter_placement"] is None and (not c["mlm_head"] or c["mlm_head_size"] == c["embedding_size"])
 
 
 def _albert_from_hf(state: Dict, kwargs: Dict) -> Dict:
