@@ -81,7 +81,7 @@ def worker(args) -> None:
 
     from components.losses import DistillationLoss
     from components.models import hf_teacher, minialbert_128
-    from components.training.distill import distill_forward, MaskedBatch
+    from components.training.distill import distill_step, MaskedBatch
     from components.training.distributed import DataParallel
 
     parallel = DataParallel("cpu")
@@ -117,13 +117,9 @@ def worker(args) -> None:
     times = []
     for step in range(args.warmup + args.steps):
         b = batch()
-        counts = parallel.reduce_sum(torch.tensor([float((b.labels != -100).sum()), float(b.input_ids.numel())], dtype=torch.float64))
         started = time.perf_counter()
-        out = distill_forward(student, teacher, loss_fn, b, counts[0].item(), counts[1].item())
-        (out.total * parallel.loss_scale).backward()
-        parallel.sync_gradients(params)  # the replicated student's (FSDP2 syncs its own)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        # the recipe's step: counts over ranks, forward/backward, gradient sync, clip at 1.0, AdamW
+        distill_step(student, teacher, loss_fn, [b], params, optimizer, parallel, step=step, max_norm=1.0)
         parallel.barrier()
         if step >= args.warmup:
             times.append(time.perf_counter() - started)

@@ -28,8 +28,8 @@ from components.errors import CheckpointError, ConfigError, NonFiniteLossError
 from components.models.student import check_student, copy_teacher_embeddings
 from components.quantization import get_scheme, prepare_qat, set_fake_quantize
 from components.training.config import check_config, config_section, instantiate, instantiate_target, parse
-from components.training.distill import check_finite, count_tokens, distill_forward, Evaluator, step_batches
-from components.training.distributed import bf16_cpu_warning, clip_gradients, resolve_device, SingleDevice
+from components.training.distill import distill_step, Evaluator, step_batches
+from components.training.distributed import bf16_cpu_warning, resolve_device, SingleDevice
 from components.training.run import configure_logging, execute, Run
 from components.training.schema import DistillConfig
 from components.training.stages import (
@@ -337,44 +337,25 @@ class DistillRecursiveRecipe:
         return stage
 
     def train_step(self) -> Dict[str, float]:
+        """Optimizer step ``self.step + 1`` (``distill_step`` on this step's batches) and its metrics."""
         started = time.perf_counter()
-        batches = self.step_batches(step=self.step)
-        num_masked, num_tokens = count_tokens(batches, self.parallel.reduce_sum).tolist()
-        totals: Dict[str, torch.Tensor] = {}
-        for i, batch in enumerate(batches):
-            self.parallel.set_gradient_sync(self.student, i == len(batches) - 1)
-            with self.autocast():
-                out = distill_forward(self.student, self.teacher, self.loss_fn, batch.to(self.device), num_masked, num_tokens)
-            (out.total * self.parallel.loss_scale).backward()
-            for name, value in [("total", out.total), *out.terms.items()]:
-                totals[name] = totals.get(name, 0.0) + value.detach().float()
-        self.parallel.sync_gradients(self.params)
-        # every rank's terms are shares of the global means: their sum is the step's loss; a
-        # stop request on any rank rides along so that all ranks stop after the same step
-        names = list(totals)
-        summed = self.parallel.reduce_sum(
-            torch.stack([totals[n] for n in names] + [torch.tensor(float(self.run.stop_signal is not None), device=self.device)])
-        ).tolist()
-        values = dict(zip(names, summed[:-1]))
-        check_finite(values["total"], self.step + 1, "loss", values)
         lr = max(group["lr"] for group in self.optimizer.param_groups)  # this step's, after stage scales
-        max_norm = self.cfg.clip_grad_norm or float("inf")
-        grad_norm = clip_gradients(self.params, max_norm)
-        check_finite(grad_norm, self.step + 1, "gradient norm", values)
-        self.optimizer.step()
+        result = distill_step(
+            self.student, self.teacher, self.loss_fn, self.step_batches(step=self.step), self.params, self.optimizer,
+            self.parallel, step=self.step, max_norm=self.cfg.clip_grad_norm, autocast=self.autocast,
+            stop=self.run.stop_signal is not None,
+        )
         self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        elapsed = time.perf_counter() - started
-        metrics = {f"loss/{name}": v for name, v in values.items()}
+        metrics = {f"loss/{name}": v for name, v in result.terms.items()}
         metrics.update(
             {
                 "lr": lr,
-                "grad_norm": float(grad_norm),
-                "tokens_per_second": num_tokens / elapsed,
+                "grad_norm": result.grad_norm,
+                "tokens_per_second": result.tokens / (time.perf_counter() - started),
                 "stage": float(self.stages.index(stage_at(self.stages, self.step))),
             }
         )
-        self.run.stop_requested = summed[-1] > 0
+        self.run.stop_requested = result.stop  # all ranks stop after the same step
         return metrics
 
     def _evaluate(self) -> Optional[Dict[str, float]]:

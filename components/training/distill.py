@@ -2,6 +2,7 @@
 distributed recipes (which differ in how counts, metrics and gradients are summed over ranks:
 see components.training.distributed)."""
 
+import contextlib
 import math
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence
@@ -12,6 +13,7 @@ from tqdm import tqdm
 from components.data.mlm import GlobalBatchSampler, MLMMasker, pad_batch, round_up, step_generator
 from components.errors import NonFiniteLossError
 from components.losses.distillation import DistillationLoss, LossOutput
+from components.training.distributed import clip_gradients
 
 # Sums a tensor over ranks (identity on one device).
 Reduce = Callable[[torch.Tensor], torch.Tensor]
@@ -131,6 +133,59 @@ def distill_forward(
         **packed,
     )
     return loss_fn(student_out, teacher_out, batch.labels, batch.attention_mask, num_masked, num_tokens)
+
+
+@dataclass
+class StepResult:
+    terms: Dict[str, float]  # every loss term of the step (summed over ranks), "total" included
+    grad_norm: float  # before clipping
+    tokens: float  # non-padding tokens of the step, all ranks
+    stop: bool  # some rank asked to stop
+
+
+def distill_step(
+    student: torch.nn.Module,
+    teacher: torch.nn.Module,
+    loss_fn: DistillationLoss,
+    batches: Sequence[MaskedBatch],
+    params: Sequence[torch.nn.Parameter],
+    optimizer: torch.optim.Optimizer,
+    parallel,
+    *,
+    step: int,
+    max_norm: Optional[float] = None,
+    autocast=contextlib.nullcontext,
+    stop: bool = False,
+) -> StepResult:
+    """One optimizer step over this rank's micro-batches: what the recipes, the tests and the
+    benchmarks all run. Gradients synchronise on the last micro-batch; the loss terms are summed
+    over ranks and checked before anything is applied (:class:`NonFiniteLossError` names the
+    1-based ``step + 1``); then clipping at ``max_norm`` (none when ``None``) and the optimizer
+    step. ``stop`` (this rank wants to stop) rides along with the loss reduction, so that every
+    rank learns whether any asked. ``parallel`` is a SingleDevice or DataParallel."""
+    device = parallel.device
+    num_masked, num_tokens = count_tokens(batches, parallel.reduce_sum).tolist()
+    totals: Dict[str, torch.Tensor] = {}
+    for i, batch in enumerate(batches):
+        parallel.set_gradient_sync(student, i == len(batches) - 1)
+        with autocast():
+            out = distill_forward(student, teacher, loss_fn, batch.to(device), num_masked, num_tokens)
+        (out.total * parallel.loss_scale).backward()
+        for name, value in [("total", out.total), *out.terms.items()]:
+            totals[name] = totals.get(name, 0.0) + value.detach().float()
+    parallel.sync_gradients(params)
+    # every rank's terms are shares of the global means: their sum is the step's loss
+    names = list(totals)
+    summed = parallel.reduce_sum(
+        torch.stack([totals[n] for n in names] + [torch.tensor(float(stop), device=device)])
+    ).tolist()
+    values = dict(zip(names, summed[:-1]))
+    check_finite(values["total"], step + 1, "loss", values)
+    grad_norm = clip_gradients(params, max_norm or float("inf"))
+    check_finite(grad_norm, step + 1, "gradient norm", values)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return StepResult(values, float(grad_norm), num_tokens, summed[-1] > 0)
 
 
 def check_finite(value, step: int, what: str, terms: Dict[str, float]) -> None:

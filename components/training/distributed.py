@@ -225,7 +225,8 @@ class DataParallel(SingleDevice):
         fully_shard(student, mesh=self.mesh)
 
     def set_gradient_sync(self, student: nn.Module, enabled: bool) -> None:
-        student.set_requires_gradient_sync(enabled)
+        if hasattr(student, "set_requires_gradient_sync"):  # FSDP2; a replicated one syncs in sync_gradients
+            student.set_requires_gradient_sync(enabled)
 
     def full_student(self, student: nn.Module) -> Optional[nn.Module]:
         from torch.distributed.checkpoint.state_dict import get_model_state_dict
