@@ -1,30 +1,27 @@
 """Building blocks of the benchmark harness (``benchmarks/run.py``).
 
-Two implementations of ONE MiniALBERT distillation step, on the same random weights and the
-same masked batch:
+Two implementations of ONE distillation step, on the same random weights and the same batch:
 
-* **ours**: ``components.training.distill.distill_forward`` with a ``FrozenTeacher`` around a
-  ``BertEncoder`` (``load_hf_encoder`` of the reference teacher's folder) and an adapter-free
-  ``RecursiveEncoder`` (``load_student`` of the reference student's ALBERT folder), loss
-  ``DistillationLoss(attention_reduction="element")`` with MiniALBERT's weights.
-* **reference**: a straightforward transformers loop, as MiniALBERT's ``general_distillation.py``
-  did it: ``BertForMaskedLM`` teacher (eval, no_grad, eager attention, every hidden state and
-  attention map, logits at every position) and ``AlbertForMaskedLM`` student (one hidden group,
-  train mode, eager attention, logits at every position), and the loss written with
-  ``KLDivLoss(reduction="mean")`` for attention, ``CosineEmbeddingLoss`` for hidden states,
-  ``KLDivLoss(reduction="batchmean")`` for the output and the model's own MLM loss.
+* **ours**: the recipe itself. ``RecipeSide`` builds ``DistillRecursiveRecipe`` from a config
+  (the random teacher's folder, the random student's folder through ``load_student``, a corpus
+  file of the workload's token sequences) and times ``recipe.train_step()`` on the first
+  step's micro-batches, pinned: what ``tune run`` executes, packing and all.
+* **reference**: the plain transformers loop of ``tests/reference_loop.py`` (the same code
+  the tests check our losses and gradients against) on the padded batch of the same windows.
 
-Both take backward, gradient clipping at 1.0 (the recipe's default; HF Trainer's too) and an
-AdamW step. Dropout is 0 everywhere, so the two are numerically the same computation.
+Workloads (``Shapes``): MiniALBERT's (a BERT teacher with an MLM head, windows of 50-100% of
+``seq`` tokens, every loss term) and a sentence-embedding teacher's (no MLM head, 32 short
+sentences, hidden + attention terms only, ``data.pack``).
 
 FLOP counting (``distill_flops``, ``encoder_forward_flops``): matmuls only, ``2*m*n*k`` per
-``[m, k] @ [k, n]`` product, on the padded shapes (padding is computed, so it is counted).
-Per layer over ``T = batch*seq`` token positions, width ``H``, FFN ``F``:
+``[m, k] @ [k, n]`` product, on the shapes each side computes (padding is computed, so it is
+counted; ours counts packed rows when it packs).
+Per layer over ``T = rows*seq`` token positions, width ``H``, FFN ``F``:
 
     Q, K, V, output projections   4 * 2*T*H*H
     FFN in + out                  2 * 2*T*H*F
-    attention scores  Q K^T       2 * batch * seq * seq * H     (all heads together)
-    attention context P V         2 * batch * seq * seq * H
+    attention scores  Q K^T       2 * rows * seq * seq * H     (all heads together)
+    attention context P V         2 * rows * seq * seq * H
 
 Embedding look-ups, LayerNorm, softmax, GELU, the loss terms and the optimizer are
 element-wise (memory-bound) and not counted. The student's E->H projector adds ``2*T*E*H``;
@@ -46,13 +43,11 @@ import re
 import resource
 import statistics
 import time
-import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 # ---------------------------------------------------------------------------------------------
@@ -78,15 +73,29 @@ class Shapes:
     batch: int
     seq: int
     max_positions: int = 512
+    # False: a sentence-embedding teacher (no MLM head), short sentences, hidden + attention
+    # terms only, no masking, packed rows
+    mlm_head: bool = True
 
     def replace(self, **kw) -> "Shapes":
         return Shapes(**{**asdict(self), **kw})
+
+    @property
+    def loss(self) -> Dict:
+        """The loss config of the workload (ours; tests/reference_loop.py writes the same)."""
+        if self.mlm_head:  # MiniALBERT's
+            return {"weights": dict(MINIALBERT_WEIGHTS), "attention_reduction": "element"}
+        return {"weights": {"hidden": 3.0, "attention": 3.0}, "attention_reduction": "distribution"}
 
 
 # teacher: BERT-base (12 x 768, 12 heads, FFN 3072, vocab 30522); student: minialbert_128
 # without adapters (E=128, H=768, 6 iterations). MiniALBERT distilled at 256 tokens.
 FULL = Shapes("bert-base", 30522, 12, 768, 12, 3072, 128, 768, 12, 3072, 6, batch=4, seq=256)
 QUICK = Shapes("quick", 8000, 4, 256, 4, 1024, 128, 256, 4, 1024, 2, batch=8, seq=128)
+# teacher: all-MiniLM-L6-v2's shape (6 x 384, 12 heads, FFN 1536); student: 6 iterations of
+# H=384, E=128, no adapters; 32 sentences of 10-60 tokens (median about 25) at max_length 64.
+EMBEDDING = Shapes("embedding", 30522, 6, 384, 12, 1536, 128, 384, 12, 1536, 6, batch=32, seq=64, mlm_head=False)
+WORKLOADS = {w.name: w for w in (FULL, QUICK, EMBEDDING)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -159,41 +168,61 @@ def quiet_transformers() -> None:
 
 
 TEACHER_QK_SCALE = 6.0
+MINIALBERT_WEIGHTS = {"mlm": 1.0, "output": 5.0, "hidden": 3.0, "attention": 3.0, "embedding": 0.0}
+
+
+def sequence_lengths(shapes: Shapes, n: int, seed: int = 0) -> List[int]:
+    """Token counts (special tokens included) of ``n`` sequences of the workload: for windows,
+    50-100% of ``seq``; for sentences, a log-normal of median 25 kept to 10-60 tokens."""
+    g = torch.Generator().manual_seed(seed)
+    if shapes.mlm_head:
+        return [int(torch.randint(shapes.seq // 2, shapes.seq + 1, (1,), generator=g)) for _ in range(n)]
+    lengths: List[int] = []
+    while len(lengths) < n:
+        x = int(torch.exp(math.log(25) + 0.45 * torch.randn((), generator=g)))
+        if 10 <= x <= 60:
+            lengths.append(x)
+    return lengths
 
 
 def make_assets(shapes: Shapes, folder: Path, seed: int = 0) -> Dict[str, str]:
-    """Random teacher (HF BERT folder) and student (ours, exported as an ALBERT folder)."""
-    from transformers import BertConfig, BertForMaskedLM
+    """Random teacher (HF BERT folder with a tokenizer), random student (ours, written as an
+    ALBERT folder) and a corpus (one sequence of ``w<id>`` words per line, so that each line
+    is one window of the workload's length distribution)."""
+    from transformers import BertConfig, BertForMaskedLM, BertModel, BertTokenizerFast
 
     from components.checkpointing.student import save_student
     from components.models.recursive import RecursiveEncoder
 
     quiet_transformers()
     folder.mkdir(parents=True, exist_ok=True)
-    teacher_dir, student_dir = folder / "teacher_bert", folder / "student_albert"
+    teacher_dir, student_dir, corpus = folder / "teacher_bert", folder / "student_albert", folder / "corpus.txt"
     torch.manual_seed(seed)
-    teacher = BertForMaskedLM(
-        BertConfig(
-            vocab_size=shapes.vocab,
-            hidden_size=shapes.t_hidden,
-            num_hidden_layers=shapes.t_layers,
-            num_attention_heads=shapes.t_heads,
-            intermediate_size=shapes.t_ffn,
-            max_position_embeddings=shapes.max_positions,
-            hidden_dropout_prob=0.0,
-            attention_probs_dropout_prob=0.0,
-            pad_token_id=PAD,
-        )
+    config = BertConfig(
+        vocab_size=shapes.vocab,
+        hidden_size=shapes.t_hidden,
+        num_hidden_layers=shapes.t_layers,
+        num_attention_heads=shapes.t_heads,
+        intermediate_size=shapes.t_ffn,
+        max_position_embeddings=shapes.max_positions,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        pad_token_id=PAD,
     )
+    teacher = BertForMaskedLM(config) if shapes.mlm_head else BertModel(config, add_pooling_layer=False)
     # A 0.02-initialised BERT attends almost uniformly (attention KL ~1e-4), which would make
     # the attention term, and its equivalence check, meaningless. Sharpen the teacher's
     # attention like a trained model's: scale its query and key weights.
     with torch.no_grad():
-        for layer in teacher.bert.encoder.layer:
-            layer.attention.self.query.weight.mul_(TEACHER_QK_SCALE)
-            layer.attention.self.key.weight.mul_(TEACHER_QK_SCALE)
+        for name, param in teacher.named_parameters():
+            if name.endswith(("attention.self.query.weight", "attention.self.key.weight")):
+                param.mul_(TEACHER_QK_SCALE)
     teacher.save_pretrained(str(teacher_dir))
     del teacher
+    # BERT's special ids (0, 100-103) and one made-up word per other id
+    special = {PAD: "[PAD]", UNK: "[UNK]", CLS: "[CLS]", SEP: "[SEP]", MASK: "[MASK]"}
+    vocab = {special.get(i, f"w{i}"): i for i in range(shapes.vocab)}
+    BertTokenizerFast(vocab=vocab, do_lower_case=True).save_pretrained(str(teacher_dir))
     torch.manual_seed(seed + 1)
     student = RecursiveEncoder(
         vocab_size=shapes.vocab,
@@ -203,274 +232,188 @@ def make_assets(shapes: Shapes, folder: Path, seed: int = 0) -> Dict[str, str]:
         intermediate_size=shapes.s_ffn,
         num_iterations=shapes.s_iters,
         adapter_placement=None,
+        mlm_head=shapes.mlm_head,
         dropout=0.0,
         attention_dropout=0.0,
         max_position_embeddings=shapes.max_positions,
         pad_token_id=PAD,
     )
     assert save_student(student, student_dir, format="albert") == "albert"
-    return {"teacher": str(teacher_dir), "student": str(student_dir)}
-
-
-class _StubTokenizer:
-    """What ``MLMMasker`` reads from a tokenizer, with BERT's special ids."""
-
-    mask_token_id = MASK
-    pad_token_id = PAD
-    all_special_ids = [PAD, UNK, CLS, SEP, MASK]
-
-    def __init__(self, vocab: int):
-        self.vocab = vocab
-
-    def __len__(self) -> int:
-        return self.vocab
-
-
-def make_batch(shapes: Shapes, seed: int = 0):
-    """A padded, MLM-masked batch: row 0 is full length, the others 50-100% of it."""
-    from components.data.mlm import MLMMasker, pad_batch, step_generator
-    from components.training.distill import MaskedBatch
-
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator().manual_seed(seed + 2)
     first_word = 999 if shapes.vocab > 2000 else 200
-    windows = []
-    for row in range(shapes.batch):
-        length = shapes.seq if row == 0 else int(torch.randint(shapes.seq // 2, shapes.seq + 1, (1,), generator=g))
-        body = torch.randint(first_word, shapes.vocab, (length - 2,), generator=g).tolist()
-        windows.append([CLS] + body + [SEP])
-    padded = pad_batch(windows, PAD, 8, shapes.seq)
-    masker = MLMMasker(_StubTokenizer(shapes.vocab))
-    noise = masker.noise(shapes.batch, padded["input_ids"].shape[1], step_generator(seed, 0))
-    inputs, labels = masker(padded["input_ids"], padded["attention_mask"], noise)
-    return MaskedBatch(inputs, padded["attention_mask"], labels)
+    lines = []
+    for n in sequence_lengths(shapes, 4 * shapes.batch, seed):
+        ids = torch.randint(first_word, shapes.vocab, (n - 2,), generator=g).tolist()
+        lines.append(" ".join(f"w{i}" for i in ids))
+    corpus.write_text("\n".join(lines) + "\n")
+    return {"teacher": str(teacher_dir), "student": str(student_dir), "corpus": str(corpus)}
 
 
-# ---------------------------------------------------------------------------------------------
-# The two steps
-# ---------------------------------------------------------------------------------------------
+def recipe_config(assets: Dict[str, str], shapes: Shapes, output_dir: Path, **overrides) -> Dict:
+    """The distillation config of the workload, as a user would write it."""
+    cfg = {
+        "output_dir": str(output_dir),
+        "seed": 0,
+        "teacher": {"_component_": "components.models.hf_teacher", "path": assets["teacher"]},
+        "student": {"_component_": "components.checkpointing.load_student", "path": assets["student"]},
+        "data": {
+            "source": assets["corpus"],
+            "sample_by": "line",
+            "max_length": shapes.seq,
+            "stride": shapes.seq - 2,  # each line fits one window
+            "batch_size": shapes.batch,
+            "eval_fraction": 0.0,
+            "mlm_probability": 0.15 if shapes.mlm_head else 0.0,
+            "pack": not shapes.mlm_head,
+        },
+        "loss": {"_component_": "components.losses.DistillationLoss", **shapes.loss},
+        "optimizer": {"_component_": "torch.optim.AdamW", "lr": LR, "weight_decay": WEIGHT_DECAY},
+        # constant: the reference has no schedule either
+        "lr_schedule": {"_component_": "components.training.linear_warmup_decay", "final_ratio": 1.0},
+        "clip_grad_norm": CLIP,
+        "max_steps": 10**9,
+        "log_every_n_steps": 10**9,
+    }
+    for key, value in overrides.items():
+        node = cfg
+        *parents, last = key.split(".")
+        for part in parents:
+            node = node[part]
+        node[last] = value
+    return cfg
 
-MINIALBERT_WEIGHTS = {"mlm": 1.0, "output": 5.0, "hidden": 3.0, "attention": 3.0, "embedding": 0.0}
+
 LR, WEIGHT_DECAY, CLIP = 5e-4, 1e-4, 1.0
 
 
-class Runner:
-    """One side (ours or reference): models, optimizer, batch, and ``step()``."""
+class Side:
+    """One side of the comparison: ``step()`` (one optimizer step, returns the loss),
+    ``forward()`` (the loss terms, no update), ``student`` and ``teacher`` modules."""
 
     kind: str
     student: nn.Module
+    teacher: nn.Module
 
-    def loss(self) -> Dict[str, torch.Tensor]:  # {"total": ..., term: ...}
+    def step(self) -> float:
         raise NotImplementedError
 
-    bf16 = False  # run the forward (models and loss) under CPU bf16 autocast, as dtype=bf16 does
+    def forward(self) -> Dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+
+class RecipeSide(Side):
+    """Our recipe, set up from ``recipe_config``; ``step()`` is ``recipe.train_step()`` on the
+    first step's micro-batches, pinned so that every timed step sees the same batch."""
+
+    kind = "ours"
+
+    def __init__(self, assets: Dict[str, str], shapes: Shapes, scratch: Path, **overrides):
+        import logging
+        import tempfile
+
+        from omegaconf import OmegaConf
+
+        from recipes.distill_recursive import DistillRecursiveRecipe
+
+        quiet_transformers()
+        logging.getLogger().setLevel(logging.WARNING)
+        self.output_dir = Path(tempfile.mkdtemp(prefix="recipe-", dir=scratch))
+        self.recipe = DistillRecursiveRecipe(OmegaConf.create(recipe_config(assets, shapes, self.output_dir, **overrides)))
+        self.recipe.setup()
+        self.batches = self.recipe.step_batches(step=0)
+        self.recipe.sampler.seek(0)  # the same windows again, padded: what the reference reads
+        self.padded = self.recipe.step_batches(step=0, pack=False)
+        self.recipe.step_batches = lambda step: self.batches
+        self.student, self.teacher = self.recipe.student, self.recipe.teacher
+
+    def step(self) -> float:
+        return self.recipe.train_step()["loss/total"]
+
+    def forward(self) -> Dict[str, torch.Tensor]:
+        from components.training.distill import distill_forward
+
+        with self.recipe.autocast():
+            out = distill_forward(self.student, self.teacher, self.recipe.loss_fn, self.batches[0])
+        return {"total": out.total, **out.terms}
+
+    def close(self) -> None:
+        import shutil
+
+        self.recipe.cleanup()
+        shutil.rmtree(self.output_dir, ignore_errors=True)
+
+
+class ReferenceSide(Side):
+    """tests/reference_loop.py's plain transformers loop on the padded batch."""
+
+    kind = "reference"
+    bf16 = False  # forward under CPU bf16 autocast, as the recipe's dtype=bf16 does
+
+    def __init__(self, assets: Dict[str, str], shapes: Shapes, batch):
+        from tests.reference_loop import LAYERS, MINIALBERT, ReferenceLoop
+
+        quiet_transformers()
+        self.loop = ReferenceLoop(assets["teacher"], assets["student"], batch, MINIALBERT if shapes.mlm_head else LAYERS,
+                                  lr=LR, weight_decay=WEIGHT_DECAY, clip=CLIP)
+        self.student, self.teacher = self.loop.student, self.loop.teacher
+
+    def step(self) -> float:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
+            terms = self.loop.loss()
+        terms["total"].backward()
+        torch.nn.utils.clip_grad_norm_(self.loop.params, CLIP)
+        self.loop.optimizer.step()
+        self.loop.optimizer.zero_grad(set_to_none=True)
+        return float(terms["total"].detach())
 
     def forward(self) -> Dict[str, torch.Tensor]:
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
-            return self.loss()
-
-    def step(self) -> torch.Tensor:
-        terms = self.forward()
-        terms["total"].backward()
-        torch.nn.utils.clip_grad_norm_(self.params, CLIP)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return terms["total"].detach()
-
-    def step_phases(self) -> Dict[str, float]:
-        """One step, timed by phase (forward hooks on the two models): teacher forward,
-        student forward, loss terms (the rest of the forward), backward, clip + AdamW."""
-        stamps: Dict[str, float] = {}
-
-        def mark(key):
-            return lambda *_: stamps.__setitem__(key, time.perf_counter())
-
-        hooks = [
-            self.teacher.register_forward_pre_hook(mark("t0")),
-            self.teacher.register_forward_hook(mark("t1")),
-            self.student.register_forward_pre_hook(mark("s0")),
-            self.student.register_forward_hook(mark("s1")),
-        ]
-        try:
-            start = time.perf_counter()
-            terms = self.forward()
-            forward_end = time.perf_counter()
-            terms["total"].backward()
-            backward_end = time.perf_counter()
-            torch.nn.utils.clip_grad_norm_(self.params, CLIP)
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
-            end = time.perf_counter()
-        finally:
-            for h in hooks:
-                h.remove()
-        teacher, student = stamps["t1"] - stamps["t0"], stamps["s1"] - stamps["s0"]
-        return {
-            "teacher_forward": teacher,
-            "student_forward": student,
-            "loss_terms": forward_end - start - teacher - student,
-            "backward": backward_end - forward_end,
-            "clip_and_optimizer": end - backward_end,
-            "total": end - start,
-        }
-
-    def _init_optimizer(self) -> None:
-        self.params = [p for p in self.student.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(self.params, lr=LR, weight_decay=WEIGHT_DECAY)
+            return self.loop.loss()
 
 
-class OursRunner(Runner):
-    kind = "ours"
-
-    def __init__(self, assets: Dict[str, str], batch, shapes: Shapes, teacher_dtype=torch.float32):
-        from components.checkpointing.hf_bert import load_hf_encoder
-        from components.checkpointing.student import load_student
-        from components.losses.distillation import DistillationLoss
-        from components.models.teacher import FrozenTeacher
-
-        quiet_transformers()
-        encoder, _ = load_hf_encoder(Path(assets["teacher"]), dtype=teacher_dtype)
-        self.teacher = FrozenTeacher(encoder, name="bench-teacher")
-        self.student = load_student(assets["student"]).train()
-        self.loss_fn = DistillationLoss(
-            self.student.spec,
-            self.teacher.spec,
-            weights=MINIALBERT_WEIGHTS,
-            temperature=1.0,
-            layer_map="uniform",
-            hidden_metric="cosine",
-            attention_reduction="element",
-        )
-        assert self.loss_fn.projection is None  # same widths: nothing extra to train
-        self.batch = batch
-        self._init_optimizer()
-
-    def loss(self) -> Dict[str, torch.Tensor]:
-        from components.training.distill import distill_forward
-
-        out = distill_forward(self.student, self.teacher, self.loss_fn, self.batch)
-        return {"total": out.total, **out.terms}
+def make_sides(assets: Dict[str, str], shapes: Shapes, scratch: Path, bf16: bool = False):
+    ours = RecipeSide(assets, shapes, scratch, **({"dtype": "bf16"} if bf16 else {}))
+    ref = ReferenceSide(assets, shapes, ours.padded[0])
+    ref.bf16 = bf16
+    return ours, ref
 
 
-class CachedTeacherRunner(OursRunner):
+def cached_teacher(side: RecipeSide) -> RecipeSide:
     """Our step with the teacher's outputs read from a cache instead of computed: the most a
     precomputed-teacher cache could save (disk reads not counted). A cache needs the masks to
     be fixed per window (the teacher sees the masked input), i.e. static masking."""
+    live, loss_fn, batch = side.teacher, side.recipe.loss_fn, side.batches[0]
+    recorded = live(batch.input_ids, batch.attention_mask, attention_layers=loss_fn.teacher_attention_layers(),
+                    logits_mask=batch.masked_positions, return_logits=loss_fn.needs_teacher_logits,
+                    **({} if batch.segment_ids is None else {"segment_ids": batch.segment_ids}))
 
-    kind = "ours, cached teacher outputs"
+    class Replay(torch.nn.Module):
+        spec = live.spec
 
-    def __init__(self, assets, batch, shapes):
-        super().__init__(assets, batch, shapes)
-        live = self.teacher
-        recorded = {}
+        def forward(self, *args, **kwargs):
+            return recorded
 
-        class Replay(torch.nn.Module):
-            spec = live.spec
-
-            def forward(self, *args, **kwargs):
-                return recorded["out"]
-
-        masked = batch.masked_positions
-        recorded["out"] = live(
-            batch.input_ids,
-            batch.attention_mask,
-            attention_layers=self.loss_fn.teacher_attention_layers(),
-            logits_mask=masked,
-        )
-        self.teacher = Replay()
+    side.recipe.teacher = side.teacher = Replay()
+    return side
 
 
 def cache_bytes_per_window(shapes: Shapes, masked_per_window: float, top_k: int = 32) -> Dict[str, float]:
     """What a teacher cache must store per window for each loss term (bf16 tensors, top-k
     logits as bf16 values + int32 ids)."""
     mapped = shapes.s_iters
-    return {
+    out = {
         "hidden_states_bf16": mapped * shapes.seq * shapes.t_hidden * 2,
         "attention_maps_bf16": mapped * shapes.t_heads * shapes.seq * shapes.seq * 2,
-        f"top{top_k}_logits": masked_per_window * top_k * (2 + 4),
     }
+    if shapes.mlm_head:
+        out[f"top{top_k}_logits"] = masked_per_window * top_k * (2 + 4)
+    return out
 
 
-class ReferenceRunner(Runner):
-    """MiniALBERT's ``DistillationWrapper`` (general_distillation.py), restated."""
-
-    kind = "reference"
-
-    def __init__(self, assets: Dict[str, str], batch, shapes: Shapes):
-        from transformers import AlbertForMaskedLM, BertForMaskedLM
-
-        quiet_transformers()
-        self.teacher = BertForMaskedLM.from_pretrained(assets["teacher"], attn_implementation="eager").eval()
-        for p in self.teacher.parameters():
-            p.requires_grad = False
-        self.student = AlbertForMaskedLM.from_pretrained(assets["student"], attn_implementation="eager").train()
-        assert self.student.config.num_hidden_groups == 1
-        self.batch = batch
-        n_t, n_s = self.teacher.config.num_hidden_layers, self.student.config.num_hidden_layers
-        assert n_t % n_s == 0, "the reference maps student i to teacher (L/N)*i"
-        self.stride = n_t // n_s  # 2 for 12 -> 6: teacher index 2*i + 1 as in the original
-        self.attention_loss = nn.KLDivLoss(reduction="mean")
-        self.hidden_loss = nn.CosineEmbeddingLoss(reduction="mean")
-        self.output_loss = nn.KLDivLoss(reduction="batchmean")
-        self.temperature = 1.0
-        self._init_optimizer()
-
-    def loss(self) -> Dict[str, torch.Tensor]:
-        with warnings.catch_warnings():
-            # KLDivLoss(reduction="mean") warns that it divides by every element: that is
-            # exactly what MiniALBERT computed, and what attention_reduction="element" matches.
-            warnings.filterwarnings("ignore", message="reduction: 'mean' divides")
-            return self._loss()
-
-    def _loss(self) -> Dict[str, torch.Tensor]:
-        b = self.batch
-        s_out = self.student(
-            input_ids=b.input_ids,
-            attention_mask=b.attention_mask,
-            labels=b.labels,
-            output_hidden_states=True,
-            output_attentions=True,
-        )
-        with torch.no_grad():
-            t_out = self.teacher(
-                input_ids=b.input_ids,
-                attention_mask=b.attention_mask,
-                output_hidden_states=True,
-                output_attentions=True,
-            )
-        s_att, t_att = s_out.attentions, [a.detach() for a in t_out.attentions]
-        s_hid, t_hid = s_out.hidden_states[1:], [h.detach() for h in t_out.hidden_states[1:]]
-        heads = s_att[0].shape[1]
-        mask = b.attention_mask
-
-        att = hid = None
-        for i in range(len(s_att)):
-            t = self.stride * i + self.stride - 1
-            # attention: rows of non-padding queries, every head; KLDivLoss(mean) over elements
-            m = mask.unsqueeze(1).repeat(1, heads, 1).unsqueeze(-1).expand_as(s_att[i]).bool()
-            s_sel = torch.masked_select(s_att[i], m).view(-1, s_att[i].size(-1)) + 1e-12
-            t_sel = torch.masked_select(t_att[t], m).view(-1, t_att[t].size(-1)) + 1e-12
-            a = self.attention_loss(torch.log(s_sel), t_sel)
-            att = a if att is None else att + a
-            # hidden: mean over non-padding tokens of 1 - cos
-            m = mask.unsqueeze(-1).expand_as(s_hid[i]).bool()
-            dim = s_hid[i].size(-1)
-            s_sel = torch.masked_select(s_hid[i], m).view(-1, dim)
-            t_sel = torch.masked_select(t_hid[t], m).view(-1, dim)
-            target = s_sel.new(s_sel.size(0)).fill_(1)
-            h = self.hidden_loss(s_sel, t_sel, target)
-            hid = h if hid is None else hid + h
-        # output: KL at masked positions, batchmean = per masked position
-        s_logits, t_logits = s_out.logits, t_out.logits.detach()
-        m = (b.labels > -1).unsqueeze(-1).expand_as(s_logits).bool()
-        s_sel = torch.masked_select(s_logits, m).view(-1, s_logits.size(-1))
-        t_sel = torch.masked_select(t_logits, m).view(-1, s_logits.size(-1))
-        T = self.temperature
-        out = self.output_loss(F.log_softmax(s_sel / T, dim=-1), F.softmax(t_sel / T, dim=-1)) * T**2
-        total = 1.0 * s_out.loss + 3.0 * (att + hid) + 5.0 * out
-        return {"total": total, "mlm": s_out.loss, "output": out, "hidden": hid, "attention": att}
-
-
-RUNNERS = {"ours": OursRunner, "reference": ReferenceRunner}
+RUNNERS = {"ours": RecipeSide, "reference": ReferenceSide}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -482,47 +425,15 @@ def _rel(a: float, b: float) -> float:
     return abs(a - b) / max(abs(b), 1e-30)
 
 
-def equivalence(ours: OursRunner, ref: ReferenceRunner) -> Dict:
-    """Loss terms and student gradients of both sides on the same batch, before any update."""
-    from components.checkpointing.albert import NATIVE_TO_ALBERT
-
-    result: Dict = {"terms": {}}
+def loss_agreement(ours: Side, ref: Side) -> Dict:
+    """Every loss term of both sides on the same windows, before any update (the gradients are
+    compared by tests/test_reference_loop.py)."""
     o, r = ours.forward(), ref.forward()
-    for name in ("total", "mlm", "output", "hidden", "attention"):
+    terms = {}
+    for name in r:
         a, b = float(o[name].detach()), float(r[name].detach())
-        result["terms"][name] = {"ours": a, "reference": b, "rel_diff": _rel(a, b)}
-    o["total"].backward()
-    r["total"].backward()
-    ref_params = dict(ref.student.named_parameters(remove_duplicate=False))
-    # transformers 5 leaves ALBERT's predictions.bias and predictions.decoder.bias as two
-    # parameters when the decoder is untied; only decoder.bias is used by the forward.
-    aliases = {"predictions.bias": "predictions.decoder.bias"}
-    per_param, missing = {}, []
-    for name, p in ours.student.named_parameters():
-        ref_name = NATIVE_TO_ALBERT[name]
-        q = ref_params[ref_name]
-        if q.grad is None and ref_name in aliases:
-            q = ref_params[aliases[ref_name]]
-        if p.grad is None or q.grad is None:
-            missing.append(name)
-            continue
-        per_param[name] = ((p.grad - q.grad).double().norm().item(), q.grad.double().norm().item())
-    diff = math.sqrt(sum(d * d for d, _ in per_param.values()))
-    norm = math.sqrt(sum(n * n for _, n in per_param.values()))
-    result["grad_rel_diff"] = diff / max(norm, 1e-30)
-    result["grad_compared_tensors"] = len(per_param)
-    result["grad_not_compared"] = missing
-    # Parameters whose gradient is (nearly) 0 (the attention key bias: softmax ignores a
-    # constant added to a row of scores) carry rounding noise; judge those against the total norm.
-    zero = {k for k, (_, n) in per_param.items() if n < 1e-4 * norm}  # e.g. key/query bias
-    worst = max(((k, d / n) for k, (d, n) in per_param.items() if k not in zero), key=lambda x: x[1])
-    result["grad_worst_param"] = {"name": worst[0], "rel_diff": worst[1]}
-    result["grad_tiny_params"] = {
-        k: {"ours_minus_ref_norm_over_total_norm": per_param[k][0] / max(norm, 1e-30)} for k in sorted(zero)
-    }
-    ours.optimizer.zero_grad(set_to_none=True)
-    ref.optimizer.zero_grad(set_to_none=True)
-    return result
+        terms[name] = {"ours": a, "reference": b, "rel_diff": _rel(a, b)}
+    return {"terms": terms}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -562,20 +473,22 @@ def encoder_forward_flops(
     return parts
 
 
-def distill_flops(shapes: Shapes, num_masked: int, kind: str) -> Dict:
-    """Matmul FLOPs of one distillation step; ``kind`` decides where MLM heads run."""
-    t = shapes.batch * shapes.seq
-    n = num_masked if kind == "ours" else t
+def distill_flops(shapes: Shapes, rows: int, seq: int, num_masked: int, kind: str) -> Dict:
+    """Matmul FLOPs of one distillation step over ``rows x seq`` positions; ``kind`` decides
+    where MLM heads run."""
+    t = rows * seq
+    n = (num_masked if kind == "ours" else t) if shapes.mlm_head else 0
     teacher = encoder_forward_flops(
-        shapes.batch, shapes.seq, shapes.t_layers, shapes.t_hidden, shapes.t_ffn,
+        rows, seq, shapes.t_layers, shapes.t_hidden, shapes.t_ffn,
         head_positions=n, head_width=shapes.t_hidden, vocab=shapes.vocab,
     )
     student = encoder_forward_flops(
-        shapes.batch, shapes.seq, shapes.s_iters, shapes.s_hidden, shapes.s_ffn,
+        rows, seq, shapes.s_iters, shapes.s_hidden, shapes.s_ffn,
         embed=shapes.s_embed, head_positions=n, head_width=shapes.s_embed, vocab=shapes.vocab,
     )
     total = teacher["total"] + 3 * student["total"]
     return {
+        "positions": t,
         "mlm_head_positions": n,
         "teacher_forward": teacher,
         "student_forward": student,
@@ -699,7 +612,8 @@ def _reset_peak() -> bool:
         return False
 
 
-def memory_probe(kind: str, assets: Dict[str, str], shapes: Shapes, seed: int, threads: int, bf16: bool = False) -> Dict:
+def memory_probe(kind: str, assets: Dict[str, str], shapes: Shapes, seed: int, threads: int, bf16: bool = False,
+                 scratch: Path = Path("/tmp")) -> Dict:
     """Run in a FRESH process (see run.py): build one side, then measure the RSS high-water mark
     of (1) the first step (which also allocates AdamW's state and the gradients) and (2) a
     second, steady-state step, each as peak RSS during the step minus RSS just before it.
@@ -713,9 +627,10 @@ def memory_probe(kind: str, assets: Dict[str, str], shapes: Shapes, seed: int, t
     """
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
-    batch = make_batch(shapes, seed)
-    runner = RUNNERS[kind](assets, batch, shapes)
-    runner.bf16 = bf16
+    ours, ref = make_sides(assets, shapes, scratch, bf16)
+    runner = ours if kind == "ours" else ref
+    (ref if kind == "ours" else ours).close()
+    del ours, ref
     gc.collect()
     result = {"kind": kind, "rss_after_build_mib": _rss_kib("VmRSS") / 1024}
     can_reset = _reset_peak()
@@ -734,10 +649,11 @@ def memory_probe(kind: str, assets: Dict[str, str], shapes: Shapes, seed: int, t
         result[f"{label}_peak_mib"] = peak / 1024
         result[f"{label}_delta_mib"] = (peak - before) / 1024
     result["ru_maxrss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    runner.close()
     return result
 
 
-def profile_step(runner: Runner, steps: int = 2, rows: int = 15) -> Dict:
+def profile_step(runner: Side, steps: int = 2, rows: int = 15) -> Dict:
     """torch.profiler over ``steps`` steps: top ops by self CPU time."""
     from torch.profiler import ProfilerActivity, profile
 

@@ -1,18 +1,25 @@
 #!/usr/bin/env python
-"""Benchmark harness: our distillation step vs a straightforward transformers reference.
+"""Benchmark harness: our distillation recipe's step vs a plain transformers loop.
 
-    python benchmarks/run.py --quick                      # small shapes, < ~3 min on 2 cores
-    python benchmarks/run.py                              # bert-base shapes, ~5-10 min on 2 cores
-    python benchmarks/run.py --out benchmarks/results/x.json --profile
+    python benchmarks/run.py --quick                      # small MLM shapes + the embedding workload, ~5 min on 2 cores
+    python benchmarks/run.py                              # bert-base shapes + the embedding workload
+    python benchmarks/run.py --workload embedding --profile
+    python benchmarks/run.py --out benchmarks/results/x.json
+
+Workloads (bench_lib.WORKLOADS): "bert-base" / "quick" (MiniALBERT: a teacher with an MLM head,
+long windows, every loss term) and "embedding" (a sentence-embedding teacher without an MLM
+head: 32 short sentences, hidden + attention terms, data.pack). "Ours" is the recipe's own
+train_step(); the reference is tests/reference_loop.py, the loop the tests check our losses
+and gradients against.
 
 Everything is measured as a RATIO of two things timed in the same run, interleaved
 (ours, ref, ref, ours, ...: the order alternates so drift cancels), median over repetitions:
-the machine is shared and absolute figures are noisy. Sections:
+the machine is shared and absolute figures are noisy. Sections, per workload:
 
-  1. distillation throughput, ours vs reference (same weights, batch, loss; checked first)
+  1. distillation throughput, ours vs reference (same weights, windows, loss; checked first)
   2. achieved FLOP/s of each step vs this machine's peak fp32 matmul FLOP/s
-  3. inference latency, student (minialbert_128) vs teacher (BERT-base), vs their FLOP ratio
-  4. peak memory of one step (fresh subprocess per measurement), ours vs reference
+  3. peak memory of one step (fresh subprocess per measurement), ours vs reference
+then once: inference latency, student (minialbert_128) vs teacher (BERT-base), vs their FLOP ratio.
 
 See benchmarks/README.md and the docstring of benchmarks/bench_lib.py (FLOP formulas).
 """
@@ -56,11 +63,12 @@ def log(msg: str) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def section_distill(ours, ref, batch, shapes: B.Shapes, warmup: int, reps: int, probe_n: int = 2048,
+def section_distill(ours, ref, shapes: B.Shapes, warmup: int, reps: int, probe_n: int = 2048,
                     probe_dtype=torch.float32) -> Dict:
     runners = {"ours": ours, "reference": ref}
-    tokens = int(batch.attention_mask.sum())
-    masked = int(batch.masked_positions.sum())
+    batch, padded = ours.batches[0], ours.padded[0]
+    tokens = int(padded.attention_mask.sum())
+    masked = int(padded.masked_positions.sum())
     log(f"distill: {warmup} warm-up step(s) each")
     for _ in range(warmup):
         for k in ("ours", "reference"):
@@ -84,12 +92,17 @@ def section_distill(ours, ref, batch, shapes: B.Shapes, warmup: int, reps: int, 
             f"(other load {others['ours'][-1]:.2f} / {others['reference'][-1]:.2f} cores)")
         load.append(os.getloadavg()[0])
     per_rep_ratio = [r / o for o, r in zip(times["ours"], times["reference"])]
-    flops = {k: B.distill_flops(shapes, masked, k) for k in runners}
+    flops = {
+        "ours": B.distill_flops(shapes, *batch.input_ids.shape, masked, "ours"),
+        "reference": B.distill_flops(shapes, *padded.input_ids.shape, masked, "reference"),
+    }
     out = {
         "batch": shapes.batch,
-        "seq": int(batch.input_ids.shape[1]),
+        "seq": int(padded.input_ids.shape[1]),
         "non_padding_tokens": tokens,
-        "padded_positions": int(batch.input_ids.numel()),
+        "padded_positions": int(padded.input_ids.numel()),
+        "positions_ours": int(batch.input_ids.numel()),
+        "packed_rows": int(batch.input_ids.shape[0]) if batch.segment_ids is not None else None,
         "masked_tokens": masked,
         "warmup_steps": warmup,
         "order": "interleaved, alternating (ours, ref), (ref, ours), ...",
@@ -133,23 +146,11 @@ def quiet_pairs(ratios: List[float], others_a: List[float], others_b: List[float
     }
 
 
-def section_phases(ours, ref, reps: int) -> Dict:
-    runs: Dict[str, List[Dict[str, float]]] = {"ours": [], "reference": []}
-    for i in range(reps):
-        for k, r in ((("ours", ours), ("reference", ref)) if i % 2 == 0 else (("reference", ref), ("ours", ours))):
-            runs[k].append(r.step_phases())
-    out: Dict = {"runs": runs}
-    for k, rs in runs.items():
-        out[k] = {phase: statistics.median(x[phase] for x in rs) for phase in rs[0]}
-    return out
-
-
 def section_saved_tensors(ours, ref) -> Dict:
     out = {}
     for k, r in (("ours", ours), ("reference", ref)):
         params = list(r.student.parameters()) + list(r.teacher.parameters())
         out[k + "_mib"] = B.saved_tensor_bytes(r.forward, params) / 2**20
-        r.optimizer.zero_grad(set_to_none=True)
     out["method"] = (
         "sum of distinct storages autograd saves for backward during the loss forward "
         "(torch.autograd.graph.saved_tensors_hooks), parameters excluded"
@@ -242,25 +243,19 @@ def section_inference(batches: List[int], seq: int, warmup: int, reps: int, seed
 # ---------------------------------------------------------------------------------------------
 
 
-def section_variants(assets, batch, shapes: B.Shapes, warmup: int, reps: int, compile_too: bool) -> Dict:
-    """Variants of our step, each timed interleaved against our plain fp32 step."""
-
-    def compiled():
-        runner = B.OursRunner(assets, batch, shapes)
-        runner.student.compile()
-        for layer in runner.teacher.encoder.layers:
-            layer.compile()
-        return runner
-
+def section_variants(assets, shapes: B.Shapes, warmup: int, reps: int, compile_too: bool) -> Dict:
+    """Variants of our step (config overrides), each timed interleaved against our plain fp32 step."""
     makers = {
-        "teacher bf16": lambda: B.OursRunner(assets, batch, shapes, teacher_dtype=torch.bfloat16),
-        "cached teacher outputs (bound)": lambda: B.CachedTeacherRunner(assets, batch, shapes),
+        "teacher bf16": lambda: B.RecipeSide(assets, shapes, SCRATCH, **{"teacher.dtype": "bf16"}),
+        "cached teacher outputs (bound)": lambda: B.cached_teacher(B.RecipeSide(assets, shapes, SCRATCH)),
     }
+    if shapes.name == "embedding":
+        makers["padded rows (data.pack=false)"] = lambda: B.RecipeSide(assets, shapes, SCRATCH, **{"data.pack": False})
     if compile_too:
-        makers["torch.compile"] = compiled
+        makers["torch.compile"] = lambda: B.RecipeSide(assets, shapes, SCRATCH, compile=True)
     out: Dict = {}
     for name, make in makers.items():
-        base, variant = B.OursRunner(assets, batch, shapes), make()
+        base, variant = B.RecipeSide(assets, shapes, SCRATCH), make()
         a, b = float(base.forward()["total"]), float(variant.forward()["total"])
         log(f"variant {name!r}: warm-up")
         started = time.perf_counter()
@@ -281,8 +276,10 @@ def section_variants(assets, batch, shapes: B.Shapes, warmup: int, reps: int, co
             "speedup_over_ours_fp32_median": statistics.median(ratios),
             "speedup_per_rep": ratios,
         }
+        base.close()
+        variant.close()
         del base, variant
-    masked = 0.15 * shapes.seq
+    masked = 0.15 * shapes.seq if shapes.mlm_head else 0
     per_window = B.cache_bytes_per_window(shapes, masked)
     out["cache_disk"] = {
         "bytes_per_window": per_window,
@@ -296,7 +293,7 @@ def args_bf16(res: Dict) -> bool:
     return bool(res.get("settings", {}).get("bf16_autocast"))
 
 
-def table(res: Dict) -> str:
+def workload_table(res: Dict) -> str:
     lines = []
 
     def row(name, a, b, ratio, note=""):
@@ -315,12 +312,14 @@ def table(res: Dict) -> str:
     if eq:
         t = eq["terms"]
         lines.append(
-            "equivalence (same batch, before any update): total rel diff "
+            "losses (same windows, before any update): total rel diff "
             f"{t['total']['rel_diff']:.2e} (ours {t['total']['ours']:.6f}, ref {t['total']['reference']:.6f}); "
             + ", ".join(f"{k} {v['rel_diff']:.1e}" for k, v in t.items() if k != "total")
-            + f"; student grads rel diff {eq['grad_rel_diff']:.1e} "
-            f"(worst tensor {eq['grad_worst_param']['name']} {eq['grad_worst_param']['rel_diff']:.1e})"
         )
+    d = res.get("distill")
+    if d:
+        packed = f"; ours packs them in {d['packed_rows']} rows" if d.get("packed_rows") else ""
+        lines.append(f"batch: {d['batch']} sequences, {d['non_padding_tokens']} tokens in {d['padded_positions']} padded positions{packed}")
     lines.append("")
     row("metric", "ours", "reference", "ratio", "(ratio = ours/reference unless noted)")
     lines.append("-" * 96)
@@ -360,17 +359,6 @@ def table(res: Dict) -> str:
         for key, name in (("steady_step_delta_mib", "peak RSS of a step - RSS before, MiB"),
                           ("first_step_delta_mib", "  same, first step (allocs AdamW state)")):
             row(name, f(m[key]["ours"]), f(m[key]["reference"]), f(m[key]["ratio_ours_over_ref"], ".2f"))
-    inf = res.get("inference")
-    if inf:
-        lines.append("")
-        lines.append(f"{'inference, seq ' + str(inf['seq']) + ', no_grad':<44}{'student ms':>14}{'teacher ms':>14}"
-                     f"{'speedup':>10}  FLOP ratio; quiet-pair median (n); min-time ratio")
-        lines.append("-" * 96)
-        for b, v in inf["batches"].items():
-            q = v["speedup_median_quiet"]
-            lines.append(f"{'  batch ' + b:<44}{v['student_ms_median']:>14.1f}{v['teacher_ms_median']:>14.1f}"
-                         f"{v['speedup_median']:>10.2f}  {v['flop_ratio_teacher_over_student']:.2f}; "
-                         f"{'n/a' if q is None else format(q, '.2f')} ({v['quiet_pairs']}); {v['speedup_of_min_times']:.2f}")
     var = res.get("variants")
     if var:
         lines.append("")
@@ -386,14 +374,6 @@ def table(res: Dict) -> str:
         lines.append(f"{'  cache size per window':<44}" + ", ".join(f"{k} {v / 2**20:.2f} MiB" for k, v in per.items()))
         lines.append(f"{'  cache size for ' + format(disk['windows_assumed'] / 1e6, '.0f') + 'M windows':<44}"
                      + ", ".join(f"{k} {v * disk['windows_assumed'] / 2**40:.1f} TiB" for k, v in per.items()))
-    ph = res.get("phases")
-    if ph:
-        lines.append("")
-        lines.append(f"{'phase of one step (median s)':<44}{'ours':>14}{'reference':>14}{'ratio':>10}")
-        lines.append("-" * 96)
-        for phase in ph["ours"]:
-            o, r = ph["ours"][phase], ph["reference"][phase]
-            row("  " + phase, f(o, ".3f"), f(r, ".3f"), f(o / r, ".2f") if r else "")
     prof = res.get("profile")
     if prof:
         for k, p in prof.items():
@@ -405,6 +385,28 @@ def table(res: Dict) -> str:
     return "\n".join(lines)
 
 
+def table(res: Dict) -> str:
+    blocks = []
+    for name, w in res["workloads"].items():
+        flops = dict(res.get("flops") or {}, **w.get("flops", {})) if res.get("flops") else None
+        blocks.append(workload_table({**w, "environment": res["environment"], "settings": res["settings"], "flops": flops}))
+    lines = []
+    inf = res.get("inference")
+    if inf:
+        lines.append("")
+        lines.append(f"{'inference, seq ' + str(inf['seq']) + ', no_grad':<44}{'student ms':>14}{'teacher ms':>14}"
+                     f"{'speedup':>10}  FLOP ratio; quiet-pair median (n); min-time ratio")
+        lines.append("-" * 96)
+        for b, v in inf["batches"].items():
+            q = v["speedup_median_quiet"]
+            lines.append(f"{'  batch ' + b:<44}{v['student_ms_median']:>14.1f}{v['teacher_ms_median']:>14.1f}"
+                         f"{v['speedup_median']:>10.2f}  {v['flop_ratio_teacher_over_student']:.2f}; "
+                         f"{'n/a' if q is None else format(q, '.2f')} ({v['quiet_pairs']}); {v['speedup_of_min_times']:.2f}")
+    if lines:
+        blocks.append("\n".join(lines).lstrip("\n"))
+    return "\n\n".join(blocks)
+
+
 # ---------------------------------------------------------------------------------------------
 # Main
 # ---------------------------------------------------------------------------------------------
@@ -412,8 +414,10 @@ def table(res: Dict) -> str:
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="small shapes (whole run < ~3 min on 2 cores)")
-    p.add_argument("--out", type=Path, help="JSON path (default benchmarks/results/<time>_<shapes>.json)")
+    p.add_argument("--quick", action="store_true", help="the small MLM shapes instead of bert-base, fewer sections' reps")
+    p.add_argument("--workload", nargs="*", choices=sorted(B.WORKLOADS),
+                   help="workloads to run (default: quick or bert-base, then embedding)")
+    p.add_argument("--out", type=Path, help="JSON path (default benchmarks/results/<time>_<workloads>.json)")
     p.add_argument("--batch", type=int, help="override the distillation batch size")
     p.add_argument("--seq", type=int, help="override the distillation sequence length")
     p.add_argument("--reps", type=int, help="timed repetitions per side (default 20 quick, 6 full)")
@@ -435,76 +439,74 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def run_workload(shapes: B.Shapes, args, reps: int, warmup: int, peak_dtype) -> Dict:
+    res: Dict = {"shapes": B.asdict(shapes), "loss": shapes.loss}
+    SCRATCH.mkdir(parents=True, exist_ok=True)
+    asset_dir = Path(tempfile.mkdtemp(prefix=f"assets-{shapes.name}-", dir=SCRATCH))
+    try:
+        log(f"{shapes.name}: building a random teacher, student and corpus under {asset_dir}")
+        assets = B.make_assets(shapes, asset_dir, args.seed)
+        if "distill" not in args.skip:
+            torch.manual_seed(args.seed)
+            ours, ref = B.make_sides(assets, shapes, SCRATCH, args.bf16)
+            res["equivalence"] = B.loss_agreement(ours, ref)
+            log(f"losses: total rel diff {res['equivalence']['terms']['total']['rel_diff']:.2e}")
+            res["saved_tensors"] = section_saved_tensors(ours, ref)
+            res["distill"] = section_distill(ours, ref, shapes, warmup, reps, probe_dtype=peak_dtype)
+            if args.profile:
+                log("profiling")
+                res["profile"] = {k: B.profile_step(r) for k, r in (("ours", ours), ("reference", ref))}
+            ours.close()
+            del ours, ref
+            if "variants" not in args.skip:
+                res["variants"] = section_variants(assets, shapes, warmup, max(3, reps // 2), args.compile)
+        if "memory" not in args.skip:
+            res["memory"] = section_memory(assets, shapes, args.seed, args.threads, args.mem_reps, args.bf16)
+    finally:
+        if not args.keep_assets:
+            shutil.rmtree(asset_dir, ignore_errors=True)
+    return res
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.memory_probe:
         shapes = B.Shapes(**json.loads(args.shapes))
         B.quiet_transformers()
-        print(json.dumps(B.memory_probe(args.memory_probe, json.loads(args.assets), shapes, args.seed, args.threads,
-                                        args.bf16)))
+        result = B.memory_probe(args.memory_probe, json.loads(args.assets), shapes, args.seed, args.threads, args.bf16,
+                                SCRATCH)
+        print(json.dumps(result))
         return 0
 
     B.quiet_transformers()
     started = time.time()
-    shapes = B.QUICK if args.quick else B.FULL
+    names = args.workload or ["quick" if args.quick else "bert-base", "embedding"]
+    workloads = [B.WORKLOADS[n] for n in names]
     if args.batch or args.seq:
-        shapes = shapes.replace(batch=args.batch or shapes.batch, seq=args.seq or shapes.seq)
+        workloads = [w.replace(batch=args.batch or w.batch, seq=args.seq or w.seq) for w in workloads]
     reps = args.reps or (20 if args.quick else 6)
     warmup = args.warmup if args.warmup is not None else (2 if args.quick else 1)
-    out_path = args.out or HERE / "results" / f"{dt.datetime.now():%Y%m%d-%H%M%S}_{shapes.name}.json"
+    out_path = args.out or HERE / "results" / f"{dt.datetime.now():%Y%m%d-%H%M%S}_{'+'.join(names)}.json"
 
     res: Dict = {
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "started": dt.datetime.now().isoformat(timespec="seconds"),
         "environment": B.environment(),
-        "shapes": B.asdict(shapes),
         "settings": {"bf16_autocast": args.bf16, "reps": reps, "warmup": warmup, "mem_reps": args.mem_reps, "seed": args.seed,
-                     "optimizer": f"AdamW lr {B.LR} wd {B.WEIGHT_DECAY}", "clip_grad_norm": B.CLIP,
-                     "loss": "1*mlm + 3*(attention + hidden) + 5*output, T=1, uniform layer map, "
-                             "attention_reduction=element"},
+                     "optimizer": f"AdamW lr {B.LR} wd {B.WEIGHT_DECAY} (not on biases and norms)",
+                     "clip_grad_norm": B.CLIP},
+        "workloads": {},
     }
-    log(f"shapes {shapes}; {args.threads} threads; reps {reps}, warm-up {warmup}")
+    log(f"workloads {names}; {args.threads} threads; reps {reps}, warm-up {warmup}")
 
     peaks = []
     peak_dtype = torch.bfloat16 if args.bf16 else torch.float32
     if "peak" not in args.skip:
         log("peak matmul (start)")
         peaks.append(B.peak_matmul(dtype=peak_dtype))
-
-    SCRATCH.mkdir(parents=True, exist_ok=True)
-    asset_dir = Path(tempfile.mkdtemp(prefix=f"assets-{shapes.name}-", dir=SCRATCH))
-    try:
-        if "distill" in args.skip and "memory" in args.skip:
-            assets = None
-        else:
-            log(f"building random teacher and student under {asset_dir}")
-            assets = B.make_assets(shapes, asset_dir, args.seed)
-
-        if "distill" not in args.skip:
-            torch.manual_seed(args.seed)
-            batch = B.make_batch(shapes, args.seed)
-            ours = B.OursRunner(assets, batch, shapes)
-            ref = B.ReferenceRunner(assets, batch, shapes)
-            ours.bf16 = ref.bf16 = args.bf16
-            log("equivalence check")
-            res["equivalence"] = B.equivalence(ours, ref)
-            log(f"equivalence: total rel diff {res['equivalence']['terms']['total']['rel_diff']:.2e}")
-            res["saved_tensors"] = section_saved_tensors(ours, ref)
-            res["distill"] = section_distill(ours, ref, batch, shapes, warmup, reps, probe_dtype=peak_dtype)
-            if "variants" not in args.skip:
-                res["variants"] = section_variants(assets, batch, shapes, warmup, max(3, reps // 2), args.compile)
-            if args.profile:
-                log("profiling")
-                res["phases"] = section_phases(ours, ref, reps=3 if args.quick else 2)
-                res["profile"] = {k: B.profile_step(r) for k, r in (("ours", ours), ("reference", ref))}
-            del ours, ref
-
-        if "memory" not in args.skip:
-            res["memory"] = section_memory(assets, shapes, args.seed, args.threads, args.mem_reps, args.bf16)
-    finally:
-        if not args.keep_assets:
-            shutil.rmtree(asset_dir, ignore_errors=True)
+    for shapes in workloads:
+        res["workloads"][shapes.name] = run_workload(shapes, args, reps, warmup, peak_dtype)
 
     if "inference" not in args.skip:
         res["inference"] = section_inference(
@@ -512,16 +514,15 @@ def main(argv=None) -> int:
         )
 
     if "peak" not in args.skip:
-        log("peak matmul (end) and a typical GEMM of the step")
+        log("peak matmul (end)")
         peaks.append(B.peak_matmul(dtype=peak_dtype))
-        t = shapes.batch * shapes.seq
-        res["gemm_typical"] = B.gemm_rate(t, shapes.s_hidden, shapes.s_ffn)
         best = max(p["best_flops_per_s"] for p in peaks)
-        res["flops"] = {"peak_dtype": str(peak_dtype), "peak_matmul_runs": peaks, "peak_flops_per_s": best, "peak_matmul_n": peaks[0]["n"],
-                        "typical_gemm_flops_per_s": res["gemm_typical"]["best_flops_per_s"]}
-        if "distill" in res:
-            for k in ("ours", "reference"):
-                res["flops"][f"{k}_fraction_of_peak"] = res["distill"][k]["achieved_flops_per_s_median"] / best
+        res["flops"] = {"peak_dtype": str(peak_dtype), "peak_matmul_runs": peaks, "peak_flops_per_s": best,
+                        "peak_matmul_n": peaks[0]["n"]}
+        for w in res["workloads"].values():
+            if "distill" in w:
+                w["flops"] = {f"{k}_fraction_of_peak": w["distill"][k]["achieved_flops_per_s_median"] / best
+                              for k in ("ours", "reference")}
 
     res["environment"]["loadavg_at_end"] = list(os.getloadavg())
     res["duration_s"] = time.time() - started
