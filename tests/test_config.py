@@ -61,7 +61,8 @@ def test_every_shipped_config_is_valid():
     configs = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
     assert {p.name for p in configs} >= {"tiny.yaml", "tiny_qat.yaml", "bert_base.yaml", "bert_base_qat.yaml",
                                          "bert_large.yaml", "export_int8.yaml", "finetune_tiny.yaml",
-                                         "glue_sst2.yaml", "glue_mrpc.yaml", "glue_stsb.yaml", "ner_conll.yaml"}
+                                         "glue_sst2.yaml", "glue_mrpc.yaml", "glue_stsb.yaml", "ner_conll.yaml",
+                                         "embedding_teacher.yaml"}
     for path in configs:
         if path.name.startswith("export"):  # recipes/export_student.py: the folders come from the command line
             check_config(OmegaConf.merge(OmegaConf.load(path), {"checkpoint_dir": "s", "output_dir": "o"}), ExportConfig)

@@ -1,6 +1,8 @@
 """data.pack: several windows per row with block-diagonal attention must give every token, and
 every loss term, exactly what the padded batch gives."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -169,3 +171,32 @@ def test_recipe_refuses_packing_with_element_attention_reduction(tmp_path, teach
     with pytest.raises(ConfigError, match="data.pack=true with loss.attention_reduction=element"):
         run_recipe(cfg)
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_embedding_teacher_config_runs_on_a_headless_teacher(tmp_path, tokenizer, documents):
+    """configs/embedding_teacher.yaml as shipped, shrunk: a teacher without an MLM head, a student
+    without one, no masking, packed rows; the student comes out as a transformers AlbertModel."""
+    from omegaconf import OmegaConf
+    from transformers import AlbertModel
+
+    from tests.helpers import make_hf_teacher
+    from tests.recipe_helpers import logged, override, run_recipe
+
+    teacher = make_hf_teacher(tmp_path / "teacher", tokenizer, kind="bert-no-head")
+    sentences = tmp_path / "sentences.txt"
+    sentences.write_text("\n".join(s.strip() for d in documents for s in d.split(". ") if 3 < len(s.split()) < 20))
+    cfg = OmegaConf.to_container(OmegaConf.load(Path(__file__).resolve().parents[1] / "configs" / "embedding_teacher.yaml"))
+    cfg = override(cfg, {
+        "output_dir": str(tmp_path / "run"), "teacher.path": str(teacher), "data.source": str(sentences),
+        "data.hub_config": None, "data.max_length": 32, "data.stride": 24, "data.batch_size": 8, "data.eval_fraction": 0.1,
+        "student.hidden_size": 32, "student.embedding_size": 16, "student.num_heads": 4, "student.intermediate_size": 64,
+        "student.num_iterations": 2, "max_steps": 3, "eval_every_n_steps": None, "save_every_n_steps": None,
+        "log_every_n_steps": 1,
+    })
+    recipe = run_recipe(cfg)
+    assert recipe.step_batches(step=0)[0].segment_ids is not None  # packed
+    records = logged(tmp_path / "run")
+    assert set(records[3]) >= {"loss/hidden", "loss/attention", "eval/alignment_cosine/student_2_teacher_4"}
+    assert "loss/mlm" not in records[3]
+    student = AlbertModel.from_pretrained(str(tmp_path / "run" / "student"))
+    assert student.config.num_hidden_layers == 2
