@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Benchmark harness: our distillation recipe's step vs a plain transformers loop.
 
-    python benchmarks/run.py --quick                      # small MLM shapes + the embedding workload, ~5 min on 2 cores
+    python benchmarks/run.py --quick                      # small MLM shapes + the embedding workload, ~7 min on 2 cores
     python benchmarks/run.py                              # bert-base shapes + the embedding workload
     python benchmarks/run.py --workload embedding --profile
     python benchmarks/run.py --out benchmarks/results/x.json
