@@ -50,6 +50,8 @@ from typing import Callable, Dict, List, Optional
 import torch
 from torch import nn
 
+from components.losses import MINIALBERT_WEIGHTS
+
 # ---------------------------------------------------------------------------------------------
 # Shapes
 # ---------------------------------------------------------------------------------------------
@@ -168,7 +170,6 @@ def quiet_transformers() -> None:
 
 
 TEACHER_QK_SCALE = 6.0
-MINIALBERT_WEIGHTS = {"mlm": 1.0, "output": 5.0, "hidden": 3.0, "attention": 3.0, "embedding": 0.0}
 
 
 def sequence_lengths(shapes: Shapes, n: int, seed: int = 0) -> List[int]:
@@ -350,7 +351,6 @@ class ReferenceSide(Side):
     """tests/reference_loop.py's plain transformers loop on the padded batch."""
 
     kind = "reference"
-    bf16 = False  # forward under CPU bf16 autocast, as the recipe's dtype=bf16 does
 
     def __init__(self, assets: Dict[str, str], shapes: Shapes, batch):
         from tests.reference_loop import LAYERS, MINIALBERT, ReferenceLoop
@@ -361,23 +361,17 @@ class ReferenceSide(Side):
         self.student, self.teacher = self.loop.student, self.loop.teacher
 
     def step(self) -> float:
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
-            terms = self.loop.loss()
-        terms["total"].backward()
-        torch.nn.utils.clip_grad_norm_(self.loop.params, CLIP)
-        self.loop.optimizer.step()
-        self.loop.optimizer.zero_grad(set_to_none=True)
-        return float(terms["total"].detach())
+        return self.loop.step()
 
     def forward(self) -> Dict[str, torch.Tensor]:
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
+        with self.loop.autocast():
             return self.loop.loss()
 
 
 def make_sides(assets: Dict[str, str], shapes: Shapes, scratch: Path, bf16: bool = False):
     ours = RecipeSide(assets, shapes, scratch, **({"dtype": "bf16"} if bf16 else {}))
     ref = ReferenceSide(assets, shapes, ours.padded[0])
-    ref.bf16 = bf16
+    ref.loop.bf16 = bf16  # forward under CPU bf16 autocast, as the recipe's dtype=bf16 does
     return ours, ref
 
 
@@ -412,8 +406,6 @@ def cache_bytes_per_window(shapes: Shapes, masked_per_window: float, top_k: int 
         out[f"top{top_k}_logits"] = masked_per_window * top_k * (2 + 4)
     return out
 
-
-RUNNERS = {"ours": RecipeSide, "reference": ReferenceSide}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -125,8 +125,14 @@ class ReferenceLoop:
         total = 1.0 * s_out.loss + 3.0 * (att + hid) + 5.0 * out
         return {"total": total, "mlm": s_out.loss, "output": out, "hidden": hid, "attention": att}
 
+    bf16 = False  # the forward under CPU bf16 autocast (what the recipe's dtype=bf16 does)
+
+    def autocast(self):
+        return torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16)
+
     def step(self) -> float:
-        terms = self.loss()
+        with self.autocast():
+            terms = self.loss()
         terms["total"].backward()
         torch.nn.utils.clip_grad_norm_(self.params, self.clip)
         self.optimizer.step()
