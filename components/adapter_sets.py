@@ -9,16 +9,27 @@
     model.predict("ner", [["import", "os", "and", "sys"]])                   # -> [["O", "B-MOD", "O", "B-MOD"]]
 
 An adapter set holds only what its fine-tuning run trained (the per-iteration adapters and the
-task head, a few percent of the base) and the SHA-256 of the base weights it was trained on;
-adding a set trained on another base is an error. Switching tasks copies that task's adapters
-into the one shared encoder, so N tasks cost one base plus N small sets in memory.
+task head, or the head alone: a few percent of the base) and the SHA-256 of every base weight it
+depends on; adding a set trained on another base is an error, and so is a set holding anything
+but adapter and head tensors. Every task runs with exactly what it was trained with: its own
+adapters where the set has them, the base's own everywhere else (a head-only set runs on the
+base's adapters, restored exactly). Switching tasks copies adapter tensors into the one shared
+encoder, so N tasks cost one base plus N small sets in memory.
 """
 
-from typing import Any, Dict, List, Sequence, Union
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Union
 
 import torch
 
-from components.checkpointing.tasks import base_fingerprint, check_base, load_adapter_set, load_encoder
+from components.checkpointing.tasks import (
+    ADAPTER_SET_VERSION,
+    ADAPTER_WEIGHTS_FILE,
+    base_fingerprint,
+    check_base,
+    load_adapter_set,
+    load_encoder,
+)
 from components.data.tasks import encode_inputs, TaskData
 from components.errors import CheckpointError
 from components.models.tasks import TaskModel
@@ -39,32 +50,64 @@ class MultiTaskModel:
         self.base_name = str(base)
         self.encoder, self.tokenizer = load_encoder(self.base_name)
         self.encoder.to(self.device).eval()
-        self.fingerprint = base_fingerprint(self.encoder)
+        # the base's own adapters, restored for every task (or iteration) a set has none for
+        self.base_adapters = {
+            f"encoder.{k}": v.detach().clone() for k, v in self.encoder.state_dict().items() if k.startswith("adapters.")
+        }
         self.tasks: Dict[str, Dict[str, Any]] = {}
+        self._active: Optional[str] = None  # the task whose adapters the encoder holds
 
     def add(self, name: str, path: str) -> Dict[str, Any]:
         """Load the adapter set at ``path`` as task ``name``; returns its manifest."""
         manifest, tensors = load_adapter_set(path)
-        check_base(manifest, self.fingerprint, str(path), self.base_name)
+        where = Path(path) / ADAPTER_WEIGHTS_FILE
         head = manifest["head"]
         model = TaskModel(self.encoder, head["task_type"], head["num_labels"], head["dropout"])
-        adapters = {k: v for k, v in tensors.items() if k.startswith("encoder.")}
-        missing, unexpected = model.load_state_dict(tensors, strict=False)
-        if unexpected or any(k.startswith("head.") for k in missing):
-            raise CheckpointError(f"The adapter set {path} does not fit its base: unexpected {unexpected}, missing {missing}")
-        self.tasks[name] = {"manifest": manifest, "model": model.to(self.device).eval(), "adapters": adapters}
+        head_state = {f"head.{k}": v for k, v in model.head.state_dict().items()}
+        allowed = {**self.base_adapters, **head_state}
+        for key, tensor in tensors.items():
+            if key not in allowed:
+                raise CheckpointError(
+                    f"{where} holds {key}: an adapter set may hold only adapter tensors of its base "
+                    f"(encoder.adapters.*; {self.base_name} has {len(self.base_adapters)}) and head tensors (head.*)"
+                )
+            if tensor.shape != allowed[key].shape:
+                raise CheckpointError(f"{where}: {key} has shape {tuple(tensor.shape)}, the base needs {tuple(allowed[key].shape)}")
+        missing = sorted(set(head_state) - set(tensors))
+        if missing:
+            raise CheckpointError(f"{where} lacks the head tensors {missing}")
+        adapters = {k: v for k, v in tensors.items() if k in self.base_adapters}
+        if manifest.get("format_version", 1) < ADAPTER_SET_VERSION and len(adapters) < len(self.base_adapters):
+            raise CheckpointError(
+                f"The adapter set {path} was written by an earlier version whose base fingerprint left out the base's "
+                "adapters, which this set runs on: fine-tune it again"
+            )
+        base_state = {**self.encoder.state_dict(), **{k[len("encoder.") :]: v for k, v in self.base_adapters.items()}}
+        fingerprint = base_fingerprint(base_state, replaced=[k[len("encoder.") :] for k in adapters])
+        check_base(manifest, fingerprint, str(path), self.base_name)
+        model.head.load_state_dict({k[len("head.") :]: tensors[k] for k in head_state})
+        self.tasks[name] = {
+            "manifest": manifest,
+            "model": model.to(self.device).eval(),
+            # every adapter tensor the encoder holds: the set's own, else the base's
+            "adapters": {k: adapters.get(k, v) for k, v in self.base_adapters.items()},
+        }
+        if self._active == name:  # a task replaced under the same name
+            self._active = None
         return manifest
 
     def _model(self, name: str) -> TaskModel:
-        """Task ``name``'s model: the shared encoder, with this task's adapters copied in."""
+        """Task ``name``'s model: the shared encoder, holding this task's adapters."""
         try:
             task = self.tasks[name]
         except KeyError:
             raise KeyError(f"No adapter set named {name!r}; added: {sorted(self.tasks)}") from None
-        with torch.no_grad():
-            parameters = dict(task["model"].named_parameters())
-            for key, value in task["adapters"].items():
-                parameters[key].copy_(value)
+        if self._active != name:
+            with torch.no_grad():
+                parameters = dict(self.encoder.named_parameters(prefix="encoder"))
+                for key, value in task["adapters"].items():
+                    parameters[key].copy_(value)
+            self._active = name
         return task["model"]
 
     @torch.no_grad()

@@ -110,10 +110,11 @@ class FinetuneRecipe:
         with config_section("lr_schedule"):
             schedule = instantiate(cfg.lr_schedule, total_steps=self.max_steps)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, group_lambdas(groups, [stage], schedule))
+        if cfg.tuning != "full":  # what an adapter set is put back on: all but the adapters it replaces
+            replaced = [n[len("encoder.") :] for n, _ in self.trained if n.startswith("encoder.")]
+            self.base = {"path": str(cfg.checkpoint_dir), "sha256": base_fingerprint(encoder.state_dict(), replaced)}
         if resume is not None:
             self._load_checkpoint(*resume)
-        if cfg.tuning != "full":  # what an adapter set is put back on
-            self.base = {"path": str(cfg.checkpoint_dir), "sha256": base_fingerprint(self.model.encoder)}
         self.metrics = self.run.open_metrics(self.step + 1)
 
     def _load_checkpoint(self, path: Path, state: Dict) -> None:

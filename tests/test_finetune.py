@@ -2,8 +2,11 @@
 base, resume, bad input."""
 
 import csv
+import itertools
 import json
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -12,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 from omegaconf import OmegaConf
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from components.adapter_sets import MultiTaskModel
 from components.checkpointing import load_student
@@ -142,34 +145,77 @@ def test_every_task_type_through_tune_run(kind, base, tasks, tmp_path):
         assert {t for t in predicted} <= {"O", "B-MOD", "I-MOD", "B-FUNC", "I-FUNC"}
 
 
-def test_two_adapter_sets_on_one_base_reproduce_their_runs(base, tasks, tmp_path, teacher_dir, corpus_file):
-    runs = {}
-    for kind in ("sst2", "ner"):
-        runs[kind] = tmp_path / kind
-        run_finetune(finetune_config(runs[kind], base, tasks[kind], kind))
-    model = MultiTaskModel(str(base))
-    for kind, out in runs.items():
-        model.add(kind, str(out / "adapter_set"))
-    # alternate tasks: each must see its own adapters, whatever ran before
-    sentences = [row["sentence"] for row in csv.DictReader(open(tasks["sst2"]["test"]), delimiter="\t")]
-    sentences = sentences[:40]
+def test_adapter_sets_on_one_base_reproduce_their_runs_in_any_order(base, tasks, tmp_path, teacher_dir, corpus_file):
+    """One base, a head-only set and two adapter sets, added and used in every order: each task
+    predicts exactly what its own fine-tuning run wrote (same batches, same arithmetic), so a
+    head-only task runs on the base's own adapters, whatever task ran before it."""
+    # regression predictions are written with 6 digits: any change of adapters shows
+    runs = {
+        "stsb_head": ("stsb", "head"),  # the base's adapters, a new head
+        "stsb": ("stsb", "adapters"),
+        "ner": ("ner", "adapters"),
+    }
+    for name, (kind, tuning) in runs.items():
+        run_finetune(finetune_config(tmp_path / name, base, tasks[kind], kind, tuning=tuning))
+    pairs = [(row["sentence1"], row["sentence2"]) for row in map(json.loads, open(tasks["stsb"]["test"]))]
     blocks = Path(tasks["ner"]["test"]).read_text().strip().split("\n\n")
-    blocks = [b for b in blocks if not b.startswith("-DOCSTART-")][:40]
-    words = [[line.split()[0] for line in block.splitlines()] for block in blocks]
-    for _ in range(2):
-        for kind, inputs in (("sst2", sentences), ("ner", words)):
-            expected = read_predictions(runs[kind] / "predictions" / "test.tsv")
-            got = model.predict(kind, inputs)
-            if kind == "sst2":
-                assert [str(g) for g in got] == [expected[i] for i in range(len(inputs))]
-            else:
-                assert [" ".join(g) for g in got] == [expected[i] for i in range(len(inputs))]
+    words = [[line.split()[0] for line in block.splitlines()] for block in blocks if not block.startswith("-DOCSTART-")]
+    inputs = {"stsb": pairs[:64], "ner": words[:64]}  # the runs' first batch
+    expected = {}
+    for name, (kind, _) in runs.items():
+        written = read_predictions(tmp_path / name / "predictions" / "test.tsv")
+        expected[name] = [written[i] for i in range(len(inputs[kind]))]
+    assert expected["stsb_head"] != expected["stsb"]  # the check can tell the two stsb tasks apart
+
+    for added in itertools.permutations(runs):
+        model = MultiTaskModel(str(base))
+        for name in added:
+            model.add(name, str(tmp_path / name / "adapter_set"))
+        a, b, c = added
+        for name in (a, b, c, a, c, b, a):  # every task after every other
+            kind = runs[name][0]
+            got = model.predict(name, inputs[kind], batch_size=64)  # the runs' eval_batch_size: the same batches
+            got = [" ".join(g) if kind == "ner" else f"{g:.6g}" for g in got]
+            assert got == expected[name], (added, name)
 
     # a set only goes on its own base
     other = tmp_path / "other"
     run_recipe(tiny_config(other, teacher_dir, corpus_file, max_steps=2, save_every_n_steps=None, seed=1))
     with pytest.raises(CheckpointError, match="was trained on the base .* not on"):
-        MultiTaskModel(str(other / "student")).add("sst2", str(runs["sst2"] / "adapter_set"))
+        MultiTaskModel(str(other / "student")).add("stsb", str(tmp_path / "stsb" / "adapter_set"))
+
+
+def test_an_adapter_set_holds_only_adapters_and_a_head_of_its_own_base(base, tasks, tmp_path):
+    """A set that would overwrite shared base weights is refused, naming the key and the file;
+    a head-only set is refused on a base whose adapters differ (its fingerprint covers them)."""
+    out = tmp_path / "head"
+    run_finetune(finetune_config(out, base, tasks["sst2"], tuning="head", max_steps=2))
+    folder = out / "adapter_set"
+    weights = folder / "adapters.safetensors"
+    original = weights.read_bytes()
+    tensors = load_file(str(weights))
+
+    # a shared-layer tensor smuggled into a set
+    student = load_student(str(base), mlm_head=False)
+    shared = next(k for k in student.state_dict() if not k.startswith("adapters."))
+    forged = tmp_path / "forged"
+    shutil.copytree(folder, forged)
+    save_file({**tensors, f"encoder.{shared}": student.state_dict()[shared] * 0}, str(forged / "adapters.safetensors"))
+    model = MultiTaskModel(str(base))
+    with pytest.raises(CheckpointError, match=rf"{re.escape(str(forged / 'adapters.safetensors'))} holds encoder\.{re.escape(shared)}"):
+        model.add("forged", str(forged))
+    assert not model.tasks
+
+    # the same base with other adapters: the head-only set was trained on the base's own
+    changed = tmp_path / "changed_base"
+    shutil.copytree(base, changed)
+    state = load_file(str(changed / "model.safetensors"))
+    key = next(k for k in state if "adapters." in k)
+    state[key] = state[key] + 0.5
+    save_file(state, str(changed / "model.safetensors"), {"format": "pt"})
+    with pytest.raises(CheckpointError, match="was trained on the base .* not on"):
+        MultiTaskModel(str(changed)).add("sst2", str(folder))
+    assert weights.read_bytes() == original  # nothing of the set was touched
 
 
 def test_sigterm_then_resume_reproduces_the_uninterrupted_run(base, tasks, tmp_path, monkeypatch):

@@ -13,7 +13,7 @@ adapter sets (one base, many tasks).
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Iterable, Mapping, Optional, Tuple
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -29,6 +29,8 @@ from components.models.tasks import TaskModel
 FINETUNED_MODEL_TYPE = "finetuned_encoder"
 ADAPTER_SET_FILE, ADAPTER_WEIGHTS_FILE = "adapter_set.json", "adapters.safetensors"
 FORMAT_VERSION = 1
+# 2: the base fingerprint covers the base's own adapters wherever the set does not replace them
+ADAPTER_SET_VERSION = 2
 
 
 def load_encoder(path: str, revision: Optional[str] = None) -> Tuple[nn.Module, Any]:
@@ -54,12 +56,15 @@ def load_encoder(path: str, revision: Optional[str] = None) -> Tuple[nn.Module, 
     return encoder, load_tokenizer(folder, encoder.spec.vocab_size)
 
 
-def base_fingerprint(encoder: nn.Module) -> str:
-    """SHA-256 of the weights an adapter set depends on: every encoder tensor but the adapters
-    (which the set replaces) and the MLM head (unused), by name, dtype, shape and bytes."""
+def base_fingerprint(state: Mapping[str, torch.Tensor], replaced: Iterable[str] = ()) -> str:
+    """SHA-256 of the base weights an adapter set depends on: every tensor of the encoder's
+    ``state`` but the ones the set replaces (``replaced``: the adapter tensors it holds, by their
+    names in ``state``) and the MLM head (unused), by name, dtype, shape and bytes. A head-only
+    set replaces nothing: the base's own adapters are part of what it was trained on."""
+    replaced = set(replaced)
     digest = hashlib.sha256()
-    for name, tensor in sorted(encoder.state_dict().items()):
-        if name.startswith(("adapters.", "mlm_head.")):
+    for name, tensor in sorted(state.items()):
+        if name in replaced or name.startswith("mlm_head."):
             continue
         tensor = tensor.detach().cpu().contiguous()
         digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
@@ -119,12 +124,13 @@ def save_adapter_set(
     model: TaskModel, folder: Path, trained: Dict[str, torch.Tensor], task: Dict[str, Any], base: Dict[str, Any]
 ) -> Dict[str, Any]:
     """Write the ``trained`` tensors (``encoder.adapters.*``, ``head.*``) and a manifest naming the
-    base (``base["sha256"]`` from :func:`base_fingerprint`); returns the manifest."""
+    base (``base["sha256"]``: :func:`base_fingerprint` of the base, less the adapter tensors the
+    set holds); returns the manifest."""
     state = {k: v.detach().cpu().contiguous() for k, v in trained.items()}
     base_state = {k: v for k, v in model.encoder.state_dict().items() if not k.startswith("mlm_head.")}
     manifest = {
         "format": "adapter_set",
-        "format_version": FORMAT_VERSION,
+        "format_version": ADAPTER_SET_VERSION,
         "base": base,
         "encoder": {"family": encoder_family(model.encoder), "config": model.encoder.config},
         "head": model.head_config,
