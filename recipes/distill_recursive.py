@@ -83,7 +83,7 @@ class DistillRecursiveRecipe:
         self.began_with = None if resume is None else (resume[1].get("max_steps"), (resume[1].get("config") or {}).get("epochs"))
         torch.manual_seed(self.seed)  # the same student on every rank
 
-        with self.parallel.main_first():  # the main rank builds any files (smoke assets) first
+        with self.parallel.main_first():  # rank 0, then each node's first rank, build any files (smoke assets)
             self.teacher = self._build_teacher().to(self.device)
         self.tokenizer = self.teacher.tokenizer
         asks = [key for key, on in (("dtype=bf16", self.bf16), ("teacher.dtype=bf16", _holds_bf16(self.teacher))) if on]
@@ -207,7 +207,7 @@ class DistillRecursiveRecipe:
         limit = min(self.teacher.max_sequence_length, self.student.config.get("max_position_embeddings", 10**9))
         if data.max_length > limit:
             raise ConfigError(f"data.max_length={data.max_length} exceeds the models' {limit} positions")
-        with config_section("data"), self.parallel.main_first():  # the main rank fills the datasets cache
+        with config_section("data"), self.parallel.main_first():  # rank 0, then each node's first rank, fill the caches
             source = data.source
             if OmegaConf.is_dict(source) or isinstance(source, dict):
                 source = instantiate(source)

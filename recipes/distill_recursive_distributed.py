@@ -9,7 +9,9 @@ FSDP2 (per layer) and loaded shard by shard, the student is sharded with FSDP2 a
 and each rank takes its share of every global batch (``data.batch_size`` windows per
 micro-batch per rank). Rank 0 alone logs, shows progress and writes checkpoints and the
 student; a checkpoint resumes with the same number of processes and the same losses. CPU runs
-use gloo, CUDA runs NCCL.
+use gloo, CUDA runs NCCL. On several nodes ``output_dir`` must be shared; the token store
+(``$RECURSIVE_DISTILL_CACHE``) may be: it is built once in all when it is, else once per node
+by the node's first rank (tests/test_two_nodes.py).
 """
 
 import sys

@@ -16,6 +16,15 @@ per device, launched by torchrun / ``tune run --nproc_per_node N``):
   FSDP averages gradients over ranks, so each rank back-propagates its loss times the number
   of ranks (:attr:`loss_scale`): the result is exactly the gradient of one large batch.
 * **data**: each rank takes its share of every global batch (components.data.mlm).
+* **preparing files** (:meth:`~DataParallel.main_first`: the teacher download, the ``datasets``
+  cache, the tokenised store under ``$RECURSIVE_DISTILL_CACHE``) runs in three waves: global
+  rank 0, then the first rank of every other node (``LOCAL_RANK`` 0), then everyone else, with
+  a barrier between waves. A cache may be shared by all nodes or local to each, and nothing
+  has to say which: rank 0 fills a shared one alone and every other rank finds it; a node-local
+  one is filled once per node by its first rank, which runs alone on its node, and found by the
+  node's other ranks. (Were it rank 0 and then all the others at once, every rank of another
+  node would find its node's cache empty and tokenise the whole corpus into its own temporary
+  store: N times the CPU and transient disk.) The cost is one more barrier.
 
 The CPU path uses gloo and makes no CUDA call; on CUDA, NCCL carries tensors and gloo objects.
 """
@@ -73,6 +82,7 @@ class SingleDevice:
 
     world_size = 1
     rank = 0
+    local_rank = 0  # on this node
 
     def __init__(self, device: torch.device):
         self.device = device
@@ -117,7 +127,8 @@ class SingleDevice:
 
     @contextlib.contextmanager
     def main_first(self) -> Iterator[None]:
-        """Run the block on the main rank first (it may build files the others then reuse)."""
+        """Run the block on the main rank first, then on the first rank of each other node,
+        then on the rest (it may build files the others then reuse): see the module docstring."""
         yield
 
     def sync_gradients(self, params: Sequence[nn.Parameter]) -> None:
@@ -200,7 +211,7 @@ class DataParallel(SingleDevice):
             )
         self.rank = int(os.environ["RANK"])
         self.world_size = int(os.environ["WORLD_SIZE"])
-        local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        self.local_rank = local_rank = int(os.environ.get("LOCAL_RANK", 0))  # (torchrun sets it)
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", self.world_size))
         kind = resolve_device(device).type
         if kind == "cuda":
@@ -274,12 +285,15 @@ class DataParallel(SingleDevice):
 
     @contextlib.contextmanager
     def main_first(self) -> Iterator[None]:
-        if not self.is_main:
+        # wave 0: global rank 0; wave 1: the first rank of every other node; wave 2: the rest.
+        # Every rank passes the same two barriers: those before its wave, then those after it.
+        wave = 0 if self.is_main else 1 if self.local_rank == 0 else 2
+        for _ in range(wave):
             self.barrier()
         try:
             yield
         finally:
-            if self.is_main:
+            for _ in range(wave, 2):
                 self.barrier()
 
     def sync_gradients(self, params: Sequence[nn.Parameter]) -> None:
