@@ -179,3 +179,87 @@ def test_a_resume_with_a_changed_teacher_is_refused(tmp_path, teacher_dir, corpu
     with pytest.raises(CheckpointError, match=r"another teacher: model.safetensors changed content"):
         run_recipe(cfg)
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_00000003"]
+
+
+def test_a_resume_with_a_changed_tokenizer_is_refused(tmp_path, teacher_dir, corpus_file):
+    """The tokenizer decides the windows: its files are part of the teacher's fingerprint."""
+    teacher = tmp_path / "teacher"
+    shutil.copytree(teacher_dir, teacher)
+    out = tmp_path / "run"
+    run_recipe(tiny_config(out, teacher, corpus_file, max_steps=3, save_every_n_steps=3))
+    settings = json.loads((teacher / "tokenizer_config.json").read_text())
+    settings["do_lower_case"] = not settings.get("do_lower_case", True)
+    (teacher / "tokenizer_config.json").write_text(json.dumps(settings))
+    before = {p: p.read_bytes() for p in (out / "checkpoints").rglob("*") if p.is_file()}
+    cfg = tiny_config(out, teacher, corpus_file, max_steps=6, resume_from_checkpoint=True)
+    with pytest.raises(CheckpointError, match=r"another teacher: tokenizer_config.json changed"):
+        run_recipe(cfg)
+    assert {p: p.read_bytes() for p in (out / "checkpoints").rglob("*") if p.is_file()} == before
+
+
+# ---------------------------------------------------------------- content, not paths or times
+
+
+def _rewrite_keeping_mtime(path, text):
+    """Other content of the same size, the modification time put back (``cp -p``, ``rsync -t``)."""
+    stat = path.stat()
+    assert len(text.encode()) == stat.st_size
+    path.write_text(text)
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert path.stat().st_mtime_ns == stat.st_mtime_ns
+
+
+def test_a_corpus_rewritten_with_its_mtime_kept_is_another_corpus(tmp_path, tokenizer):
+    from components.data import data_fingerprint
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("the first text says one thing\n\nand then a second paragraph\n")
+    docs = load_documents(str(corpus))
+    store = tokenize_windows(docs, tokenizer, max_length=16, stride=8)
+    fingerprint = data_fingerprint(str(corpus), docs)
+    _rewrite_keeping_mtime(corpus, "the other text says one thing\n\nand then a second paragraph\n")
+    again = load_documents(str(corpus))
+    assert again["text"][0] == "the other text says one thing"  # not the cached documents
+    assert tokenize_windows(again, tokenizer, max_length=16, stride=8).folder != store.folder
+    assert data_fingerprint(str(corpus), again) != fingerprint
+
+
+def test_digests_cover_every_byte_and_are_cached_per_file_version(tmp_path, monkeypatch):
+    import time
+
+    import components.fingerprint as fp
+
+    monkeypatch.setenv("RECURSIVE_DISTILL_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(fp, "RACY_NS", 0)  # cache even a file written a moment ago
+    big = tmp_path / "big.bin"
+    with open(big, "wb") as f:  # bigger than the 64 MiB the old sampled hash read whole
+        f.truncate(65 << 20)
+    digest = fp.file_digest(big)
+    (record,) = (tmp_path / "cache" / "digests").iterdir()
+    record.write_text(record.read_text().replace(digest, "0" * 64))
+    assert fp.file_digest(big) == "0" * 64  # the cached digest is used: the file is not read again
+
+    time.sleep(0.05)  # past a tick of the kernel's coarse clock, which stamps ctime
+    stat = big.stat()
+    with open(big, "r+b") as f:  # one byte, between where the old hash took its samples
+        f.seek((65 << 20) // 30)
+        f.write(b"x")
+    os.utime(big, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    changed = fp.file_digest(big)
+    assert changed not in (digest, "0" * 64)
+    import hashlib
+
+    assert changed == hashlib.sha256(big.read_bytes()).hexdigest()
+
+
+def test_blank_lines_holding_spaces_or_carriage_returns_end_paragraphs(tmp_path, caplog):
+    """The reader and the one-giant-document guard agree on what a blank line is."""
+    lines = [f"sentence number {i} says something about the weather today." for i in range(20_000)]
+    (tmp_path / "spaces.txt").write_text("\n \t\n".join(lines) + "\n")
+    (tmp_path / "crlf.txt").write_bytes(("\r\n\r\n".join(lines[:50]) + "\r\n").encode())
+    with caplog.at_level("WARNING"):
+        spaced = load_documents(str(tmp_path / "spaces.txt"))
+        crlf = load_documents(str(tmp_path / "crlf.txt"))
+    assert len(spaced) == 20_000 and spaced[7]["text"] == lines[7]
+    assert crlf["text"] == lines[:50]
+    assert "blank line" not in caplog.text  # neither file is mistaken for one giant document

@@ -73,7 +73,7 @@ def test_corpus_errors_name_the_problem(tmp_path):
     with pytest.raises(CorpusError, match=r"no column 'text' \(columns: \['content'\]\); set data.text_column"):
         load_documents(str(tmp_path / "d.jsonl"))
     (tmp_path / "bad.jsonl").write_text('{"text": "ok"}\n{not json\n')
-    with pytest.raises(CorpusError, match="Could not read corpus .*bad.jsonl"):
+    with pytest.raises(CorpusError, match=r"Corpus .*bad.jsonl, line 2 is not valid JSON"):
         load_documents(str(tmp_path / "bad.jsonl"))
     (tmp_path / "x.csv").write_text("a,b\n")
     with pytest.raises(CorpusError, match="Unsupported corpus file type"):

@@ -1,25 +1,34 @@
-"""Text -> documents -> token windows, through the ``datasets`` library.
+"""Text -> documents -> token windows.
 
 A corpus is local ``.txt`` / ``.jsonl`` / ``.json`` / ``.parquet`` files (paths, folders or
 globs, optionally compressed) or the name of a dataset on the Hugging Face Hub. Documents are
 tokenised with the teacher's tokenizer (no truncation) and cut into windows of ``max_length``
 tokens, special tokens included, whose starts are ``stride`` tokens apart. The tokens are kept
 in a memory-mapped store (``components.data.store``), not as one list per window.
+
+Local files are read here, streamed into a ``datasets`` Arrow table whose fingerprint is a hash
+of the files' content (``components.fingerprint.file_digest``) and of how they are read, so
+every cache built from them (the Arrow table, the token store) follows their content, not their
+paths or modification times. (``datasets``' own local-file builders key their caches on mtime,
+and split paragraphs only at ``"\n\n"``.) A paragraph ends at a blank line: one holding nothing
+but spaces, tabs and a carriage return at most, the same rule the one-giant-document guard uses.
 """
 
 import glob
+import hashlib
+import json
 import logging
 import os
 import re
 from pathlib import Path
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import Any, Iterator, List, Optional, Sequence, Tuple, Union
 
 import datasets
 
 from components.checkpointing.io import looks_like_local_path
-from components.data.store import build_store, cache_root, store_key, TokenWindows
+from components.data.store import build_store, store_key, TokenWindows
 from components.errors import CorpusError
-from components.fingerprint import files_fingerprint
+from components.fingerprint import cache_root, file_digest, files_fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -69,26 +78,23 @@ def _open_any(file: str):
     import gzip
     import lzma
 
-    openers = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}
-    return openers.get(os.path.splitext(file)[1].lower(), open)(file, "rb")
+    extension = os.path.splitext(file)[1].lower()
+    if extension in (".zst", ".lz4"):  # through fsspec, when the codec's package is installed
+        import fsspec
 
-
-def _first_undecodable(files: Sequence[str]) -> Optional[Tuple[str, int, int, int]]:
-    """(file, line, column, byte) of the first byte sequence that is not UTF-8, if any."""
-    for file in files:
-        with _open_any(file) as f:
-            for number, line in enumerate(f, start=1):
-                try:
-                    line.decode("utf-8")
-                except UnicodeDecodeError as e:
-                    return file, number, e.start + 1, line[e.start]
-    return None
+        package = {".zst": "zstandard", ".lz4": "lz4"}[extension]
+        try:
+            return fsspec.open(file, "rb", compression={".zst": "zstd", ".lz4": "lz4"}[extension]).open()
+        except ValueError:
+            raise CorpusError(f"Reading {file} needs the {package} package: pip install {package}") from None
+    return {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}.get(extension, open)(file, "rb")
 
 
 # A "paragraph" this long is a file without blank lines (one sentence per line, say): read
-# as one document it is built quadratically by ``datasets`` and tokenised whole.
+# as one document it would be tokenised whole.
 PARAGRAPH_LIMIT = 1 << 20  # bytes
-BLANK_LINE = re.compile(rb"\n[ \t\r]*\n")
+BLANK = " \t\r\n"  # a line holding only these is blank: it ends a paragraph
+BLANK_LINE = re.compile(rb"\n[ \t\r]*\n")  # the same rule, over bytes
 
 
 def giant_paragraph_files(files: Sequence[str], limit: int = PARAGRAPH_LIMIT) -> List[str]:
@@ -106,23 +112,121 @@ def giant_paragraph_files(files: Sequence[str], limit: int = PARAGRAPH_LIMIT) ->
     return found
 
 
-def _not_utf8(files: Sequence[str], kind: str) -> CorpusError:
-    found = _first_undecodable(files)
-    where = f"{found[0]}, line {found[1]}, column {found[2]} (byte 0x{found[3]:02x})" if found else ", ".join(files[:3])
-    hint = (
-        "set data.encoding_errors=replace to replace undecodable bytes with U+FFFD, or re-encode the file"
-        if kind == "text"
-        else "JSON and Parquet text must be UTF-8; re-encode the file"
-    )
-    return CorpusError(f"Corpus is not valid UTF-8 at {where}: {hint}")
+def _decode(raw: bytes, file: str, line: int, errors: str, kind: str) -> str:
+    try:
+        return raw.decode("utf-8", errors=errors)
+    except UnicodeDecodeError as e:
+        hint = (
+            "set data.encoding_errors=replace to replace undecodable bytes with U+FFFD, or re-encode the file"
+            if kind == "text"
+            else "JSON text must be UTF-8; re-encode the file"
+        )
+        raise CorpusError(
+            f"Corpus is not valid UTF-8 at {file}, line {line}, column {e.start + 1} (byte 0x{raw[e.start]:02x}): {hint}"
+        ) from None
 
 
-def _is_decode_error(e: BaseException) -> bool:
-    while e is not None:
-        if isinstance(e, UnicodeDecodeError):
-            return True
-        e = e.__cause__ or e.__context__
-    return False
+def _text_documents(file: str, sample_by: str, errors: str) -> Iterator[str]:
+    with _open_any(file) as f:
+        if sample_by == "document":
+            yield _decode(f.read(), file, 1, errors, "text")
+            return
+        paragraph: List[str] = []
+        for number, raw in enumerate(f, start=1):
+            line = _decode(raw, file, number, errors, "text").rstrip("\r\n")
+            if sample_by == "line":
+                yield line
+            elif line.strip(BLANK):
+                paragraph.append(line)
+            elif paragraph:
+                yield "\n".join(paragraph)
+                paragraph = []
+        if paragraph:
+            yield "\n".join(paragraph)
+
+
+def _json_documents(file: str, column: str) -> Iterator[Any]:
+    """JSON Lines, or one JSON array of records."""
+    with _open_any(file) as f:
+        first = f.read(1 << 16).lstrip()[:1]
+    if first == b"[":
+        with _open_any(file) as f:
+            try:
+                records = json.loads(_decode(f.read(), file, 1, "strict", "json"))
+            except ValueError as e:
+                raise CorpusError(f"Corpus {file} is not valid JSON: {e}") from None
+        for number, record in enumerate(records, start=1):
+            yield _column(record, column, file, f"record {number}")
+        return
+    with _open_any(file) as f:
+        for number, raw in enumerate(f, start=1):
+            text = _decode(raw, file, number, "strict", "json")
+            if not text.strip():
+                continue
+            try:
+                record = json.loads(text)
+            except ValueError as e:
+                raise CorpusError(f"Corpus {file}, line {number} is not valid JSON: {e}") from None
+            yield _column(record, column, file, f"line {number}")
+
+
+def _column(record: Any, column: str, file: str, where: str) -> Any:
+    if not isinstance(record, dict) or column not in record:
+        held = f"columns: {sorted(record)}" if isinstance(record, dict) else f"a {type(record).__name__}, not a record"
+        raise CorpusError(f"Corpus {file}, {where} has no column {column!r} ({held}); set data.text_column")
+    return record[column]
+
+
+def _parquet_documents(file: str, column: str) -> Iterator[Any]:
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.ParquetFile(file)
+    except Exception as e:
+        raise CorpusError(f"Could not read corpus {file}: {type(e).__name__}: {e}") from e
+    names = table.schema_arrow.names
+    if column not in names:
+        raise CorpusError(f"Corpus {file} has no column {column!r} (columns: {names}); set data.text_column")
+    for batch in table.iter_batches(columns=[column]):
+        yield from batch.column(0).to_pylist()
+
+
+def _read_local(files: List[str], kind: str, text_column: str, sample_by: str, encoding_errors: str) -> Iterator[dict]:
+    """One row per document of ``files`` (``datasets.Dataset.from_generator`` shards ``files``)."""
+    for file in files:
+        if kind == "text":
+            texts = _text_documents(file, sample_by, encoding_errors)
+        elif kind == "json":
+            texts = _json_documents(file, text_column)
+        else:
+            texts = _parquet_documents(file, text_column)
+        for text in texts:
+            yield {"text": text if isinstance(text, str) else None}
+
+
+READER_VERSION = 1  # part of every local corpus's fingerprint: bump it when _read_local changes
+
+
+def _load_local(files: List[str], kind: str, text_column: str, sample_by: str, encoding_errors: str, num_proc):
+    options = {"kind": kind, "text_column": text_column, "sample_by": sample_by, "encoding_errors": encoding_errors}
+    content = [file_digest(f) for f in files]
+    fingerprint = hashlib.sha256(json.dumps([READER_VERSION, options, content]).encode()).hexdigest()[:32]
+    try:
+        return datasets.Dataset.from_generator(
+            _read_local,
+            features=datasets.Features({"text": datasets.Value("string")}),
+            gen_kwargs={"files": files, **options},
+            num_proc=num_proc if num_proc and num_proc > 1 and len(files) > 1 else None,
+            fingerprint=fingerprint,
+        )
+    except Exception as e:
+        cause = e
+        while cause is not None and not isinstance(cause, CorpusError):
+            cause = cause.__cause__ or cause.__context__
+        if cause is not None:  # raised by our reader inside datasets' generator
+            raise CorpusError(str(cause)) from None
+        described = files[0] if len(files) == 1 else f"{len(files)} files ({files[0]}, ...)"
+        raise CorpusError(f"Could not read corpus {described}: {type(e).__name__}: {e}") from e
 
 
 def load_documents(
@@ -175,16 +279,8 @@ def load_documents(
                     PARAGRAPH_LIMIT >> 20,
                 )
                 sample_by = "line"
-        options = {"sample_by": sample_by, "encoding_errors": encoding_errors} if kind == "text" else {}
         described = files[0] if len(files) == 1 else f"{len(files)} files ({files[0]}, ...)"
-        try:
-            ds = datasets.load_dataset(kind, data_files=files, split="train", num_proc=num_proc, **options)
-        except Exception as e:
-            if _is_decode_error(e):
-                raise _not_utf8(files, kind) from None
-            raise CorpusError(f"Could not read corpus {described}: {type(e).__name__}: {e}") from e
-        if kind == "text":
-            text_column = "text"
+        ds = _load_local(files, kind, text_column, sample_by, encoding_errors, num_proc)
     elif len(sources) == 1:
         described = sources[0]
         try:
@@ -194,29 +290,23 @@ def load_documents(
                 f"{sources[0]!r} is not a local file, and loading it as a Hugging Face dataset "
                 f"failed ({type(e).__name__}: {e})"
             ) from e
+        if text_column not in ds.column_names:
+            raise CorpusError(
+                f"Corpus {described} has no column {text_column!r} (columns: {ds.column_names}); "
+                "set data.text_column"
+            )
+        ds = ds.select_columns([text_column])
+        if text_column != "text":
+            ds = ds.rename_column(text_column, "text")
     else:
         raise CorpusError(f"Corpus sources must all be local files, got {sources}")
-    if text_column not in ds.column_names:
-        raise CorpusError(
-            f"Corpus {described} has no column {text_column!r} (columns: {ds.column_names}); "
-            "set data.text_column"
-        )
-    ds = ds.select_columns([text_column])
-    if text_column != "text":
-        ds = ds.rename_column(text_column, "text")
     total = len(ds)
-    try:
-        ds = ds.filter(
-            lambda batch: [isinstance(t, str) and bool(t.strip()) for t in batch["text"]],
-            batched=True,
-            num_proc=num_proc,
-            desc="Dropping empty documents",
-        )
-    except Exception as e:
-        # JSON lines are not decoded when read: bad bytes surface here
-        if files and _is_decode_error(e):
-            raise _not_utf8(files, kind) from None
-        raise
+    ds = ds.filter(
+        lambda batch: [isinstance(t, str) and bool(t.strip()) for t in batch["text"]],
+        batched=True,
+        num_proc=num_proc,
+        desc="Dropping empty documents",
+    )
     if len(ds) == 0:
         raise CorpusError(f"Corpus {described} is empty: {total} documents, none with text")
     if len(ds) < total:

@@ -12,9 +12,10 @@ twice. A store costs 2 (or 4) bytes per corpus token plus 16 bytes per window, i
 ``2 + 16 / stride`` bytes per token (2.125 at the shipped stride 128).
 
 It is built once, streaming documents in batches (memory stays bounded whatever the corpus
-size), under a name derived from the documents' ``datasets`` fingerprint, the tokenizer and
-the window settings, in ``<datasets cache>/recursive_distill/``. Every rank and every resume
-reads the same files; a changed corpus or tokenizer gets a new name.
+size), under a name derived from the documents' fingerprint (for local files, a hash of their
+content: ``components.data.corpus``), the tokenizer and the window settings, in
+``$RECURSIVE_DISTILL_CACHE`` or ``<datasets cache>/recursive_distill/``. Every rank and every
+resume reads the same files; a changed corpus or tokenizer gets a new name.
 """
 
 import hashlib
@@ -34,15 +35,6 @@ log = logging.getLogger(__name__)
 
 FORMAT = 1
 DOCS_PER_BATCH = 1000
-
-
-def cache_root() -> Path:
-    """Where stores live: ``$RECURSIVE_DISTILL_CACHE``, else inside the ``datasets`` cache."""
-    if os.environ.get("RECURSIVE_DISTILL_CACHE"):
-        return Path(os.environ["RECURSIVE_DISTILL_CACHE"]).expanduser()
-    import datasets
-
-    return Path(datasets.config.HF_DATASETS_CACHE) / "recursive_distill"
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
