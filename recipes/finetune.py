@@ -30,10 +30,12 @@ from safetensors.torch import load_file
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
+from components.checkpointing.hf_bert import resolve_checkpoint_dir, weight_files
 from components.checkpointing.io import atomic_file
 from components.checkpointing.tasks import base_fingerprint, load_adapter_set, load_encoder, save_adapter_set, save_task_model
 from components.data.tasks import load_task_data, task_batches
 from components.errors import CheckpointError, ConfigError
+from components.fingerprint import model_folder_fingerprint
 from components.models.tasks import TaskModel, tuning_patterns
 from components.training.config import check_config, config_section, instantiate, parse
 from components.training.distill import check_finite
@@ -48,7 +50,7 @@ log = logging.getLogger("finetune")
 
 # Keys that decide the model and the data order: a resumed run must not change them.
 MUST_MATCH_ON_RESUME = ("seed", "checkpoint_dir", "revision", "tuning", "task", "data", "classifier_dropout")
-MAY_CHANGE_ON_RESUME = ("data.num_proc", "data.eval_batch_size")
+MAY_CHANGE_ON_RESUME = ("data.num_proc", "data.eval_batch_size")  # (a moved data.source or checkpoint_dir: by fingerprint)
 OUTPUTS = ("model", "adapter_set", "predictions", "results.json")
 
 
@@ -74,12 +76,14 @@ class FinetuneRecipe:
         resume = self.run.start()
         torch.manual_seed(cfg.seed)
         with config_section("checkpoint_dir"):
-            encoder, self.tokenizer = load_encoder(cfg.checkpoint_dir, cfg.revision)
+            folder = resolve_checkpoint_dir(cfg.checkpoint_dir, cfg.revision)
+            encoder, self.tokenizer = load_encoder(str(folder))
         with config_section("data"):
             data = OmegaConf.to_container(cfg.data)
             if isinstance(data["source"], dict) and "_component_" in data["source"]:
                 data["source"] = instantiate(data["source"])  # e.g. the smoke task's files
             self.task = load_task_data(data, OmegaConf.to_container(cfg.task), self.tokenizer)
+        self.run.identify(data=self.task.fingerprint, model=model_folder_fingerprint(folder, weight_files(folder)[1]))
         self.metric = resolve_metric(self.task.task_type, cfg.task.metric)
         if cfg.tuning == "adapters" and getattr(encoder, "adapters", None) is None:
             raise ConfigError(

@@ -249,6 +249,47 @@ def test_sigterm_then_resume_reproduces_the_uninterrupted_run(base, tasks, tmp_p
     assert (interrupted / "predictions" / "test.tsv").read_text() == (straight / "predictions" / "test.tsv").read_text()
 
 
+def test_a_resume_on_other_task_data_or_another_model_is_refused(base, tasks, tmp_path):
+    """Fine-tuning keeps to its data and its starting model as distillation does: moved files
+    resume; an edited train file (same size, mtime put back) or a changed model is refused,
+    naming what changed, with nothing written; allow_changes_on_resume accepts a change."""
+    model = tmp_path / "base"
+    shutil.copytree(base, model)
+    data = tmp_path / "data"
+    data.mkdir()
+    files = {split: shutil.copy(path, data) for split, path in tasks["sst2"].items()}
+    out = tmp_path / "run"
+    common = dict(tuning="full", eval_every_n_steps=1)
+    run_finetune(finetune_config(out, model, files, max_steps=2, **common))
+
+    moved = tmp_path / "moved"
+    shutil.move(data, moved)
+    files = {split: str(moved / Path(path).name) for split, path in files.items()}
+    run_finetune(finetune_config(out, model, files, max_steps=3, resume_from_checkpoint=True, **common))
+    assert max(logged(out)) == 3
+
+    train = Path(files["train"])
+    stat, lines = train.stat(), train.read_text().splitlines(keepends=True)
+    sentence, label = lines[1].rstrip("\n").split("\t")
+    lines[1] = f"{sentence}\t{1 - int(label)}\n"  # one label flipped: same size
+    train.write_text("".join(lines))
+    os.utime(train, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    written = {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != ".lock"}
+    resume = dict(max_steps=4, resume_from_checkpoint=True, **common)
+    with pytest.raises(CheckpointError, match=r"another data: data.source.train changed content.*allow_changes_on_resume=\[data\]"):
+        run_finetune(finetune_config(out, model, files, **resume))
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != ".lock"} == written
+    run_finetune(finetune_config(out, model, files, **resume, allow_changes_on_resume=["data"]))
+    assert max(logged(out)) == 4
+
+    state = load_file(str(model / "model.safetensors"))
+    key = sorted(state)[0]
+    state[key] = state[key] + 0.01
+    save_file(state, str(model / "model.safetensors"), {"format": "pt"})
+    with pytest.raises(CheckpointError, match=r"another model: model.safetensors changed content"):
+        run_finetune(finetune_config(out, model, files, **{**resume, "max_steps": 5}, allow_changes_on_resume=["data"]))
+
+
 # ------------------------------------------------------------------ bad input
 def _write(path: Path, text: str) -> str:
     path.write_text(text)

@@ -18,6 +18,7 @@ import logging
 import math
 import os
 from dataclasses import dataclass, field, fields, MISSING
+from pathlib import Path
 from typing import Any, Dict, Iterator, List, Literal, Mapping, Optional, Sequence, Tuple
 
 import datasets
@@ -26,6 +27,7 @@ import torch
 from components.checkpointing.io import looks_like_local_path
 from components.data.mlm import round_up, step_generator
 from components.errors import TaskDataError
+from components.fingerprint import cache_root, file_digest, files_fingerprint
 from components.training.config import bounded
 
 log = logging.getLogger(__name__)
@@ -85,6 +87,7 @@ class TaskData:
     splits: Dict[str, datasets.Dataset]  # "train", "validation", and "test" when present
     labelled: Dict[str, bool]  # GLUE test splits carry label -1 / no label column: False
     sources: Dict[str, str]  # split -> where it came from, for messages
+    fingerprint: Optional[Dict[str, Any]] = None  # what identifies the data (see task_data_fingerprint)
 
     @property
     def num_labels(self) -> int:
@@ -191,8 +194,11 @@ def read_task_file(path: str, split: str, data: Mapping, task_type: str) -> data
         # GLUE's TSVs leave quotes unescaped inside sentences.
         options.update(sep="\t", quoting=csv.QUOTE_NONE)
     builder = "csv" if kind == "tsv" else kind
+    # datasets keys its cache of a local file on the file's path and mtime: a file rewritten with
+    # its mtime kept would be read from the old cache. Key it on the content.
+    cache_dir = cache_root() / "task_files" / file_digest(path)[:32]
     try:
-        return datasets.load_dataset(builder, data_files=path, split="train", **options)
+        return datasets.load_dataset(builder, data_files=path, split="train", cache_dir=str(cache_dir), **options)
     except Exception as e:
         if _holds_no_rows(path, kind):  # datasets refuses a file without rows
             column = data["tokens_column"] if task_type == "token_classification" else data["text_column"]
@@ -213,8 +219,13 @@ def _holds_no_rows(path: str, kind: str) -> bool:
         return False
 
 
-def _load_source_splits(data: Mapping, task_type: str) -> Tuple[Dict[str, datasets.Dataset], Dict[str, str]]:
-    """(our split -> dataset, our split -> where it came from)."""
+def _load_source_splits(
+    data: Mapping, task_type: str
+) -> Tuple[Dict[str, datasets.Dataset], Dict[str, str], Dict[str, Any]]:
+    """(our split -> dataset, our split -> where it came from, the data's fingerprint): local
+    files by the SHA-256 of their content (named by split, so that moved files are the same
+    data), a ``save_to_disk`` folder by its files', a Hub dataset by its name, configuration and
+    ``datasets`` fingerprints."""
     source = data["source"]
     found: Dict[str, datasets.Dataset] = {}
     where: Dict[str, str] = {}
@@ -233,7 +244,8 @@ def _load_source_splits(data: Mapping, task_type: str) -> Tuple[Dict[str, datase
                 continue
             path = os.path.expanduser(str(path))
             found[split], where[split] = read_task_file(path, split, data, task_type), path
-        return found, where
+        files = [{"name": f"data.source.{s}", "bytes": os.path.getsize(p), "sha256": file_digest(p)} for s, p in where.items()]
+        return found, where, {"files": files}
     if not isinstance(source, (str, os.PathLike)):
         raise TaskDataError(
             f"data.source must be a Hub dataset name, a save_to_disk folder or a mapping split -> file, "
@@ -256,6 +268,7 @@ def _load_source_splits(data: Mapping, task_type: str) -> Tuple[Dict[str, datase
                 f"{list(SPLITS)}, or give a mapping split -> file"
             )
         described = f"{path} (save_to_disk folder)"
+        fingerprint = files_fingerprint(sorted(p for p in Path(path).rglob("*") if p.is_file()), root=path)
 
         def name(split):
             return f"{path} split {split!r}"
@@ -277,6 +290,7 @@ def _load_source_splits(data: Mapping, task_type: str) -> Tuple[Dict[str, datase
                 f"({type(e).__name__}: {e})"
             ) from e
         described = f"{source}/{hub_config}" if hub_config else source
+        fingerprint = {"hub": source, "config": hub_config, "fingerprints": {k: d._fingerprint for k, d in loaded.items()}}
 
         def name(split):
             return f"{described} {split}"
@@ -303,7 +317,7 @@ def _load_source_splits(data: Mapping, task_type: str) -> Tuple[Dict[str, datase
                 f"{list(loaded)}{_did_you_mean(theirs, list(loaded))}"
             )
         found[ours], where[ours] = loaded[theirs], name(theirs)
-    return found, where
+    return found, where, fingerprint
 
 
 def _require_column(ds: datasets.Dataset, column: str, key: str, where: str) -> None:
@@ -588,7 +602,7 @@ def load_task_data(data: Mapping, task: Mapping, tokenizer) -> TaskData:
     task = _with_defaults(task, TaskConfig, "task")
     _check_task(task)
     task_type = task["type"]
-    raw, sources = _load_source_splits(data, task_type)
+    raw, sources, fingerprint = _load_source_splits(data, task_type)
     _check_inputs(task, data, tokenizer, raw["train"], sources["train"])
 
     if task_type == "token_classification":
@@ -636,6 +650,7 @@ def load_task_data(data: Mapping, task: Mapping, tokenizer) -> TaskData:
         splits=splits,
         labelled=labelled,
         sources=sources,
+        fingerprint=fingerprint,
     )
 
 

@@ -56,9 +56,14 @@ from components.training.metrics import MetricLogger, peak_memory_stats
 log = logging.getLogger(__name__)
 
 
-# Config keys that may change on resume when the fingerprint they name is unchanged: a corpus
-# or a teacher moved to another folder is the same corpus or teacher.
-MOVABLE = {"data.source": "data", "teacher.path": "teacher"}
+# Config keys (and the keys under them) that may change on resume when the fingerprint they
+# name is unchanged: a corpus, a teacher or a model moved to another folder is the same one.
+MOVABLE = {"data.source": "data", "teacher.path": "teacher", "checkpoint_dir": "model"}
+
+
+def _movable(key: str) -> Optional[str]:
+    """The fingerprint that decides whether config ``key`` may change on resume, if any."""
+    return next((name for prefix, name in MOVABLE.items() if key == prefix or key.startswith(prefix + ".")), None)
 
 
 class Run:
@@ -183,8 +188,8 @@ class Run:
             if any(k == m or k.startswith(m + ".") for m in self.must_match) and k not in self.may_change
         }
         # a moved corpus or teacher is judged by its fingerprint, once the recipe has taken it
-        self._moved = {k: v for k, v in fatal.items() if k in MOVABLE}
-        fatal = {k: v for k, v in fatal.items() if k not in MOVABLE}
+        self._moved = {k: v for k, v in fatal.items() if _movable(k)}
+        fatal = {k: v for k, v in fatal.items() if not _movable(k)}
         if fatal:
             raise ConfigError(
                 f"Checkpoint {path} was written by a run with different "
@@ -196,15 +201,17 @@ class Run:
                 log.warning("Resuming with %s changed: %r in the checkpoint, %r now", key, old, new)
 
     def identify(self, **fingerprints: Any) -> None:
-        """Record what the run trains on (``data=``, ``teacher=``: see ``components.fingerprint``).
-        Every checkpoint keeps them; :meth:`resumed` refuses a checkpoint written on others."""
+        """Record what the run trains on (``data=``, and ``teacher=`` or ``model=``, the checkpoint
+        fine-tuning starts from: see ``components.fingerprint``). Every checkpoint keeps them;
+        :meth:`resumed` refuses a checkpoint written on others, unless ``allow_changes_on_resume``
+        names them."""
         self.fingerprints.update({k: v for k, v in fingerprints.items() if v is not None})
 
     def _check_fingerprints(self, path: Path, state: Dict[str, Any]) -> None:
         allowed = set(self.cfg.get("allow_changes_on_resume") or ())
         saved = state.get("fingerprints") or {}
         for key, (old, new) in self._moved.items():
-            if MOVABLE[key] not in saved or MOVABLE[key] not in self.fingerprints:
+            if _movable(key) not in saved or _movable(key) not in self.fingerprints:
                 raise ConfigError(
                     f"Checkpoint {path} was written by a run with {key}={old!r}, now {new!r}, and there is no "
                     "fingerprint to tell whether it holds the same thing. Use the original value"

@@ -144,6 +144,9 @@ class FinetuneConfig:
     eval_every_n_steps: Optional[int] = bounded(None, low=1)
     keep_last_n_checkpoints: int = bounded(1, low=0)
     resume_from_checkpoint: bool = False
+    # A checkpoint records the task data's and the starting model's fingerprints; a resume on
+    # changed ones is refused unless named here: [data], [model] or both.
+    allow_changes_on_resume: List[Literal["data", "model"]] = field(default_factory=list)
     # Dashboard for the logged scalars: null is TensorBoard under <output_dir>/tensorboard; or any
     # torchtune metric logger (torchtune.training.metric_logging.DiskLogger, WandBLogger,
     # MLFlowLogger...) with its arguments. metrics.jsonl is written either way.
