@@ -1,12 +1,17 @@
 """Model folders from strangers (issue 11): a config.json whose sizes its weights do not back is
 refused before anything is allocated, a shard index may not point out of its folder, and a Hub
-id already in the local Hugging Face cache loads offline. Every refusal names the file and the
-key, and leaves the folder as it was."""
+id already in the local Hugging Face cache loads offline. Every loader (teachers, students,
+fine-tuned models, transformers' Auto classes) makes the same check. Every refusal names the
+file and the key, and leaves the folder as it was."""
 
 import hashlib
 import json
 import os
+import re
 import shutil
+import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -22,12 +27,15 @@ SHARDS = ("model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"
 
 
 def listing(root: Path) -> dict:
-    """Every entry under ``root`` (links not followed) with its size and modification time."""
+    """Every entry under ``root`` (links not followed) with its size, modification time and, for
+    a regular file, a SHA-256 of its bytes."""
     out = {}
     for folder, dirs, files in os.walk(root):
         for name in dirs + files:
-            st = os.lstat(os.path.join(folder, name))
-            out[os.path.relpath(os.path.join(folder, name), root)] = (st.st_size, st.st_mtime_ns)
+            path = os.path.join(folder, name)
+            st = os.lstat(path)
+            digest = hashlib.sha256(Path(path).read_bytes()).hexdigest() if stat.S_ISREG(st.st_mode) else None
+            out[os.path.relpath(path, root)] = (st.st_size, st.st_mtime_ns, digest)
     return out
 
 
@@ -37,7 +45,10 @@ def copy_with(src: Path, dst: Path, **changes) -> Path:
     config = json.loads((dst / "config.json").read_text())
     for key, value in changes.items():
         *outer, last = key.split(".")
-        (config[outer[0]] if outer else config)[last] = value
+        node = config
+        for part in outer:
+            node = node[part]
+        node[last] = value
     (dst / "config.json").write_text(json.dumps(config))
     return dst
 
@@ -240,3 +251,126 @@ def test_a_cached_hub_teacher_loads_offline(tmp_path, small_teacher, monkeypatch
     with pytest.raises(CheckpointError, match=r"'org/not-cached' .*ConnectionError: no route to huggingface\.co.*Download it once"):
         hf_teacher("org/not-cached")
     assert listing(hub) == before
+
+
+# ---------------------------------------------------------------- 4. every loader makes the one check
+# Before the check, each of these hung (10^7 per-iteration adapters take minutes to lay out, even on
+# the meta device) or tried to allocate hundreds of GB (load_task_model built for real), or failed
+# with a report naming neither the file nor the key (transformers' shape mismatch). They run in a
+# fresh interpreter capped at 8 GiB of address space, so that a loader without the check fails
+# this test (a timeout, a MemoryError) instead of taking the machine down.
+CHILD = """
+import json, resource, sys, time
+resource.setrlimit(resource.RLIMIT_AS, (8 << 30, 8 << 30))
+import components, components.checkpointing.auto_models
+from transformers import AutoModel, AutoModelForMaskedLM, AutoModelForSequenceClassification
+from components.checkpointing.auto import StudentConfig
+from components.checkpointing.tasks import load_task_model
+for call in json.loads(sys.argv[1]):
+    start = time.monotonic()
+    try:
+        eval(call)
+        result = ["loaded", ""]
+    except Exception as e:
+        result = [type(e).__name__, str(e)]
+    print(json.dumps(result + [time.monotonic() - start]), flush=True)
+"""
+
+
+def loads_in_a_child(cases, timeout: int = 240) -> None:
+    """Run each ``(call, expected)`` in one fresh interpreter: ``expected`` None means it loads,
+    else a pattern of the one-line CheckpointError it must raise within seconds."""
+    calls = [call for call, _ in cases]
+    try:
+        result = subprocess.run([sys.executable, "-c", CHILD, json.dumps(calls)], capture_output=True, text=True, timeout=timeout)
+        lines = result.stdout.splitlines()
+    except subprocess.TimeoutExpired as e:
+        result, lines = None, (e.stdout.decode() if isinstance(e.stdout, bytes) else e.stdout or "").splitlines()
+    if result is None:
+        pytest.fail(f"still loading after {timeout}s: {calls[len(lines)]} (the ones before gave {lines})")
+    assert len(lines) == len(cases), result.stderr[-3000:]
+    for (call, expected), line in zip(cases, lines):
+        kind, message, seconds = json.loads(line)
+        if expected is None:
+            assert kind == "loaded", (call, kind, message)
+            continue
+        assert kind == "CheckpointError" and re.search(expected, message), (call, kind, message)
+        assert "\n" not in message and seconds < 15, (call, message, seconds)
+
+
+@pytest.fixture(scope="module")
+def native_student(tmp_path_factory, tokenizer):
+    """A student with per-iteration adapters: native format, loaded through our Auto classes."""
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("native") / "student"
+    assert save_student(recursive_tiny(vocab_size=len(tokenizer), adapter_placement="minialbert"), folder, tokenizer) == "native"
+    return folder
+
+
+@pytest.fixture(scope="module")
+def finetuned_model(tmp_path_factory, tokenizer):
+    from components.checkpointing.tasks import save_task_model
+    from components.models.tasks import TaskModel
+
+    torch.manual_seed(0)
+    encoder = recursive_tiny(vocab_size=len(tokenizer), adapter_placement="minialbert", mlm_head=False)
+    folder = tmp_path_factory.mktemp("finetuned") / "model"
+    save_task_model(TaskModel(encoder, "classification", 2, 0.1), folder, {"type": "classification", "label_names": ["no", "yes"]})
+    return folder
+
+
+def test_the_auto_classes_check_sizes_before_building(tmp_path, native_student):
+    """From a folder, from a Hub id's cached snapshot, and from a config built in code."""
+    iterations = copy_with(native_student, tmp_path / "iterations", **{"recursive_encoder.num_iterations": 10**7})
+    vocab = copy_with(native_student, tmp_path / "vocab", **{"recursive_encoder.vocab_size": 10**9})
+    ffn = copy_with(native_student, tmp_path / "ffn", **{"recursive_encoder.intermediate_size": 10**5})
+    hub = tmp_path / "hub"  # a Hub id, resolved offline to its cached snapshot
+    snapshot = fake_hub_cache(hub, "org/absurd", vocab)
+    args = json.loads((native_student / "config.json").read_text())["recursive_encoder"]
+    absurd, huge = {**args, "num_iterations": 10**7}, {**args, "hidden_size": 10**6}
+    before = listing(tmp_path)
+    loads_in_a_child([
+        (f"AutoModel.from_pretrained({str(native_student)!r})", None),
+        (f"AutoModelForMaskedLM.from_pretrained({str(native_student)!r})", None),
+        (f"AutoModel.from_pretrained({str(iterations)!r})",
+         rf"^{re.escape(str(iterations))}/config\.json says recursive_encoder\.num_iterations=10000000: more than 10000 layers is refused$"),
+        (f"AutoModelForSequenceClassification.from_pretrained({str(iterations)!r}, num_labels=3)",
+         r"iterations/config\.json says recursive_encoder\.num_iterations=10000000: more than 10000 layers"),
+        (f"AutoModelForMaskedLM.from_pretrained({str(vocab)!r})",
+         rf"^{re.escape(str(vocab))}/config\.json says recursive_encoder\.vocab_size=1000000000 but "
+         rf"{re.escape(str(vocab))}/model\.safetensors holds embeddings\.word_embeddings\.weight with 300 rows$"),
+        (f"AutoModel.from_pretrained({str(ffn)!r})",
+         r"ffn: layer\.ffn_in\.bias has shape \(128,\), config implies \(100000,\) \(in .*ffn/model\.safetensors; "
+         r".*ffn/config\.json says recursive_encoder\.intermediate_size=100000\)"),
+        (f"AutoModel.from_pretrained('org/absurd', cache_dir={str(hub)!r})",
+         rf"^{re.escape(str(snapshot))}/config\.json says recursive_encoder\.vocab_size=1000000000 but .*holds embeddings\.word_embeddings"),
+        (f"AutoModel.from_config(StudentConfig(recursive_encoder={absurd!r}))",
+         r"^the StudentConfig passed says recursive_encoder\.num_iterations=10000000: more than 10000 layers is refused$"),
+        (f"AutoModel.from_config(StudentConfig(recursive_encoder={huge!r}))",
+         r"^the StudentConfig passed implies about .* parameters \(its largest sizes: recursive_encoder\.hidden_size=1000000.*more than 1e\+11 is refused"),
+    ])
+    assert listing(tmp_path) == before
+
+
+def test_fine_tuned_models_check_sizes_before_building(tmp_path, finetuned_model):
+    """load_task_model and the Auto class, on the same folders, refuse with the same line."""
+    cases = [(None, {})]
+    for key, value, message in [
+        ("encoder.config.num_iterations", 10**7, r"config\.json says encoder\.config\.num_iterations=10000000: more than 10000 layers is refused$"),
+        ("encoder.config.vocab_size", 10**9, r"config\.json says encoder\.config\.vocab_size=1000000000 but \S*model\.safetensors holds "
+                                             r"encoder\.embeddings\.word_embeddings\.weight with 300 rows$"),
+        ("encoder.config.hidden_size", 10**6, r"config\.json implies about .* parameters \(its largest sizes: encoder\.config\.hidden_size=1000000"),
+        ("encoder.config.intermediate_size", 10**5, r"encoder\.layer\.ffn_in\.bias has shape \(128,\), config implies \(100000,\) .*config\.json says encoder\.config\.intermediate_size=100000"),
+        ("head.num_labels", 10**6, r"config\.json says head\.num_labels=1000000 but (\S*model\.safetensors holds head\.classifier\.weight "
+                                   r"with shape \(2, 64\)|task\.label_names holds 2 names)$"),
+        ("head.num_labels", 10**9, r"(config\.json|FinetunedConfig): head\.num_labels must be a whole number from 1 to 1000000, got 1000000000$"),
+    ]:
+        cases.append((message, copy_with(finetuned_model, tmp_path / f"{key}={value}", **{key: value})))
+    before = listing(tmp_path)
+    calls = []
+    for message, folder in cases:
+        target = str(folder) if message else str(finetuned_model)
+        calls.append((f"load_task_model({target!r})", message))
+        calls.append((f"AutoModelForSequenceClassification.from_pretrained({target!r})", message))
+    loads_in_a_child(calls)
+    assert listing(tmp_path) == before

@@ -20,6 +20,11 @@ under the attribute ``encoder``, so their outputs are ours and their state dicts
 files' (a student folder's keys gain the ``encoder.`` prefix on load; a fine-tuned model's
 already have it).
 
+Folders may come from strangers: building a model checks the config's sizes first, and loading
+weights checks them against the weights' header, with the check every loader of this library
+makes (``check_config_sizes``; see ``auto_models``), so an absurd config.json is a one-line
+``CheckpointError`` naming the file and the key, not a hang or an out-of-memory kill.
+
 Registration is light: the config classes are registered as they are, the model classes as
 stand-ins that import ``auto_models`` (and transformers' ``modeling_utils``, seconds of import
 time) on the first ``from_pretrained`` / ``from_config``. ``tune run`` never pays for it.
@@ -30,7 +35,7 @@ from typing import Any, Dict, Optional, Tuple
 from transformers import PreTrainedConfig
 
 from components.checkpointing.student import class_prefix, NATIVE_MODEL_TYPE as STUDENT_MODEL_TYPE
-from components.checkpointing.tasks import FINETUNED_MODEL_TYPE
+from components.checkpointing.tasks import check_label_count, FINETUNED_MODEL_TYPE
 from components.models.families import ENCODERS
 
 
@@ -41,6 +46,10 @@ class _EncoderConfig(PreTrainedConfig):
     format_version: int = 1
 
     def encoder_family(self) -> Tuple[str, Dict[str, Any]]:
+        raise NotImplementedError
+
+    def builder_key(self) -> str:
+        """The config.json key holding the builder arguments, for messages (``recursive_encoder``...)."""
         raise NotImplementedError
 
     def _derive(self, kwargs: Dict[str, Any]) -> None:
@@ -73,6 +82,9 @@ class _NativeStudentConfig(_EncoderConfig):
 
     def encoder_family(self):
         return self.model_type, getattr(self, self.model_type)
+
+    def builder_key(self) -> str:
+        return self.model_type
 
 
 class StudentConfig(_NativeStudentConfig):
@@ -123,6 +135,8 @@ class FinetunedConfig(_EncoderConfig):
             self.problem_type, self.id2label = "regression", {0: "score"}
         else:
             self.problem_type = "single_label_classification" if self.head["task_type"] == "classification" else None
+            where = kwargs.get("name_or_path") or ""  # the folder, when read by from_pretrained
+            check_label_count(f"{where}/config.json" if where else "FinetunedConfig", self.head.get("num_labels"), names)
             names = names or [f"LABEL_{i}" for i in range(self.head["num_labels"])]
             self.id2label = {i: str(name) for i, name in enumerate(names)}
         self.label2id = {name: i for i, name in self.id2label.items()}
@@ -130,6 +144,9 @@ class FinetunedConfig(_EncoderConfig):
 
     def encoder_family(self):
         return (self.encoder or {}).get("family"), (self.encoder or {}).get("config")
+
+    def builder_key(self) -> str:
+        return "encoder.config"
 
 
 # ------------------------------------------------------------------ registration

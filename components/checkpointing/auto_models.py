@@ -1,7 +1,21 @@
 """The transformers model classes of :mod:`components.checkpointing.auto` (imported on first
-use: transformers' ``modeling_utils`` takes seconds to import)."""
+use: transformers' ``modeling_utils`` takes seconds to import).
 
-from typing import Dict
+Folders may come from strangers, so these classes make the check every loader of this library
+makes (:func:`~components.checkpointing.hf_bert.check_config_sizes`), in two places:
+
+* ``_build_encoder``, on every path (``from_pretrained`` of a folder or a Hub id, ``from_config``):
+  the builder arguments from the config alone, before anything is built, even on the meta device
+  (10^7 iterations are 10^7 adapter modules: minutes of Python even without memory);
+* ``_load_pretrained_model``, where transformers has resolved the weight files (a local folder or
+  a Hub id's snapshot) and laid the model out on the meta device: the same check against the
+  weights' header, then shape by shape, before a tensor is read or allocated.
+
+Either refusal is a :class:`~components.errors.CheckpointError` naming ``config.json`` and the key.
+"""
+
+from pathlib import Path
+from typing import Dict, Iterable, Mapping, Optional, Tuple
 
 import torch
 from torch import nn
@@ -14,9 +28,35 @@ from transformers.modeling_outputs import (
 )
 
 from components.checkpointing.auto import _EncoderConfig, MODEL_CLASSES
+from components.checkpointing.hf_bert import check_config_sizes, check_shapes
+from components.checkpointing.tasks import check_head_size
+from components.errors import CheckpointError
 from components.models.adapters import BottleneckAdapter
 from components.models.families import ENCODERS
 from components.models.tasks import SequenceHead, task_loss, TokenHead
+
+
+def _config_file(config: _EncoderConfig) -> str:
+    """What to call ``config`` in messages: the config.json it was read from, where known."""
+    source = getattr(config, "name_or_path", "") or ""
+    return str(Path(source) / "config.json") if source else f"the {type(config).__name__} passed"
+
+
+def _header_shapes(files: Iterable[Path]) -> Optional[Dict[str, Tuple[int, ...]]]:
+    """Name -> shape of every tensor in safetensors ``files``, from their headers (nothing read);
+    ``None`` where a file is not safetensors."""
+    from safetensors import safe_open
+
+    shapes: Dict[str, Tuple[int, ...]] = {}
+    for file in files:
+        if file.suffix != ".safetensors":
+            return None
+        try:
+            with safe_open(str(file), framework="pt") as f:
+                shapes.update({name: tuple(f.get_slice(name).get_shape()) for name in f.keys()})
+        except Exception as e:
+            raise CheckpointError(f"Could not read the header of {file}: {e}") from e
+    return shapes
 
 
 # ------------------------------------------------------------------ models
@@ -29,7 +69,52 @@ class _EncoderPreTrainedModel(PreTrainedModel):
 
     def _build_encoder(self, config: _EncoderConfig) -> nn.Module:
         family, args = config.encoder_family()
+        if family not in ENCODERS or not isinstance(args, dict):
+            raise CheckpointError(
+                f"{_config_file(config)}: {config.builder_key()} must hold the builder arguments of one of {sorted(ENCODERS)}"
+            )
+        # the one check of every loader, from the config alone (the weights are checked in
+        # _load_pretrained_model): nothing absurd is built, not even on the meta device
+        check_config_sizes(_config_file(config), args, None, None, family=config.builder_key())
         return ENCODERS[family](**{**args, "mlm_head": self._with_mlm_head})
+
+    @staticmethod
+    def _load_pretrained_model(model, state_dict, checkpoint_files, *args, **kwargs):
+        # transformers' from_pretrained calls this with the resolved weight files and the model
+        # laid out on the meta device: the weights' header is compared before a tensor is read
+        if isinstance(model, _EncoderPreTrainedModel):
+            model._check_weights(state_dict, checkpoint_files)
+        return PreTrainedModel._load_pretrained_model(model, state_dict, checkpoint_files, *args, **kwargs)
+
+    def _check_weights(self, state_dict: Optional[Mapping[str, torch.Tensor]], files: Optional[Iterable[str]]) -> None:
+        """The config's sizes against the weights about to be loaded (``files``' headers, or a
+        ``state_dict`` passed in), as :func:`~components.checkpointing.student.load_student`
+        checks them: the model is on the meta device, nothing is read or allocated yet."""
+        if files:
+            files = [Path(f) for f in files]
+            shapes, weights = _header_shapes(files), files[0] if len(files) == 1 else files[0].parent
+            config_file = files[0].parent / "config.json"
+        elif state_dict is not None:
+            shapes, weights = {k: tuple(v.shape) for k, v in state_dict.items()}, "the state_dict passed"
+            config_file = _config_file(self.config)
+        else:
+            return
+        if shapes is None:  # not safetensors: transformers reads those, and compares shapes itself
+            return
+        family, args = self.config.encoder_family()
+        key = self.config.builder_key()
+        check_config_sizes(config_file, args, shapes, weights, family=key)
+        head = getattr(self.config, "head", None)
+        if isinstance(head, dict) and hasattr(self, "head"):  # a fine-tuned model's own head
+            check_head_size(config_file, head.get("num_labels"), shapes, weights)
+        layout = {k: tuple(v.shape) for k, v in self.state_dict().items()}
+        expected = {}  # by the names in the weights: a student folder's lack the encoder. prefix
+        for name in shapes:
+            ours = name if name in layout else f"{self.base_model_prefix}.{name}"
+            if ours in layout:
+                expected[name] = layout[ours]
+        where = str(config_file.parent) if isinstance(config_file, Path) else config_file
+        check_shapes(expected, shapes, where, config_file, weights, args, family=key)
 
     @torch.no_grad()
     def initialize_weights(self):

@@ -19,7 +19,15 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from components.checkpointing.hf_bert import load_hf_encoder, load_tokenizer, resolve_checkpoint_dir, SUPPORTED_MODEL_TYPES
+from components.checkpointing.hf_bert import (
+    check_config_sizes,
+    check_shapes,
+    load_hf_encoder,
+    load_tokenizer,
+    resolve_checkpoint_dir,
+    SUPPORTED_MODEL_TYPES,
+    weight_shapes,
+)
 from components.checkpointing.io import atomic_directory
 from components.checkpointing.student import load_student, STUDENT_MODEL_TYPES
 from components.errors import CheckpointError
@@ -101,22 +109,86 @@ def save_task_model(model: TaskModel, folder: Path, task: Dict[str, Any], tokeni
 
 
 def load_task_model(path: str) -> Tuple[TaskModel, Dict[str, Any]]:
-    """(model, task description) from a folder written by :func:`save_task_model`."""
+    """(model, task description) from a folder written by :func:`save_task_model`.
+
+    Folders may come from strangers: as in :func:`~components.checkpointing.student.load_student`,
+    the encoder's builder arguments (``encoder.config``) are checked against the weights' header
+    (:func:`~components.checkpointing.hf_bert.check_config_sizes`) and the model is laid out on
+    the meta device and compared name by name and shape by shape before anything is allocated;
+    every refusal names ``config.json`` and the key."""
     folder = Path(path)
+    config_file, weights = folder / "config.json", folder / "model.safetensors"
     try:
-        config = json.loads((folder / "config.json").read_text())
+        config = json.loads(config_file.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
         raise CheckpointError(f"No fine-tuned model at {folder}: {e}") from e
-    if config.get("model_type") != FINETUNED_MODEL_TYPE:
-        raise CheckpointError(f"{folder / 'config.json'}: not a fine-tuned model (model_type {config.get('model_type')!r})")
-    encoder = ENCODERS[config["encoder"]["family"]](**config["encoder"]["config"])
-    head = config["head"]
-    model = TaskModel(encoder, head["task_type"], head["num_labels"], head["dropout"])
+    model_type = config.get("model_type") if isinstance(config, dict) else None
+    if model_type != FINETUNED_MODEL_TYPE:
+        raise CheckpointError(f"{config_file}: not a fine-tuned model (model_type {model_type!r})")
+    encoder, head = config.get("encoder"), config.get("head")
+    family = encoder.get("family") if isinstance(encoder, dict) else None
+    if family not in ENCODERS:
+        raise CheckpointError(f"{config_file}: encoder.family must be one of {sorted(ENCODERS)}, got {family!r}")
+    kwargs = encoder.get("config")
+    if not isinstance(kwargs, dict):
+        raise CheckpointError(f"{config_file}: encoder.config must hold the encoder's builder arguments, got {kwargs!r}")
+    if not isinstance(head, dict) or not {"task_type", "num_labels", "dropout"} <= head.keys():
+        raise CheckpointError(f"{config_file}: head must hold task_type, num_labels and dropout, got {head!r}")
+    num_labels = head["num_labels"]
+    check_label_count(config_file, num_labels, (config.get("task") or {}).get("label_names"))
+    if not weights.is_file():
+        raise CheckpointError(f"No weights for the fine-tuned model at {folder}: {weights} does not exist")
+    # the one check of every loader, against the header: nothing is read or built before it
+    shapes = weight_shapes(folder)
+    check_config_sizes(config_file, kwargs, shapes, weights, family="encoder.config")
+    check_head_size(config_file, num_labels, shapes, weights)
     try:
-        model.load_state_dict(load_file(str(folder / "model.safetensors")))
-    except (OSError, RuntimeError) as e:
-        raise CheckpointError(f"{folder / 'model.safetensors'} does not fit its config: {e}") from e
-    return model.eval(), config["task"]
+        with torch.device("meta"):  # the layout, to compare with the weights before allocating
+            layout = TaskModel(ENCODERS[family](**kwargs), head["task_type"], num_labels, head["dropout"])
+    except (ValueError, TypeError) as e:
+        raise CheckpointError(
+            f"{config_file}: cannot build a {family} with a {head['task_type']!r} head from it: {e}"
+        ) from e
+    expected = {k: tuple(v.shape) for k, v in layout.state_dict().items()}
+    missing, unexpected = [k for k in expected if k not in shapes], [k for k in shapes if k not in expected]
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{weights} does not match {config_file}: missing {_few(missing)}, unexpected {_few(unexpected)}"
+        )
+    check_shapes(expected, shapes, str(folder), config_file, weights, kwargs, family="encoder.config")
+    model = TaskModel(ENCODERS[family](**kwargs), head["task_type"], num_labels, head["dropout"])
+    try:
+        model.load_state_dict(load_file(str(weights)))
+    except Exception as e:
+        raise CheckpointError(f"{weights} does not fit {config_file}: {e}") from e
+    return model.eval(), config.get("task")
+
+
+MAX_LABELS = 10**6  # beyond this a head is a mistake or an attack (its label names alone take GBs)
+
+
+def check_label_count(config_file: Any, num_labels: Any, label_names: Optional[list]) -> None:
+    """A fine-tuned model's ``head.num_labels`` is a whole number up to :data:`MAX_LABELS` and, when
+    the config names its labels (``task.label_names``), their count."""
+    if isinstance(num_labels, bool) or not isinstance(num_labels, int) or not 1 <= num_labels <= MAX_LABELS:
+        raise CheckpointError(f"{config_file}: head.num_labels must be a whole number from 1 to {MAX_LABELS}, got {num_labels!r}")
+    if isinstance(label_names, list) and len(label_names) != num_labels:
+        raise CheckpointError(f"{config_file} says head.num_labels={num_labels} but task.label_names holds {len(label_names)} names")
+
+
+def check_head_size(config_file: Any, num_labels: Any, shapes: Mapping[str, Tuple[int, ...]], weights: Any) -> None:
+    """A fine-tuned model's ``head.num_labels`` against its classifier in the weights' header (the
+    head's part of the check; the encoder's is ``check_config_sizes``)."""
+    classifier = shapes.get("head.classifier.weight")
+    if classifier is not None and (len(classifier) != 2 or classifier[0] != num_labels):
+        raise CheckpointError(
+            f"{config_file} says head.num_labels={num_labels} but {weights} holds head.classifier.weight "
+            f"with shape {classifier}"
+        )
+
+
+def _few(names: list, shown: int = 8) -> str:
+    return f"{names[:shown]}{'...' if len(names) > shown else ''}"
 
 
 # ------------------------------------------------------------------ adapter sets
