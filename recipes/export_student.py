@@ -1,7 +1,7 @@
 """Export a distilled student as an int8 model for serving, without this library.
 
     tune run recipes/export_student.py --config configs/export_int8.yaml \
-        checkpoint_dir=outputs/tiny_qat/student output_dir=outputs/tiny_qat/int8 [scheme=int8_weight]
+        checkpoint_dir=outputs/tiny_qat/student output_dir=outputs/tiny_qat/int8 [scheme=int8_weight requantize=true]
 
 Writes, atomically (the folder appears whole or not at all):
 
@@ -13,20 +13,24 @@ Writes, atomically (the folder appears whole or not at all):
 
 Any student folder this library writes works: one trained with quantisation-aware stages (the
 scheme defaults to the one it trained for) or a plain fp32 one (post-training quantisation).
+A QAT-trained student exported at another scheme or group size than it trained for is refused,
+naming both, before anything is written, unless ``requantize=true`` asks for post-training
+re-quantisation (then it exports with a warning).
 """
 
 import json
 import logging
 import sys
 from pathlib import Path
-from typing import List
+from typing import List, Optional, Tuple
 
 from omegaconf import DictConfig
 
 from components.checkpointing import load_student, student_metadata
+from components.checkpointing.student import METADATA_KEY
 from components.checkpointing.io import atomic_directory, recover_interrupted_writes
-from components.errors import CheckpointError, ExportError, require
-from components.quantization import get_scheme
+from components.errors import CheckpointError, ConfigError, ExportError, require
+from components.quantization import get_scheme, Scheme
 from components.quantization.export import export_quantized, fp32_weight_bytes, heldout_batch
 from components.training.config import check_config, config_section, parse
 from components.training.run import configure_logging
@@ -49,6 +53,44 @@ def _check_output_dir(output_dir: Path, overwrite: bool) -> None:
         raise ExportError(f"output_dir {output_dir} holds other files; choose a new or empty folder")
 
 
+def _settings(name: str, group_size: Optional[int]) -> str:
+    return f"{name} with group_size={group_size}" if group_size else name
+
+
+def _choose_scheme(cfg: DictConfig, source: Path) -> Tuple[Scheme, Optional[dict]]:
+    """(scheme to export at, what the student trained for or ``None``). A QAT-trained student
+    exports at the scheme and group size it trained for; asking for others is refused unless
+    ``requantize`` is set (post-training re-quantisation, with a warning)."""
+    trained = student_metadata(str(source)).get("quantization_aware")
+    if trained is not None and not isinstance(trained, dict):
+        raise CheckpointError(f"{source / 'config.json'}: {METADATA_KEY}.quantization_aware must be a mapping, got {trained!r}")
+    name = cfg.scheme or (trained or {}).get("scheme") or DEFAULT_SCHEME
+    group_size = cfg.group_size or (trained or {}).get("group_size")
+    with config_section("scheme"):
+        scheme = get_scheme(name, group_size)
+    if not trained:
+        return scheme, None
+    try:  # the group size it trained with, as the scheme resolves it (None for int8 schemes)
+        trained_group = get_scheme(trained.get("scheme"), trained.get("group_size")).group_size
+    except (ValueError, TypeError):  # a scheme this version does not know: no match either
+        trained_group = trained.get("group_size")
+    was, asked = _settings(trained.get("scheme"), trained_group), _settings(scheme.name, scheme.group_size)
+    if (trained.get("scheme"), trained_group) == (scheme.name, scheme.group_size):
+        return scheme, trained
+    keys = ", ".join(f"{k}={cfg[k]}" for k in ("scheme", "group_size") if cfg[k] is not None)
+    if not cfg.requantize:
+        raise ConfigError(
+            f"{keys}: the student in {source} was trained quantisation-aware for {was} "
+            f"({source / 'config.json'}: {METADATA_KEY}.quantization_aware), not for {asked}; exporting it at "
+            "other settings quantises it post-training and drops what QAT trained it for. Pass requantize=true "
+            "to re-quantise it anyway, or leave scheme and group_size null to export it as trained"
+        )
+    log.warning(
+        "requantize=true: the student trained quantisation-aware for %s; exporting it as %s (post-training)", was, asked
+    )
+    return scheme, trained
+
+
 def _heldout_texts(cfg: DictConfig, count: int) -> List[str]:
     if cfg.eval_source is None:
         from components.smoke import stdlib_docstrings
@@ -69,6 +111,7 @@ def export(cfg: DictConfig) -> dict:
     from transformers import AutoTokenizer
 
     source, output_dir = Path(cfg.checkpoint_dir), Path(cfg.output_dir)
+    scheme, trained = _choose_scheme(cfg, source)  # refusals first: nothing is written before them
     _check_output_dir(output_dir, cfg.overwrite)
     student = load_student(str(source))
     try:
@@ -76,13 +119,6 @@ def export(cfg: DictConfig) -> dict:
     except Exception as e:
         raise CheckpointError(f"{source} holds no tokenizer the export can ship ({type(e).__name__}: {e})") from e
 
-    trained = student_metadata(str(source)).get("quantization_aware")
-    name = cfg.scheme or (trained or {}).get("scheme") or DEFAULT_SCHEME
-    group_size = cfg.group_size or (trained or {}).get("group_size")
-    with config_section("scheme"):
-        scheme = get_scheme(name, group_size)
-    if trained and trained.get("scheme") != scheme.name:
-        log.warning("The student trained for %s; exporting it as %s (post-training)", trained["scheme"], scheme.name)
     log.info("Exporting %s as %s: %s", source, scheme.name, scheme.runtime)
 
     texts = _heldout_texts(cfg, cfg.eval_batch_size)

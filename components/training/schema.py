@@ -102,6 +102,11 @@ class ExportConfig:
     # null: the scheme the student was trained for (its QAT stages), else int8_dynamic
     scheme: Optional[Literal[SCHEME_NAMES]] = None
     group_size: Optional[int] = bounded(None, low=2)  # int4_weight; null: as trained, else 32
+    # A student trained quantisation-aware for one scheme and group size exports at exactly those:
+    # another scheme or group_size is refused, naming both, unless requantize=true asks for
+    # post-training re-quantisation at the asked settings (exported with a warning). A plain fp32
+    # student is always quantised post-training, at any scheme.
+    requantize: bool = False
     overwrite: bool = False  # replace an earlier export in output_dir
     # Text for the held-out batch the files are measured on: local .txt/.jsonl/.parquet files or
     # a Hub dataset (as data.source in distillation); null: this Python's stdlib docstrings.
