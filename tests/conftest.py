@@ -17,6 +17,10 @@ os.environ.update(
     HF_DATASETS_CACHE=os.path.join(_CACHE, "datasets"),
     TOKENIZERS_PARALLELISM="false",
 )
+# torch.compile's on-disk cache is not keyed on ATEN_CPU_CAPABILITY: a run under
+# ATEN_CPU_CAPABILITY=avx2 after a default one would reuse kernels built for another ISA
+if os.environ.get("ATEN_CPU_CAPABILITY") and "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(_CACHE, "inductor")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

@@ -10,7 +10,9 @@
      input is a weight (activation x activation products, QK^T and PV, stay fp32), int8
      per-channel symmetric weights in ONNX Runtime's reduced range [-64, 64] (exact on CPUs
      without VNNI too). It computes the same integers as
-     ``components.quantization.schemes.quantize_weight`` with the scheme's ``weight_qmax``.
+     ``components.quantization.schemes.quantize_weight`` with the scheme's ``weight_qmax``; the
+     file stores them negated, with negated scales (:func:`negate_integer_weights`: the same
+     products bit for bit, and no per-row int8 kernel on ARM CPUs with SME).
    * ``int8_weight`` / ``int4_weight``: each such MatMul becomes ONNX Runtime's ``MatMulNBits``
      holding our integers and scales, computing in fp32.
    * every scheme: the word-embedding ``Gather`` reads int8 rows and multiplies by each row's scale.
@@ -249,6 +251,7 @@ def export_onnx(
     if scheme.dynamic_activations:
         _quantize_dynamic(model, path)
         model = onnx.load(str(path))
+        negate_integer_weights(model)
     else:
         weight_only_matmuls(model, scheme)
     if table is not None:
@@ -266,6 +269,56 @@ def _word_embedding_initializer(model, student) -> str:
         if tuple(init.dims) == table.shape and np.array_equal(numpy_helper.to_array(init), table):
             return init.name
     return None
+
+
+def negate_integer_weights(model) -> int:
+    """Store every int8 weight the ``MatMulInteger`` nodes read as ``(-q, -scale)`` instead of
+    ``(q, scale)``; returns how many weights changed.
+
+    The file computes the same numbers bit for bit: negation is exact for integers and floats,
+    and rounding to nearest is symmetric, so ``float(-acc) * (a_scale * -scale)`` rounds to
+    exactly ``float(acc) * (a_scale * scale)``, and ``|-q| <= 64`` keeps the AVX2 bound (checked
+    on x86: identical outputs, the same fused kernels). What it changes is which kernel ONNX
+    Runtime picks on ARM CPUs with SME (Apple's M4, for one; ORT 1.23 and later, built with
+    KleidiAI): there a ``DynamicQuantizeMatMul`` whose constant, symmetric weight has only
+    positive scales runs KleidiAI's ``qai8dxp`` kernel, which quantises the activations to int8
+    with one scale per row instead of ``DynamicQuantizeLinear``'s one uint8 scale per tensor:
+    not what QAT trained for. A negative scale keeps the node on MLAS's integer GEMM, which
+    computes the scheme's integers exactly, as on x86 (``PrePack`` in ORT's
+    ``onnxruntime/contrib_ops/cpu/quantization/dynamic_quantize_matmul.cc``; not run on SME here).
+    """
+    from onnx import numpy_helper
+
+    initializers = {init.name: init for init in model.graph.initializer}
+    producers = {out: node for node in model.graph.node for out in node.output}
+    consumers: Dict[str, List] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+
+    def only_consumer(name: str, op_type: str):
+        nodes = consumers.get(name, [])
+        if len(nodes) != 1 or nodes[0].op_type != op_type:
+            raise ValueError(f"quantize_dynamic wrote an unexpected graph: {name} does not feed one {op_type}")
+        return nodes[0]
+
+    negated: Dict[str, str] = {}  # weight -> its scale
+    for node in [n for n in model.graph.node if n.op_type == "MatMulInteger"]:
+        # MatMulInteger(x_q, w_q, x_zp, w_zp) -> Cast -> Mul(., Mul(x_scale, w_scale))
+        cast = only_consumer(node.output[0], "Cast")
+        rescale = only_consumer(cast.output[0], "Mul")
+        scales = producers[next(i for i in rescale.input if i != cast.output[0])]
+        weight, scale = node.input[1], next(i for i in scales.input if i in initializers)
+        negated.setdefault(weight, scale)
+        if negated[weight] != scale or [w for w, s in negated.items() if s == scale] != [weight]:
+            raise ValueError(f"quantize_dynamic wrote an unexpected graph: {weight} and {scale} are not one pair")
+    for weight, scale in negated.items():
+        for name in (weight, scale):
+            array = numpy_helper.to_array(initializers[name])
+            if array.dtype == np.int8 and array.min() < -127:
+                raise ValueError(f"{name} holds -128, which has no int8 negation")
+            initializers[name].CopyFrom(numpy_helper.from_array(np.negative(array), name))
+    return len(negated)
 
 
 def _quantize_dynamic(model, path: Path) -> None:

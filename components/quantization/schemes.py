@@ -17,8 +17,11 @@ scheme             weights                                     activations (inpu
 ``per_channel=True, reduce_range=True, weight_type=QInt8``): ``DynamicQuantizeLinear`` turns each
 activation into uint8 with ``scale = (max(x, 0) - min(x, 0)) / 255`` and
 ``zero_point = round(-min(x, 0) / scale)``, rounding half to even, and the weights are rounded the
-same way; integer products accumulate in int32. Simulating those roundings in float gives ORT's
-outputs to about 1e-6 (measured; ``tests/test_quantization.py`` checks it).
+same way; integer products accumulate in int32. Given the same float input, each quantised MatMul
+of the file returns the exact integer result times the scales to within a few float32 roundings,
+on every CPU kernel (``tests/test_quantization.py`` checks each node); a whole network differs
+from its float simulation only where float summation order moves a value across a rounding
+boundary (rare: see that test).
 
 Why the weights use 7 bits (``reduce_range``): on x86 CPUs without VNNI (AVX2, AVX-512F) ONNX
 Runtime multiplies uint8 activations by int8 weights with ``vpmaddubsw``, which adds pairs of
@@ -29,6 +32,13 @@ file computes the same on every CPU; QAT trains for exactly those integers. torc
 ``IntxFakeQuantizeConfig`` cannot express this (per-token activations only, weights scaled by
 absmax / 127.5 into [-128, 127]), so the rounding rules are written here and plugged into
 torchao's fake-quantised modules (``components.quantization.qat``).
+
+Why the ONNX file stores those weights negated, with negative scales: on ARM CPUs with SME
+(Apple's M4, for one) ONNX Runtime 1.23+ runs ``DynamicQuantizeMatMul`` nodes whose weight
+scales are all positive with a KleidiAI kernel that quantises activations to int8 per row, not
+per tensor: a different rounding from the one QAT trains for. ``(-q) * (-scale)`` is the same
+weight bit for bit and keeps those nodes on the integer GEMM every other CPU runs
+(``components.quantization.onnx_export.negate_integer_weights``).
 
 Every scheme also stores the word-embedding table as int8, one symmetric scale per row (per
 token): the table is a quarter of miniALBERT-128's parameters and would otherwise keep the file
