@@ -93,7 +93,7 @@ def two_nodes_setup(tmp_path_factory, teacher_dir, corpus_file):
 
 def stores(cache: Path):
     """{store folder name: {file name: bytes}} in a cache."""
-    root = cache / "store"
+    root = cache / "store" / "stores"
     return {d.name: {f.name: f.read_bytes() for f in sorted(d.iterdir())} for d in sorted(root.iterdir())}
 
 
@@ -114,7 +114,7 @@ def test_two_nodes_build_the_store_once_per_cache_and_follow_one_device(two_node
     assert len(names) == 2, builds
     for node in range(1 if shared else NODES):
         cache = caches[node]
-        here = [b for b in builds if Path(b["folder"]).parent == cache / "store"]
+        here = [b for b in builds if Path(b["folder"]).parent == cache / "store" / "stores"]
         assert Counter(Path(b["folder"]).name for b in here) == {name: 1 for name in names}, builds
         # rank 0 first, then the first rank of each other node
         assert {(b["rank"], b["local_rank"]) for b in here} == {(0, 0) if node == 0 else (node * PER_NODE, 0)}, builds

@@ -382,7 +382,7 @@ def tokenize_windows(
             "tokens), or tokens between windows would be skipped"
         )
     key = store_key(documents._fingerprint, tokenizer, max_length, stride)
-    folder = Path(cache_dir) if cache_dir is not None else cache_root()
+    folder = Path(cache_dir) if cache_dir is not None else cache_root() / "stores"
     return build_store(documents, tokenizer, body, stride, prefix, suffix, folder / key, desc)
 
 
