@@ -11,7 +11,7 @@ import torch
 from omegaconf import OmegaConf
 
 from components.checkpointing import load_student
-from components.checkpointing.resume import list_checkpoints
+from components.checkpointing.resume import list_checkpoints, load_checkpoint
 from components.training.config import ConfigError
 from tests.recipe_helpers import logged, run_recipe, tiny_config
 
@@ -58,21 +58,35 @@ def runs(tmp_path_factory, teacher_dir, corpus_file):
 
 
 def test_two_ranks_follow_the_single_device_trajectory(runs):
+    """Two ranks on half batches compute the single device's step up to float summation order
+    (each rank sums its own tokens; gradients are averaged): 1e-5 relative in the fp32 stage.
+    In the QAT stage (steps 5-6) weights are rounded to int8 in the forward pass, and a weight
+    that summation order puts within ~1e-7 of a rounding boundary rounds the other way on one
+    side: a step s = absmax/127 of its channel, where everything else agrees to 1e-7. A few such
+    flips among the student's weights move the loss by ~s * |dL/dw| each, far below 1e-3 of it
+    (1.8e-5 measured under ATEN_CPU_CAPABILITY=avx2, 0 with AVX-512 kernels); a wrong
+    distributed QAT step (another scale, unsynchronised weights) moves it by far more."""
     single, distributed, _ = runs
     a, b = logged(single), logged(distributed)
     assert set(range(1, STEPS + 1)) <= set(a) and set(range(1, STEPS + 1)) <= set(b)
-    for step in range(1, STEPS + 1):
-        for key in ("loss/total", "loss/mlm", "loss/output", "loss/hidden", "loss/attention", "grad_norm"):
-            assert b[step][key] == pytest.approx(a[step][key], rel=1e-5), (step, key)
-    x, y = load_student(str(single / "student")).eval(), load_student(str(distributed / "student")).eval()
-    # (the key bias has a true gradient of exactly zero: AdamW turns rounding noise into updates
-    # of ~1e-6 there, so parameters are compared to an absolute 1e-5)
-    for (name, p), (_, q) in zip(x.state_dict().items(), y.state_dict().items()):
-        assert torch.allclose(p, q, rtol=1e-4, atol=1e-5), name
-    ids = torch.randint(5, 300, (2, 16), generator=torch.Generator().manual_seed(0))
-    assert torch.allclose(x(ids).logits, y(ids).logits, rtol=1e-4, atol=1e-5)
-    assert "eval/student_mlm_loss" in b[3]
     assert [b[step]["stage"] for step in range(1, STEPS + 1)] == [0, 0, 0, 0, 1, 1]
+    for step in range(1, STEPS + 1):
+        rel = 1e-5 if b[step]["stage"] == 0 else 1e-3
+        for key in ("loss/total", "loss/mlm", "loss/output", "loss/hidden", "loss/attention", "grad_norm"):
+            assert b[step][key] == pytest.approx(a[step][key], rel=rel), (step, key)
+    # the students of step 3 (fp32): the same parameters. (The key bias has a true gradient of
+    # exactly zero: AdamW turns rounding noise into updates of ~1e-6 there, so parameters are
+    # compared to an absolute 1e-5.)
+    x, y = (load_checkpoint(run / "checkpoints" / "step_00000003")["model"] for run in (single, distributed))
+    assert x.keys() == y.keys()
+    for name in x:
+        assert torch.allclose(x[name], y[name], rtol=1e-4, atol=1e-5), name
+    assert "eval/student_mlm_loss" in b[3]
+    # the exported students: the same model, up to those flips' share of the last two steps
+    x, y = load_student(str(single / "student")).eval(), load_student(str(distributed / "student")).eval()
+    ids = torch.randint(5, 300, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.allclose(x(ids).logits, y(ids).logits, rtol=1e-2, atol=1e-3)
 
 
 def test_two_ranks_resume_with_the_same_losses(runs, tmp_path):
