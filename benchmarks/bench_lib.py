@@ -6,7 +6,7 @@ Two implementations of ONE distillation step, on the same random weights and the
   (the random teacher's folder, the random student's folder through ``load_student``, a corpus
   file of the workload's token sequences) and times ``recipe.train_step()`` on the first
   step's micro-batches, pinned: what ``tune run`` executes, packing and all.
-* **reference**: the plain transformers loop of ``tests/reference_loop.py`` (the same code
+* **reference**: the plain transformers loop of ``components/testing/reference_loop.py`` (the same code
   the tests check our losses and gradients against) on the padded batch of the same windows.
 
 Workloads (``Shapes``): MiniALBERT's (a BERT teacher with an MLM head, windows of 50-100% of
@@ -84,7 +84,7 @@ class Shapes:
 
     @property
     def loss(self) -> Dict:
-        """The loss config of the workload (ours; tests/reference_loop.py writes the same)."""
+        """The loss config of the workload (ours; components/testing/reference_loop.py writes the same)."""
         if self.mlm_head:  # MiniALBERT's
             return {"weights": dict(MINIALBERT_WEIGHTS), "attention_reduction": "element"}
         return {"weights": {"hidden": 3.0, "attention": 3.0}, "attention_reduction": "distribution"}
@@ -255,7 +255,7 @@ def recipe_config(assets: Dict[str, str], shapes: Shapes, output_dir: Path, **ov
     cfg = {
         "output_dir": str(output_dir),
         "seed": 0,
-        "teacher": {"_component_": "components.models.hf_teacher", "path": assets["teacher"]},
+        "teacher": {"_component_": "components.checkpointing.hf_teacher", "path": assets["teacher"]},
         "student": {"_component_": "components.checkpointing.load_student", "path": assets["student"]},
         "data": {
             "source": assets["corpus"],
@@ -275,7 +275,7 @@ def recipe_config(assets: Dict[str, str], shapes: Shapes, output_dir: Path, **ov
         "max_steps": 10**9,
         "log_every_n_steps": 10**9,
     }
-    from tests.recipe_helpers import override  # dotted keys, as key=value on the command line
+    from components.config import override  # dotted keys, as key=value on the command line
 
     return override(cfg, overrides)
 
@@ -348,12 +348,12 @@ class RecipeSide(Side):
 
 
 class ReferenceSide(Side):
-    """tests/reference_loop.py's plain transformers loop on the padded batch."""
+    """components/testing/reference_loop.py's plain transformers loop on the padded batch."""
 
     kind = "reference"
 
     def __init__(self, assets: Dict[str, str], shapes: Shapes, batch):
-        from tests.reference_loop import LAYERS, MINIALBERT, ReferenceLoop
+        from components.testing.reference_loop import LAYERS, MINIALBERT, ReferenceLoop
 
         quiet_transformers()
         self.loop = ReferenceLoop(assets["teacher"], assets["student"], batch, MINIALBERT if shapes.mlm_head else LAYERS,
@@ -557,15 +557,6 @@ def matmul_probe(n: int = 2048, repeats: int = 2, dtype=torch.float32) -> float:
     """A short peak probe (best of ``repeats`` n^3 matmuls) to interleave with other timings."""
     a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
     return 2 * n**3 / min(timed(lambda: a @ b) for _ in range(repeats))
-
-
-def gemm_rate(m: int, k: int, n: int, repeats: int = 10, warmup: int = 2) -> Dict:
-    """Best FLOP/s of ``[m, k] @ [k, n]`` (a typical shape of the step)."""
-    a, b = torch.randn(m, k), torch.randn(k, n)
-    for _ in range(warmup):
-        a @ b
-    times = [timed(lambda: a @ b) for _ in range(repeats)]
-    return {"shape": [m, k, n], "times_s": times, "best_flops_per_s": 2 * m * k * n / min(times)}
 
 
 def saved_tensor_bytes(fn: Callable[[], Dict[str, torch.Tensor]], exclude: List[torch.Tensor]) -> int:

@@ -70,11 +70,11 @@ def make_corpus(path: Path, megabytes: int) -> None:
 
 
 def make_tokenizer(corpus: Path, folder: Path) -> None:
-    from components.smoke import _train_tokenizer
+    from components.smoke import train_tokenizer
 
     with open(corpus, encoding="utf-8") as f:
         sample = f.read(5_000_000).split("\n\n")
-    _train_tokenizer(sample, vocab_size=30522).save_pretrained(folder)
+    train_tokenizer(sample, vocab_size=30522).save_pretrained(folder)
 
 
 def memory_kib() -> dict:

@@ -80,9 +80,10 @@ def worker(args) -> None:
     import torch
 
     from components.losses import DistillationLoss
-    from components.models import hf_teacher, minialbert_128
+    from components.checkpointing import hf_teacher
+    from components.models import minialbert_128
     from components.training.distill import distill_step, MaskedBatch
-    from components.training.distributed import DataParallel
+    from components.training.parallel import DataParallel
 
     parallel = DataParallel("cpu")
     start = time.perf_counter()

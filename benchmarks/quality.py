@@ -10,7 +10,7 @@ budget (the clock starts after setup; tokenisation is reported separately):
 
   teacher   all-MiniLM-L6-v2 (6 layers, H 384, a BertModel without MLM head)
   random    the student of configs/embedding_teacher.yaml as initialised, untrained
-  plain     tests/reference_loop.py: a plain transformers loop (AlbertModel student from the
+  plain     components/testing/reference_loop.py: a plain transformers loop (AlbertModel student from the
             same initial weights, 32 padded sentences per step, hidden cosine + attention KL)
   ours      the shipped config, run by the recipe's own train_step() (what `tune run` does)
   ours-long the same run of our recipe continued to --long-minutes in total (not in --quick)
@@ -267,7 +267,7 @@ def train_ours(recipe, seconds: float, done: dict) -> dict:
 
 
 def train_plain(loop, tokenizer, sentences, seconds: float, seed: int) -> dict:
-    """tests/reference_loop.py fed 32 shuffled sentences per step, padded to the longest."""
+    """components/testing/reference_loop.py fed 32 shuffled sentences per step, padded to the longest."""
     from components.training.distill import MaskedBatch
 
     order = torch.randperm(len(sentences), generator=torch.Generator().manual_seed(seed)).tolist()
@@ -353,7 +353,7 @@ def main() -> None:
         sides["teacher"] = evaluate("teacher", ours_fn(recipe.teacher), recipe.teacher)
         sides["random"] = evaluate("random", ours_fn(recipe.student), recipe.student)
 
-        from tests.reference_loop import LAYERS, ReferenceLoop
+        from components.testing.reference_loop import LAYERS, ReferenceLoop
 
         log(f"plain loop: {budget / 60:.1f} min")
         loop = ReferenceLoop(str(teacher_dir), str(initial), None, LAYERS)

@@ -67,7 +67,7 @@ def log(msg: str) -> None:
 def distill_config(output_dir: Path, assets: Path, steps: int, extra: int, qat: bool, resume: bool) -> Dict:
     """configs/tiny.yaml reading the smoke assets from ``assets`` (the same for both branches)."""
     tiny = OmegaConf.to_container(OmegaConf.load(ROOT / "configs" / "tiny.yaml"))
-    tiny["teacher"] = {"_component_": "components.models.hf_teacher", "path": str(assets / "teacher")}
+    tiny["teacher"] = {"_component_": "components.checkpointing.hf_teacher", "path": str(assets / "teacher")}
     tiny["data"]["source"] = str(assets / "corpus.jsonl")
     tiny.update(
         output_dir=str(output_dir),

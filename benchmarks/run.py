@@ -9,7 +9,7 @@
 Workloads (bench_lib.WORKLOADS): "bert-base" / "quick" (MiniALBERT: a teacher with an MLM head,
 long windows, every loss term) and "embedding" (a sentence-embedding teacher without an MLM
 head: 32 short sentences, hidden + attention terms, data.pack). "Ours" is the recipe's own
-train_step(); the reference is tests/reference_loop.py, the loop the tests check our losses
+train_step(); the reference is components/testing/reference_loop.py, the loop the tests check our losses
 and gradients against.
 
 Everything is measured as a RATIO of two things timed in the same run, interleaved

@@ -5,6 +5,8 @@ instead of a traceback; anything else is a bug and keeps its traceback. Each cla
 the built-in base it always had, so ``except ValueError`` around a builder still works.
 """
 
+import importlib
+
 
 class UserError(Exception):
     """Bad input or a deliberate stop: reported as one line, exit status ``exit_code``."""
@@ -62,8 +64,6 @@ class RunInterrupted(UserError, RuntimeError):
 
 def require(module: str, extra: str = "export"):
     """Import an optional dependency, or say how to install it."""
-    import importlib
-
     try:
         return importlib.import_module(module)
     except ImportError as e:

@@ -7,9 +7,15 @@ this file into site-packages (as ``recursive_distill_recipes.py``) together with
 that imports it at interpreter start. It resolves the one top-level name ``recipes`` to
 ``./recipes`` when the working directory has such a folder, which is what ``tune run`` means
 by a recipe path, and leaves every other import alone.
+
+It also quiets one known, harmless line: torchao 0.15 (the newest torchtune 0.6.1 imports)
+logs "Skipping import of cpp extensions due to incompatible torch version ..." on every import
+with torch 2.13. Its C++ kernels are optional; this library's QAT and export use none of them.
+Only that message is dropped, and only that logger's.
 """
 
 import importlib.machinery
+import logging
 import os
 import sys
 
@@ -30,9 +36,16 @@ class WorkingDirRecipesFinder:
         return importlib.machinery.PathFinder.find_spec(name, [cwd])
 
 
+def _not_torchao_version_notice(record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith("Skipping import of cpp extensions due to incompatible torch version")
+
+
 def install() -> None:
     if not any(finder is WorkingDirRecipesFinder for finder in sys.meta_path):
         sys.meta_path.insert(0, WorkingDirRecipesFinder)
+    torchao = logging.getLogger("torchao")
+    if _not_torchao_version_notice not in torchao.filters:
+        torchao.addFilter(_not_torchao_version_notice)
 
 
 install()

@@ -27,9 +27,9 @@ from components.data import build_windows, GlobalBatchSampler, MLMMasker
 from components.errors import CheckpointError, ConfigError, NonFiniteLossError
 from components.models.student import check_student, copy_teacher_embeddings
 from components.quantization import get_scheme, prepare_qat, set_fake_quantize
-from components.training.config import check_config, config_section, instantiate, instantiate_target, parse
+from components.config import check_config, config_section, instantiate, instantiate_target, parse
 from components.training.distill import distill_step, Evaluator, step_batches
-from components.training.distributed import bf16_cpu_warning, resolve_device, SingleDevice
+from components.training.parallel import bf16_cpu_warning, resolve_device, SingleDevice
 from components.training.run import configure_logging, execute, Run
 from components.training.schema import DistillConfig
 from components.training.stages import (

@@ -4,7 +4,7 @@
     # several nodes: torchrun's usual flags, e.g. --nnodes 2 --node_rank 0 --rdzv_endpoint host:29500
 
 The same configs and keys as recipes/distill_recursive.py, and the same recipe: only the
-parallel strategy differs (components/training/distributed.py). The teacher is sharded with
+parallel strategy differs (components/training/parallel.py). The teacher is sharded with
 FSDP2 (per layer) and loaded shard by shard, the student is sharded with FSDP2 at its root,
 and each rank takes its share of every global batch (``data.batch_size`` windows per
 micro-batch per rank). Rank 0 alone logs, shows progress and writes checkpoints and the
@@ -18,8 +18,8 @@ import sys
 
 from omegaconf import DictConfig
 
-from components.training.config import parse
-from components.training.distributed import DataParallel
+from components.config import parse
+from components.training.parallel import DataParallel
 from recipes.distill_recursive import DistillRecursiveRecipe, main
 
 

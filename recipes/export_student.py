@@ -28,13 +28,16 @@ from omegaconf import DictConfig
 
 from components.checkpointing import load_student, student_metadata
 from components.checkpointing.student import METADATA_KEY
-from components.checkpointing.io import atomic_directory, recover_interrupted_writes
+from components.io import atomic_directory, recover_interrupted_writes
 from components.errors import CheckpointError, ConfigError, ExportError, require
 from components.quantization import get_scheme, Scheme
 from components.quantization.export import export_quantized, fp32_weight_bytes, heldout_batch
-from components.training.config import check_config, config_section, parse
+from components.config import check_config, config_section, parse
 from components.training.run import configure_logging
 from components.training.schema import ExportConfig
+from transformers import AutoTokenizer
+from components.data import load_documents
+from components.smoke import stdlib_docstrings
 
 log = logging.getLogger("export_student")
 DEFAULT_SCHEME = "int8_dynamic"
@@ -93,12 +96,8 @@ def _choose_scheme(cfg: DictConfig, source: Path) -> Tuple[Scheme, Optional[dict
 
 def _heldout_texts(cfg: DictConfig, count: int) -> List[str]:
     if cfg.eval_source is None:
-        from components.smoke import stdlib_docstrings
-
         # the end of the stream: the smoke corpus stops 1.5M characters in
         return list(stdlib_docstrings(max_chars=10**9))[-count:]
-    from components.data import load_documents
-
     with config_section("eval_source"):
         documents = load_documents(cfg.eval_source, text_column=cfg.eval_text_column)
     return documents.select(range(min(count, len(documents))))["text"]
@@ -108,8 +107,6 @@ def export(cfg: DictConfig) -> dict:
     cfg = check_config(cfg, ExportConfig)
     for module in ("onnx", "onnxscript", "onnxruntime"):
         require(module)
-    from transformers import AutoTokenizer
-
     source, output_dir = Path(cfg.checkpoint_dir), Path(cfg.output_dir)
     scheme, trained = _choose_scheme(cfg, source)  # refusals first: nothing is written before them
     _check_output_dir(output_dir, cfg.overwrite)

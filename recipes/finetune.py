@@ -9,7 +9,7 @@ Sentence classification and regression (single sentences or pairs) and token cla
 
     <output_dir>/model/          tuning=full: the whole fine-tuned model
     <output_dir>/adapter_set/    tuning=adapters|head: only what trained (adapters + head, or the
-                                 head) and a manifest naming the base (components.adapter_sets)
+                                 head) and a manifest naming the base (components.inference.adapter_sets)
     <output_dir>/predictions/    validation.tsv, test.tsv: the best model's predictions
     <output_dir>/results.json    the best validation metrics
 
@@ -30,21 +30,23 @@ from safetensors.torch import load_file
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from components.checkpointing.hf_bert import resolve_checkpoint_dir, weight_files
-from components.checkpointing.io import atomic_file
-from components.checkpointing.tasks import base_fingerprint, load_adapter_set, load_encoder, save_adapter_set, save_task_model
-from components.data.tasks import load_task_data, task_batches
+from components.checkpointing.hub import resolve_checkpoint_dir
+from components.checkpointing.weights import weight_files
+from components.io import atomic_file
+from components.checkpointing.finetuned import base_fingerprint, load_adapter_set, load_encoder, save_adapter_set, save_task_model
+from components.data.task_data import load_task_data, task_batches
 from components.errors import CheckpointError, ConfigError
 from components.fingerprint import model_folder_fingerprint
-from components.models.tasks import TaskModel, tuning_patterns
-from components.training.config import check_config, config_section, instantiate, parse
+from components.models.heads import TaskModel, tuning_patterns
+from components.config import check_config, config_section, instantiate, parse
 from components.training.distill import check_finite
-from components.training.distributed import clip_gradients, resolve_device, SingleDevice
-from components.training.finetune import finetune_loss, predict, steps_per_epoch, write_predictions
+from components.training.parallel import clip_gradients, resolve_device, SingleDevice
+from components.inference import predict, write_predictions
+from components.training.finetune import finetune_loss, steps_per_epoch
 from components.training.run import configure_logging, execute, Run
 from components.training.schema import FinetuneConfig
 from components.training.stages import apply_trainable, group_lambdas, param_groups, resolve_stages
-from components.training.task_metrics import is_better, resolve_metric
+from components.inference.task_metrics import is_better, resolve_metric
 
 log = logging.getLogger("finetune")
 

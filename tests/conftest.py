@@ -25,7 +25,7 @@ if os.environ.get("ATEN_CPU_CAPABILITY") and "TORCHINDUCTOR_CACHE_DIR" not in os
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from components.smoke import _train_tokenizer, stdlib_docstrings  # noqa: E402
+from components.smoke import train_tokenizer, stdlib_docstrings  # noqa: E402
 from tests.helpers import make_hf_teacher  # noqa: E402
 
 torch.set_num_threads(2)
@@ -39,7 +39,7 @@ def documents():
 
 @pytest.fixture(scope="session")
 def tokenizer(documents):
-    return _train_tokenizer(documents, vocab_size=300)
+    return train_tokenizer(documents, vocab_size=300)
 
 
 @pytest.fixture(scope="session")

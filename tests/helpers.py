@@ -48,3 +48,14 @@ class FailingLogger:
 
     def close(self):
         pass
+
+
+def load_task(data, task, tokenizer):
+    """``load_task_data`` on config sections with the schema's defaults filled in, as the
+    fine-tuning recipe's config check fills them."""
+    from components.config import check_section
+    from components.data.task_data import load_task_data
+    from components.training.schema import TaskConfig, TaskDataConfig
+
+    return load_task_data(check_section(data, TaskDataConfig, "data"), check_section(task, TaskConfig, "task"), tokenizer)
+

@@ -6,12 +6,14 @@ from typing import Dict
 
 from omegaconf import OmegaConf
 
+from components.config import override
+
 
 def tiny_config(output_dir: Path, teacher_dir: Path, corpus: Path, **overrides) -> Dict:
     cfg = {
         "output_dir": str(output_dir),
         "seed": 0,
-        "teacher": {"_component_": "components.models.hf_teacher", "path": str(teacher_dir)},
+        "teacher": {"_component_": "components.checkpointing.hf_teacher", "path": str(teacher_dir)},
         "student": {"_component_": "components.models.recursive_tiny", "max_position_embeddings": 80},
         "data": {
             "source": str(corpus),
@@ -30,17 +32,6 @@ def tiny_config(output_dir: Path, teacher_dir: Path, corpus: Path, **overrides) 
         "resume_from_checkpoint": False,
     }
     return override(cfg, overrides)
-
-
-def override(cfg: Dict, overrides: Dict) -> Dict:
-    """Set dotted keys (``data.batch_size``) in a plain config, as key=value on the CLI does."""
-    for key, value in overrides.items():
-        node = cfg
-        *parents, last = key.split(".")
-        for p in parents:
-            node = node[p]
-        node[last] = value
-    return cfg
 
 
 def run_recipe(cfg: Dict):

@@ -8,8 +8,8 @@ import sys
 
 import torch
 
-from components.models import hf_teacher
-from components.training.distributed import DataParallel
+from components.checkpointing import hf_teacher
+from components.training.parallel import DataParallel
 
 parallel = DataParallel("cpu")
 folder = sys.argv[1]

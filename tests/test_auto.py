@@ -18,9 +18,9 @@ from transformers import (
 
 import components  # noqa: F401  (registers the model types)
 from components.checkpointing import load_student, save_student
-from components.checkpointing.tasks import save_task_model
+from components.checkpointing.finetuned import save_task_model
 from components.models.recursive import recursive_tiny
-from components.models.tasks import TaskModel
+from components.models.heads import TaskModel
 
 ATOL = 1e-5
 SENTENCE = "the value of the object is returned"
@@ -209,7 +209,7 @@ def test_registration_is_idempotent():
 
 
 def test_from_config_initialises_like_our_builder():
-    from components.checkpointing.auto import StudentConfig
+    from components.checkpointing.auto_configs import StudentConfig
 
     model = AutoModel.from_config(StudentConfig(recursive_encoder=recursive_tiny().config))
     for adapters in model.encoder.adapters:  # adapters start as identities, as in RecursiveEncoder

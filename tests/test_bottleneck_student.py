@@ -97,7 +97,7 @@ def test_mobilebert_tiny_config_end_to_end(tmp_path, smoke_assets):
 
 
 def test_a_bottleneck_student_fine_tunes_with_the_same_recipe(tokenizer, tmp_path):
-    from components.smoke_tasks import smoke_task
+    from components.smoke.tasks import smoke_task
     from tests.test_finetune import finetune_config, run_finetune
 
     save_student(_model(tokenizer), tmp_path / "student", tokenizer)

@@ -3,12 +3,12 @@
 import pytest
 from omegaconf import OmegaConf
 
-from components.training.config import check_config, ConfigError
+from components.config import check_config, ConfigError
 from components.training.schema import DistillConfig
 
 BASE = {
     "output_dir": "out",
-    "teacher": {"_component_": "components.models.hf_teacher", "path": "some/teacher"},
+    "teacher": {"_component_": "components.checkpointing.hf_teacher", "path": "some/teacher"},
     "student": {"_component_": "components.models.minialbert_128"},
     "data": {"source": "corpus.txt"},
 }
@@ -49,7 +49,7 @@ def test_missing_required_sections():
     with pytest.raises(ConfigError, match="missing the required key 'teacher'"):
         check_config(OmegaConf.create({k: v for k, v in BASE.items() if k != "teacher"}), DistillConfig)
     with pytest.raises(ConfigError, match="'teacher' is missing the required argument 'path'"):
-        check_config(OmegaConf.create({**BASE, "teacher": {"_component_": "components.models.hf_teacher"}}), DistillConfig)
+        check_config(OmegaConf.create({**BASE, "teacher": {"_component_": "components.checkpointing.hf_teacher"}}), DistillConfig)
 
 
 def test_every_shipped_config_is_valid():

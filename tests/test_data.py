@@ -194,8 +194,8 @@ def test_pad_batch():
 
 
 def test_smoke_tokenizer_is_reproducible(documents):
-    from components.smoke import _train_tokenizer
+    from components.smoke import train_tokenizer
 
-    first, second = _train_tokenizer(documents, 300), _train_tokenizer(documents, 300)
+    first, second = train_tokenizer(documents, 300), train_tokenizer(documents, 300)
     assert first.get_vocab() == second.get_vocab()
     assert first.convert_ids_to_tokens(list(range(5))) == ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]

@@ -12,7 +12,7 @@ from omegaconf import OmegaConf
 
 from components.checkpointing import load_student
 from components.checkpointing.resume import list_checkpoints, load_checkpoint
-from components.training.config import ConfigError
+from components.config import ConfigError
 from tests.recipe_helpers import logged, run_recipe, tiny_config
 
 REPO = Path(__file__).resolve().parents[1]

@@ -17,11 +17,11 @@ import torch
 from omegaconf import OmegaConf
 from safetensors.torch import load_file, save_file
 
-from components.adapter_sets import MultiTaskModel
+from components.inference import MultiTaskModel
 from components.checkpointing import load_student
 from components.checkpointing.resume import load_checkpoint
 from components.errors import CheckpointError, ConfigError, RunInterrupted, TaskDataError
-from components.smoke_tasks import smoke_task, SMOKE_TASK_CONFIGS
+from components.smoke.tasks import smoke_task, SMOKE_TASK_CONFIGS
 from components.training.run import execute
 from tests.recipe_helpers import logged, override, run_recipe, tiny_config
 
@@ -324,7 +324,7 @@ def test_every_kind_of_model_and_the_ones_that_cannot_work(base, tasks, tmp_path
                            **{"student.adapter_placement": None}))
     assert json.loads((albert / "student" / "config.json").read_text())["model_type"] == "albert"
     recipe = run_finetune(finetune_config(tmp_path / "d", albert / "student", tasks["sst2"], tuning="full", max_steps=4))
-    from components.checkpointing.tasks import load_task_model
+    from components.checkpointing.finetuned import load_task_model
 
     model, task = load_task_model(str(tmp_path / "d" / "model"))
     assert task["label_values"] == [0, 1] and task["metric"] == "accuracy"

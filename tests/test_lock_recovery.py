@@ -17,8 +17,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from components.checkpointing import io
-from components.checkpointing.io import atomic_directory, atomic_file, lock_output_dir, recover_interrupted_writes, set_write_root
+from components import io
+from components.io import atomic_directory, atomic_file, lock_output_dir, recover_interrupted_writes, set_write_root
 from components.checkpointing.resume import list_checkpoints, load_checkpoint, load_latest_checkpoint, save_checkpoint
 from components.errors import CheckpointError, LockingUnsupported, UnsafePathError, UserError
 from components.training.run import Run

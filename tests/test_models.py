@@ -4,10 +4,9 @@ import pytest
 import torch
 from transformers import AlbertForMaskedLM, BertForMaskedLM, BertModel, RobertaForMaskedLM
 
-from components.checkpointing import CheckpointError, load_student, save_student
+from components.checkpointing import CheckpointError, hf_teacher, load_student, save_student
 from components.models import (
     FrozenTeacher,
-    hf_teacher,
     minialbert_128,
     minialbert_312,
     recursive_tiny,
@@ -281,7 +280,7 @@ def test_bf16_teacher_is_close_to_fp32(teacher_dir):
 
 
 def test_bf16_on_a_cpu_without_bf16_instructions_is_warned_about():
-    from components.training.distributed import bf16_cpu_warning, cpu_has_native_bf16
+    from components.training.parallel import bf16_cpu_warning, cpu_has_native_bf16
 
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     message = bf16_cpu_warning(cpu, ["teacher.dtype=bf16"], native=False)
@@ -294,7 +293,7 @@ def test_bf16_on_a_cpu_without_bf16_instructions_is_warned_about():
 
 
 def test_the_recipe_warns_about_a_bf16_teacher_on_such_a_cpu(tmp_path, teacher_dir, corpus_file, monkeypatch, caplog):
-    import components.training.distributed as distributed
+    import components.training.parallel as distributed
     from tests.recipe_helpers import run_recipe, tiny_config
 
     monkeypatch.setattr(distributed, "cpu_has_native_bf16", lambda: False)

@@ -8,7 +8,7 @@ import torch
 
 from components.checkpointing import load_student
 from components.checkpointing.resume import list_checkpoints, load_checkpoint
-from components.training.config import ConfigError
+from components.config import ConfigError
 from components.training.distill import NonFiniteLossError
 from tests.helpers import make_hf_teacher
 from tests.recipe_helpers import logged, run_recipe, tiny_config

@@ -1,4 +1,4 @@
-"""Our distillation step against the plain transformers loop (tests/reference_loop.py), the one
+"""Our distillation step against the plain transformers loop (components/testing/reference_loop.py), the one
 benchmarks/run.py times ours against: the same weights and windows must give the same loss
 terms and the same student gradients, for MiniALBERT's loss (teacher with an MLM head) and for
 the hidden + attention loss of a teacher without one, with packed rows on our side."""
@@ -16,7 +16,7 @@ from components.checkpointing.student import load_student
 from components.losses import DistillationLoss
 from components.models.teacher import FrozenTeacher
 from components.training.distill import distill_forward, MaskedBatch, pack_batch
-from tests.reference_loop import LAYERS, MINIALBERT, ReferenceLoop
+from components.testing.reference_loop import LAYERS, MINIALBERT, ReferenceLoop
 
 VOCAB, PAD, MASK = 300, 0, 4
 

@@ -16,7 +16,7 @@ import torch
 from omegaconf import OmegaConf
 
 from components.checkpointing import CheckpointError, load_student
-from components.checkpointing.io import (
+from components.io import (
     atomic_directory,
     recover_interrupted_writes,
     set_write_root,
@@ -24,7 +24,7 @@ from components.checkpointing.io import (
 )
 from components.checkpointing.resume import list_checkpoints, load_checkpoint
 from components.data import CorpusError, load_documents
-from components.models import hf_teacher
+from components.checkpointing import hf_teacher
 from tests.helpers import make_hf_teacher
 from tests.recipe_helpers import logged, run_recipe, tiny_config
 
@@ -177,7 +177,7 @@ def test_damaged_checkpoints_are_set_aside_not_pruned_over_good_ones(tmp_path, t
 
 
 def test_two_runs_cannot_share_an_output_dir(tmp_path, teacher_dir, corpus_file):
-    from components.checkpointing.io import lock_output_dir, OutputDirBusy
+    from components.io import lock_output_dir, OutputDirBusy
 
     out = tmp_path / "run"
     out.mkdir()

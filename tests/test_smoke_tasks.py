@@ -6,8 +6,8 @@ import os
 
 import pytest
 
-from components.data.tasks import load_task_data
-from components.smoke_tasks import SIZES, smoke_task, SMOKE_TASK_CONFIGS
+from components.smoke.tasks import SIZES, smoke_task, SMOKE_TASK_CONFIGS
+from tests.helpers import load_task
 
 
 def read_tsv(path):
@@ -60,7 +60,7 @@ def test_layouts(assets):
 @pytest.mark.parametrize("kind", ["sst2", "mrpc", "stsb", "ner"])
 def test_loads_as_task_data(assets, tokenizer, kind):
     task, data = SMOKE_TASK_CONFIGS[kind]
-    loaded = load_task_data({**data, "source": smoke_task(str(assets), kind)}, task, tokenizer)
+    loaded = load_task({**data, "source": smoke_task(str(assets), kind)}, task, tokenizer)
     assert {s: len(d) for s, d in loaded.splits.items()} == SIZES
     assert loaded.labelled == {"train": True, "validation": True, "test": kind == "ner"}
     if kind in ("sst2", "mrpc"):

@@ -6,14 +6,14 @@ import datasets
 import pytest
 import torch
 
-from components.data.tasks import (
+from components.data.task_data import (
     collate_task_batch,
-    load_task_data,
     num_batches,
     per_word,
     task_batches,
     TaskDataError,
 )
+from tests.helpers import load_task
 
 SENTENCES = [
     "Return the value of the named attribute.",
@@ -57,7 +57,7 @@ def test_tsv_keeps_quotes_and_labels_are_sorted_numerically(tmp_path, tokenizer)
     train = write_tsv(tmp_path / "train.tsv", ["sentence", "label"], [[s, l] for s, l in zip(SENTENCES, [10, 2, 10, 2])])
     dev = write_tsv(tmp_path / "dev.tsv", ["sentence", "label"], [[SENTENCES[1], 2]])
     test = write_tsv(tmp_path / "test.tsv", ["index", "sentence"], [[0, SENTENCES[1]], [1, "null"]])
-    task = load_task_data({"source": {"train": train, "validation": dev, "test": test}}, single(), tokenizer)
+    task = load_task({"source": {"train": train, "validation": dev, "test": test}}, single(), tokenizer)
     assert task.label_names == ["2", "10"] and task.label_values == [2, 10]  # 2 < 10, not "10" < "2"
     rows = task.splits["train"]
     assert rows["labels"] == [1, 0, 1, 0]
@@ -81,7 +81,7 @@ def test_csv_jsonl_and_parquet_read_alike(tmp_path, tokenizer):
     data = {"text_column": "text", "label_column": "y"}
     for ext in ("csv", "jsonl", "parquet"):
         path = str(tmp_path / f"a.{ext}")
-        task = load_task_data({**data, "source": {"train": path, "validation": path}}, single(), tokenizer)
+        task = load_task({**data, "source": {"train": path, "validation": path}}, single(), tokenizer)
         assert task.label_names == ["neg", "pos"] and task.label_values == ["neg", "pos"]
         assert task.splits["train"]["labels"] == [1, 0, 0, 1], ext
         assert task.splits["validation"]["input_ids"] == expected_ids(tokenizer, SENTENCES), ext
@@ -90,7 +90,7 @@ def test_csv_jsonl_and_parquet_read_alike(tmp_path, tokenizer):
 
 def test_task_labels_fix_order_and_keep_the_datas_values(tmp_path, tokenizer):
     path = write_jsonl(tmp_path / "a.jsonl", [{"sentence": s, "label": l} for s, l in zip(SENTENCES, [0, 1, 1, 0])])
-    task = load_task_data(
+    task = load_task(
         {"source": {"train": path, "validation": path}}, single(labels=["1", "0", "2"]), tokenizer
     )
     assert task.label_names == ["1", "0", "2"]
@@ -122,27 +122,27 @@ def glue_like(tmp_path_factory):
 
 def test_save_to_disk_folder_with_classlabels(glue_like, tokenizer):
     data = {"source": glue_like, "splits": {"train": "train", "validation": "dev", "test": "test"}}
-    task = load_task_data(data, single(), tokenizer)
+    task = load_task(data, single(), tokenizer)
     assert task.label_names == ["negative", "positive"] and task.label_values == [0, 1]
     assert task.splits["validation"]["labels"] == [1, 0]
     assert task.labelled == {"train": True, "validation": True, "test": False}
     assert len(task.splits["test"]) == 3 and "labels" not in task.splits["test"].column_names
     assert "dev" in task.sources["validation"] and glue_like in task.sources["validation"]
     # task.labels matches ClassLabel names and keeps printing the data's ids
-    task = load_task_data(data, single(labels=["positive", "negative"]), tokenizer)
+    task = load_task(data, single(labels=["positive", "negative"]), tokenizer)
     assert task.label_values == [1, 0] and task.splits["train"]["labels"] == [1, 0, 0, 1]
 
 
 def test_a_source_without_a_test_split_has_no_test(glue_like, tokenizer):
     data = {"source": glue_like, "splits": {"train": "train", "validation": "dev"}}
-    assert set(load_task_data(data, single(), tokenizer).splits) == {"train", "validation"}
+    assert set(load_task(data, single(), tokenizer).splits) == {"train", "validation"}
 
 
 def test_pairs_carry_both_segments(tmp_path, tokenizer):
     rows = [{"s1": a, "s2": b, "label": i % 2} for i, (a, b) in enumerate(zip(SENTENCES, SENTENCES[1:] + SENTENCES[:1]))]
     path = write_jsonl(tmp_path / "pairs.jsonl", rows)
     data = {"source": {"train": path, "validation": path}, "text_column": "s1", "text_pair_column": "s2"}
-    task = load_task_data(data, single(input="pair"), tokenizer)
+    task = load_task(data, single(input="pair"), tokenizer)
     row = task.splits["train"][0]
     assert row["input_ids"] == tokenizer(SENTENCES[0], SENTENCES[1])["input_ids"]
     second = len(tokenizer(SENTENCES[1], add_special_tokens=False)["input_ids"]) + 1  # + [SEP]
@@ -153,7 +153,7 @@ def test_regression_reads_floats_and_minus_one_test_labels_mean_unlabelled(tmp_p
     rows = [{"sentence": s, "label": l} for s, l in zip(SENTENCES, [0, 2.5, 5, 1])]
     train = write_jsonl(tmp_path / "train.jsonl", rows)
     test = write_jsonl(tmp_path / "test.jsonl", [dict(r, label=-1.0) for r in rows])
-    task = load_task_data(
+    task = load_task(
         {"source": {"train": train, "validation": train, "test": test}}, {"type": "regression"}, tokenizer
     )
     assert task.label_names is None and task.label_values is None and task.num_labels == 1
@@ -177,7 +177,7 @@ def test_ner_labels_sit_on_the_first_piece_of_each_word(tmp_path, tokenizer):
     other = (["Use", "json", "here"], ["O", "B-MOD", "O"])
     train = write_conll(tmp_path / "train.conll", [(words, tags), other])
     test = write_conll(tmp_path / "test.txt", [(words, tags)], tagged=False)
-    task = load_task_data(
+    task = load_task(
         {"source": {"train": train, "validation": train, "test": test}}, {"type": "token_classification"}, tokenizer
     )
     assert task.label_names == ["O", "B-MOD", "B-SYS", "I-SYS"]  # "O" first, then sorted
@@ -203,7 +203,7 @@ def test_ner_truncation_keeps_num_words(tmp_path, tokenizer):
     words = ["the"] * 40
     assert len(tokenizer.tokenize("the")) == 1
     path = write_conll(tmp_path / "long.conll", [(words, ["O"] * 40)])
-    task = load_task_data(
+    task = load_task(
         {"source": {"train": path, "validation": path}, "max_length": 12}, {"type": "token_classification"}, tokenizer
     )
     row = task.splits["train"][0]
@@ -215,7 +215,7 @@ def test_ner_from_a_save_to_disk_folder_with_classlabel_tags(tmp_path, tokenizer
     features = datasets.Features({"tokens": datasets.Sequence(datasets.Value("string")), "ner_tags": tags})
     ds = datasets.Dataset.from_dict({"tokens": [["Ada", "Lovelace", "wrote"]], "ner_tags": [[1, 2, 0]]}, features=features)
     datasets.DatasetDict({"train": ds, "validation": ds}).save_to_disk(str(tmp_path / "conll"))
-    task = load_task_data({"source": str(tmp_path / "conll")}, {"type": "token_classification"}, tokenizer)
+    task = load_task({"source": str(tmp_path / "conll")}, {"type": "token_classification"}, tokenizer)
     assert task.label_names == ["O", "B-PER", "I-PER"] and task.label_values == [0, 1, 2]
     row = task.splits["train"][0]
     assert [l for l in row["labels"] if l != -100] == [1, 2, 0]
@@ -273,7 +273,7 @@ def files(tmp_path):
 
 def error(tokenizer, data, task=None):
     with pytest.raises(TaskDataError) as raised:
-        load_task_data(data, task or single(), tokenizer)
+        load_task(data, task or single(), tokenizer)
     return str(raised.value)
 
 

@@ -5,7 +5,7 @@ import math
 import pytest
 
 from components.errors import ConfigError
-from components.training.task_metrics import (
+from components.inference.task_metrics import (
     compute_metrics,
     DEFAULT_METRIC,
     is_better,

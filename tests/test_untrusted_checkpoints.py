@@ -19,7 +19,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from components.checkpointing import CheckpointError, load_student, save_student
-from components.models import bottleneck_tiny, hf_teacher, recursive_tiny
+from components.checkpointing import hf_teacher
+from components.models import bottleneck_tiny, recursive_tiny
 from tests.helpers import make_hf_teacher
 
 INDEX = "model.safetensors.index.json"
@@ -264,8 +265,8 @@ import json, resource, sys, time
 resource.setrlimit(resource.RLIMIT_AS, (8 << 30, 8 << 30))
 import components, components.checkpointing.auto_models
 from transformers import AutoModel, AutoModelForMaskedLM, AutoModelForSequenceClassification
-from components.checkpointing.auto import StudentConfig
-from components.checkpointing.tasks import load_task_model
+from components.checkpointing.auto_configs import StudentConfig
+from components.checkpointing.finetuned import load_task_model
 for call in json.loads(sys.argv[1]):
     start = time.monotonic()
     try:
@@ -309,8 +310,8 @@ def native_student(tmp_path_factory, tokenizer):
 
 @pytest.fixture(scope="module")
 def finetuned_model(tmp_path_factory, tokenizer):
-    from components.checkpointing.tasks import save_task_model
-    from components.models.tasks import TaskModel
+    from components.checkpointing.finetuned import save_task_model
+    from components.models.heads import TaskModel
 
     torch.manual_seed(0)
     encoder = recursive_tiny(vocab_size=len(tokenizer), adapter_placement="minialbert", mlm_head=False)

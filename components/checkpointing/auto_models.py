@@ -2,7 +2,7 @@
 use: transformers' ``modeling_utils`` takes seconds to import).
 
 Folders may come from strangers, so these classes make the check every loader of this library
-makes (:func:`~components.checkpointing.hf_bert.check_config_sizes`), in two places:
+makes (:func:`~components.checkpointing.sizes.check_config_sizes`), in two places:
 
 * ``_build_encoder``, on every path (``from_pretrained`` of a folder or a Hub id, ``from_config``):
   the builder arguments from the config alone, before anything is built, even on the meta device
@@ -27,16 +27,17 @@ from transformers.modeling_outputs import (
     TokenClassifierOutput,
 )
 
-from components.checkpointing.auto import _EncoderConfig, MODEL_CLASSES
-from components.checkpointing.hf_bert import check_config_sizes, check_shapes
-from components.checkpointing.tasks import check_head_size
+from components.checkpointing.auto_configs import EncoderConfig, MODEL_CLASSES
+from components.checkpointing.sizes import check_config_sizes, check_shapes
+from components.checkpointing.finetuned import check_head_size
 from components.errors import CheckpointError
 from components.models.adapters import BottleneckAdapter
 from components.models.families import ENCODERS
-from components.models.tasks import SequenceHead, task_loss, TokenHead
+from components.models.heads import SequenceHead, task_loss, TokenHead
+from safetensors import safe_open
 
 
-def _config_file(config: _EncoderConfig) -> str:
+def _config_file(config: EncoderConfig) -> str:
     """What to call ``config`` in messages: the config.json it was read from, where known."""
     source = getattr(config, "name_or_path", "") or ""
     return str(Path(source) / "config.json") if source else f"the {type(config).__name__} passed"
@@ -45,8 +46,6 @@ def _config_file(config: _EncoderConfig) -> str:
 def _header_shapes(files: Iterable[Path]) -> Optional[Dict[str, Tuple[int, ...]]]:
     """Name -> shape of every tensor in safetensors ``files``, from their headers (nothing read);
     ``None`` where a file is not safetensors."""
-    from safetensors import safe_open
-
     shapes: Dict[str, Tuple[int, ...]] = {}
     for file in files:
         if file.suffix != ".safetensors":
@@ -67,7 +66,7 @@ class _EncoderPreTrainedModel(PreTrainedModel):
     _keys_to_ignore_on_load_unexpected = [r"mlm_head\.", r"^head\."]
     _with_mlm_head = False
 
-    def _build_encoder(self, config: _EncoderConfig) -> nn.Module:
+    def _build_encoder(self, config: EncoderConfig) -> nn.Module:
         family, args = config.encoder_family()
         if family not in ENCODERS or not isinstance(args, dict):
             raise CheckpointError(

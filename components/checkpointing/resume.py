@@ -18,7 +18,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
-from components.checkpointing.io import atomic_directory
+from components.io import atomic_directory
 from components.errors import CheckpointError
 
 log = logging.getLogger(__name__)

@@ -27,9 +27,12 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from components.checkpointing import albert, mobilebert
-from components.checkpointing.hf_bert import check_config_sizes, check_shapes, CheckpointError, weight_shapes
-from components.checkpointing.io import atomic_directory
+from components.checkpointing.sizes import check_config_sizes, check_shapes
+from components.checkpointing.weights import weight_shapes
+from components.errors import CheckpointError
+from components.io import atomic_directory
 from components.models.families import encoder_family, ENCODERS
+import transformers
 
 NATIVE_MODEL_TYPE = "recursive_encoder"  # the recursive family's native model_type
 FORMAT_VERSION = 1
@@ -88,10 +91,6 @@ def hf_format(model: nn.Module) -> Optional[str]:
     return next((name for name, f in FORMATS.items() if f.family == family and f.fits(model.config)), None)
 
 
-def is_albert_compatible(model: nn.Module) -> bool:
-    return hf_format(model) == "albert"
-
-
 def _native_state(model: nn.Module) -> dict:
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     if model.config.get("tie_word_embeddings"):
@@ -126,8 +125,6 @@ def save_student(
     state = _native_state(model)
     with atomic_directory(Path(folder), "student") as tmp:
         if format != "native":
-            import transformers
-
             spec = FORMATS[format]
             extra = {METADATA_KEY: metadata} if metadata else {}
             getattr(transformers, spec.config_class)(**spec.config_kwargs(model.config), **extra).save_pretrained(str(tmp))
@@ -174,7 +171,7 @@ def load_student(path: str, **overrides) -> nn.Module:
     dropout, say, or ``adapter_placement`` to add fresh adapters to an adapter-free student.
 
     Folders may come from strangers: the config's sizes are checked against the weights' header
-    (:func:`~components.checkpointing.hf_bert.check_config_sizes`, the teacher loader's check)
+    (:func:`~components.checkpointing.sizes.check_config_sizes`, the teacher loader's check)
     before the weights are read, and the student is laid out on the meta device and compared
     name by name and shape by shape before it is allocated."""
     folder = Path(path)

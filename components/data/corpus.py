@@ -25,10 +25,15 @@ from typing import Any, Iterator, List, Optional, Sequence, Tuple, Union
 
 import datasets
 
-from components.checkpointing.io import looks_like_local_path
+from components.io import looks_like_local_path
 from components.data.store import build_store, store_key, TokenWindows
 from components.errors import CorpusError
 from components.fingerprint import cache_root, file_digest, files_fingerprint
+import bz2
+import gzip
+import lzma
+import fsspec
+import pyarrow.parquet as pq
 
 log = logging.getLogger(__name__)
 
@@ -74,14 +79,8 @@ def local_files(sources: Sequence[str]) -> List[str]:
 
 def _open_any(file: str):
     """A binary file object that decompresses what it reads."""
-    import bz2
-    import gzip
-    import lzma
-
     extension = os.path.splitext(file)[1].lower()
     if extension in (".zst", ".lz4"):  # through fsspec, when the codec's package is installed
-        import fsspec
-
         package = {".zst": "zstandard", ".lz4": "lz4"}[extension]
         try:
             return fsspec.open(file, "rb", compression={".zst": "zstd", ".lz4": "lz4"}[extension]).open()
@@ -178,8 +177,6 @@ def _column(record: Any, column: str, file: str, where: str) -> Any:
 
 
 def _parquet_documents(file: str, column: str) -> Iterator[Any]:
-    import pyarrow.parquet as pq
-
     try:
         table = pq.ParquetFile(file)
     except Exception as e:

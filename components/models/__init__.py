@@ -8,7 +8,7 @@ from components.models.recursive import (
     recursive_tiny,
     RecursiveEncoder,
 )
-from components.models.teacher import FrozenTeacher, hf_teacher
+from components.models.teacher import FrozenTeacher
 
 __all__ = [
     "BertEncoder",
@@ -18,7 +18,6 @@ __all__ = [
     "EncoderOutput",
     "EncoderSpec",
     "FrozenTeacher",
-    "hf_teacher",
     "minialbert_128",
     "minialbert_312",
     "mobilebert",

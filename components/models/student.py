@@ -14,6 +14,7 @@ from torch import nn
 
 from components.errors import ConfigError
 from components.models.output import EncoderOutput, EncoderSpec
+import logging
 
 
 @runtime_checkable
@@ -77,8 +78,6 @@ def copy_teacher_embeddings(student: nn.Module, teacher: nn.Module) -> List[str]
     """Copy every ``embeddings.*`` tensor of ``teacher`` whose name and shape the student shares
     (MobileBERT starts from its teacher's embeddings "where widths allow"); returns the names
     copied. Raises when nothing fits, naming both sides' shapes."""
-    import logging
-
     theirs = dict(teacher.state_dict())
     copied, skipped = [], []
     with torch.no_grad():

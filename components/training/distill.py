@@ -1,6 +1,6 @@
 """What one distillation step and one evaluation do, shared by the single-device and the
 distributed recipes (which differ in how counts, metrics and gradients are summed over ranks:
-see components.training.distributed)."""
+see components.training.parallel)."""
 
 import contextlib
 import math
@@ -13,7 +13,7 @@ from tqdm import tqdm
 from components.data.mlm import GlobalBatchSampler, MLMMasker, pad_batch, round_up, step_generator
 from components.errors import NonFiniteLossError
 from components.losses.distillation import DistillationLoss, LossOutput
-from components.training.distributed import clip_gradients
+from components.training.parallel import clip_gradients
 
 # Sums a tensor over ranks (identity on one device).
 Reduce = Callable[[torch.Tensor], torch.Tensor]

@@ -15,7 +15,7 @@ from typing import Any, Mapping, Optional
 
 import torch
 
-from components.checkpointing.io import atomic_file, check_write_path
+from components.io import atomic_file, check_write_path
 
 
 class TensorBoardSink:

@@ -4,7 +4,7 @@ A :class:`Run` owns a recipe's ``output_dir``:
 
 * **The folder.** The main rank locks it (``.lock``) for the run's lifetime, cleans up what an
   interrupted write left, and refuses a folder that already holds a run unless the run resumes.
-  Every write is confined to it (``components.checkpointing.io.set_write_root``).
+  Every write is confined to it (``components.io.set_write_root``).
 * **Resume.** The main rank chooses the newest checkpoint that verifies (size + SHA-256; damaged
   ones are set aside) and every rank loads that one. The saved config is compared with the new
   one: keys that decide the model or the data order must match. So are the fingerprints of the
@@ -39,7 +39,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from components.checkpointing.io import atomic_file, lock_output_dir, recover_interrupted_writes, set_write_root
+from components.io import atomic_file, lock_output_dir, recover_interrupted_writes, set_write_root
 from components.checkpointing.resume import (
     checkpoint_path,
     checkpoints_dir,
@@ -50,7 +50,7 @@ from components.checkpointing.resume import (
 )
 from components.errors import CheckpointError, ConfigError, MissingDependencyError, RunInterrupted, UserError
 from components.fingerprint import fingerprint_differences
-from components.training.config import config_differences, instantiate
+from components.config import config_differences, instantiate
 from components.training.metrics import MetricLogger, peak_memory_stats
 
 log = logging.getLogger(__name__)

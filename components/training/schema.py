@@ -1,12 +1,11 @@
 """Every key of each recipe's config, its type and default (the README's key tables mirror
-this file). Checked by :func:`components.training.config.check_config` before a run starts."""
+this file). Checked by :func:`components.config.check_config` before a run starts."""
 
 from dataclasses import dataclass, field
-from typing import Any, List, Literal, Optional
+from typing import Any, Dict, List, Literal, Optional
 
-from components.data.tasks import TaskConfig, TaskDataConfig
 from components.quantization.schemes import SCHEME_NAMES
-from components.training.config import bounded, Component, component_field
+from components.config import bounded, Component, component_field
 from components.training.stages import StageConfig
 
 
@@ -114,6 +113,41 @@ class ExportConfig:
     eval_text_column: str = "text"
     eval_batch_size: int = bounded(8, low=2)
     eval_max_length: int = bounded(128, low=8)
+
+
+@dataclass
+class TaskConfig:
+    """recipes/finetune.py's ``task`` section: what is predicted and how it is scored."""
+
+    type: Literal["classification", "regression", "token_classification"] = "classification"
+    input: Literal["single", "pair"] = "single"  # one text column, or sentence pairs
+    labels: Optional[List[str]] = None  # label names in id order; null: from the data
+    metric: Optional[str] = None  # the metric that picks the best checkpoint; null: DEFAULT_METRIC[type]
+
+
+@dataclass
+class TaskDataConfig:
+    """recipes/finetune.py's ``data`` section: where the task's splits come from and how they are read."""
+
+    # A Hub dataset name ("glue", "eriktks/conll2003"), a local folder written by datasets'
+    # save_to_disk, or a mapping split -> local file (.csv, .tsv, .jsonl, .json, .parquet, or
+    # CoNLL .conll/.txt for NER). With a mapping, its keys are our split names and `splits` is ignored.
+    source: Any
+    hub_config: Optional[str] = None  # configuration of a Hub dataset, e.g. "sst2"
+    # our split -> the source's split name; "test" is optional: missing from the source = no test predictions
+    splits: Dict[str, str] = field(
+        default_factory=lambda: {"train": "train", "validation": "validation", "test": "test"}
+    )
+    text_column: str = "sentence"
+    text_pair_column: Optional[str] = None  # second sentence, for task.input: pair
+    label_column: str = "label"
+    tokens_column: str = "tokens"  # token_classification: the words of a sentence
+    tags_column: str = "ner_tags"  # token_classification: one tag per word
+    max_length: int = bounded(128, low=4)  # tokens per row, special tokens included
+    batch_size: int = bounded(32, low=1)
+    eval_batch_size: int = bounded(64, low=1)
+    pad_to_multiple_of: int = bounded(8, low=1)
+    num_proc: Optional[int] = bounded(None, low=1)  # processes for tokenisation
 
 
 @dataclass

@@ -13,18 +13,17 @@ moment estimates from the gradients.
 """
 
 import fnmatch
-import logging
-import math
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 from torch import nn
 
 from components.losses.distillation import LossTerm
-from components.training.config import bounded
-
-log = logging.getLogger(__name__)
-
+from components.config import bounded
+from omegaconf import OmegaConf
+from components.config import config_section, instantiate
+from components.errors import ConfigError
+from components.losses.distillation import MOBILEBERT_WEIGHTS
 
 @dataclass
 class StageConfig:
@@ -151,8 +150,6 @@ def progressive_stages(
         final_steps: the last stage's steps; ``None`` takes what remains of ``max_steps``.
         during, after: learning-rate multipliers of layer k during and after its phase.
     """
-    from components.losses.distillation import MOBILEBERT_WEIGHTS
-
     if num_layers < 1 or steps_per_layer < 1:
         raise ValueError(f"progressive_stages needs num_layers >= 1 and steps_per_layer >= 1, got {num_layers}, {steps_per_layer}")
     if "{index}" not in layer_parameters:
@@ -181,11 +178,6 @@ def progressive_stages(
 def expand_stages(cfg):
     """A ``stages`` section given as a ``_component_`` (a stage-list builder such as
     :func:`progressive_stages`) becomes the list it builds, before the config is checked."""
-    from omegaconf import OmegaConf
-
-    from components.errors import ConfigError
-    from components.training.config import config_section, instantiate
-
     node = cfg.get("stages") if hasattr(cfg, "get") else None
     if node is None or not OmegaConf.is_dict(node) or "_component_" not in node:
         return cfg
@@ -243,42 +235,3 @@ def group_lambdas(
         return lambda step: schedule(step) * scales[stages.index(stage_at(stages, step))]
 
     return [make(g["lr_scales"]) for g in groups]
-
-
-def linear_warmup_decay(total_steps: int, warmup_steps: int = 0, final_ratio: float = 0.0) -> Callable[[int], float]:
-    """LR multiplier: linear warm-up from 0 over ``warmup_steps``, then linear decay to
-    ``final_ratio`` at ``total_steps`` (BERT's and MiniALBERT's schedule)."""
-    if warmup_steps < 0 or total_steps < 1:
-        raise ValueError(f"Need warmup_steps >= 0 and total_steps >= 1, got {warmup_steps}, {total_steps}")
-    if warmup_steps >= total_steps:
-        shorter = total_steps // 10
-        log.warning(
-            "lr_schedule.warmup_steps=%d is not below the run's %d steps (the learning rate would "
-            "never peak): warming up over %d steps instead",
-            warmup_steps,
-            total_steps,
-            shorter,
-        )
-        warmup_steps = shorter
-
-    def multiplier(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        remaining = max(total_steps - warmup_steps, 1)
-        progress = min((step - warmup_steps) / remaining, 1.0)
-        return final_ratio + (1.0 - final_ratio) * (1.0 - progress)
-
-    return multiplier
-
-
-def cosine_warmup_decay(total_steps: int, warmup_steps: int = 0, final_ratio: float = 0.0) -> Callable[[int], float]:
-    """LR multiplier: linear warm-up, then half a cosine down to ``final_ratio``."""
-    linear = linear_warmup_decay(total_steps, warmup_steps, 0.0)
-
-    def multiplier(step: int) -> float:
-        if step < warmup_steps:
-            return linear(step)
-        progress = 1.0 - linear(step)
-        return final_ratio + (1.0 - final_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-    return multiplier

@@ -24,8 +24,8 @@ import re
 from pathlib import Path
 from typing import Dict, List, Literal, Sequence, Tuple
 
-from components.checkpointing.io import atomic_file, check_write_path
-from components.smoke import stdlib_docstrings
+from components.io import atomic_file, check_write_path
+from components.smoke.assets import stdlib_docstrings
 
 SIZES = {"train": 2000, "validation": 200, "test": 200}
 FILE_NAMES = {

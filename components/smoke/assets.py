@@ -19,7 +19,12 @@ from typing import Iterator, List
 
 import torch
 
-from components.checkpointing.io import atomic_directory, atomic_file, check_write_path
+from components.io import atomic_directory, atomic_file, check_write_path
+from tokenizers import BertWordPieceTokenizer
+from transformers import BertConfig, BertForMaskedLM, BertTokenizerFast
+from components.checkpointing.teacher import hf_teacher
+from components.data.corpus import special_tokens_template, window_starts
+from components.data.mlm import MLMMasker, pad_batch, step_generator
 
 log = logging.getLogger(__name__)
 
@@ -64,10 +69,7 @@ def _write_corpus(path: Path, documents: List[str]) -> None:
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
 
-def _train_tokenizer(documents: List[str], vocab_size: int):
-    from tokenizers import BertWordPieceTokenizer
-    from transformers import BertTokenizerFast
-
+def train_tokenizer(documents: List[str], vocab_size: int):
     trained = BertWordPieceTokenizer(lowercase=True)
     trained.train_from_iterator(
         documents, vocab_size=vocab_size, min_frequency=2, special_tokens=SPECIAL_TOKENS, show_progress=False
@@ -91,9 +93,6 @@ def _train_tokenizer(documents: List[str], vocab_size: int):
 
 def _pretrain_teacher(model, tokenizer, documents: List[str], steps: int, seed: int) -> None:
     """A few hundred MLM steps, so the smoke teacher knows something to distil."""
-    from components.data.corpus import special_tokens_template, window_starts
-    from components.data.mlm import MLMMasker, pad_batch, step_generator
-
     prefix, suffix = special_tokens_template(tokenizer)
     body = 62
     windows = []
@@ -131,13 +130,11 @@ def ensure_smoke_assets(
         return root  # reading needs no write permission (they may live outside output_dir)
     root = check_write_path(assets_dir, "smoke assets")
     corpus, teacher = root / "corpus.jsonl", root / "teacher"
-    from transformers import BertConfig, BertForMaskedLM
-
     log.info("Building smoke-run assets in %s (tiny teacher, stdlib-docstring corpus)", root)
     documents = list(stdlib_docstrings())
     root.mkdir(parents=True, exist_ok=True)
     _write_corpus(corpus, documents)
-    tokenizer = _train_tokenizer(documents, vocab_size)
+    tokenizer = train_tokenizer(documents, vocab_size)
     # Building assets must not move the caller's random state: a later run that finds them
     # built has to initialise its student exactly like this one.
     with torch.random.fork_rng():
@@ -162,8 +159,6 @@ def ensure_smoke_assets(
 
 def smoke_teacher(assets_dir: str, dtype: str = "fp32", shard=None):
     """SMOKE RUN: the tiny pre-trained teacher, loaded like any Hugging Face checkpoint."""
-    from components.models.teacher import hf_teacher
-
     return hf_teacher(str(ensure_smoke_assets(assets_dir) / "teacher"), dtype=dtype, shard=shard)
 
 

@@ -27,6 +27,7 @@ from typing import Dict
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers import AlbertForMaskedLM, AlbertModel, BertForMaskedLM, BertModel
 
 MINIALBERT = "minialbert"
 LAYERS = "layers"
@@ -44,8 +45,6 @@ class ReferenceLoop:
 
     def __init__(self, teacher_dir: str, student_dir: str, batch, loss: str, lr: float = 5e-4,
                  weight_decay: float = 1e-4, clip: float = 1.0):
-        from transformers import AlbertForMaskedLM, AlbertModel, BertForMaskedLM, BertModel
-
         if loss not in (MINIALBERT, LAYERS):
             raise ValueError(f"loss must be {MINIALBERT!r} or {LAYERS!r}, got {loss!r}")
         heads = loss == MINIALBERT

@@ -19,7 +19,7 @@ import inspect
 import os
 import sys
 import typing
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import yaml
 from omegaconf import DictConfig, OmegaConf
@@ -188,7 +188,7 @@ def _check_dataclass(node: Dict[str, Any], schema, path: str) -> Dict[str, Any]:
         if name in node:
             value = node[name]
             # a component section that only sets arguments keeps the default component
-            if isinstance(value, dict) and "_component_" not in value and isinstance(default, dict):
+            if hints[name] is Component and isinstance(value, dict) and "_component_" not in value and isinstance(default, dict):
                 value = {**default, **value}
         elif f.default is not dataclasses.MISSING:
             value = f.default
@@ -220,6 +220,24 @@ def _check_field(value, annotation, path: str, provided: Sequence[str] = ()):
     if isinstance(value, dict) and "_component_" in value:
         check_component(value, path)
     return value
+
+
+def override(cfg: Dict[str, Any], overrides: Mapping[str, Any]) -> Dict[str, Any]:
+    """Set dotted keys (``data.batch_size``) in a plain config dict, as ``key=value`` on the
+    command line does; returns ``cfg``."""
+    for key, value in overrides.items():
+        node = cfg
+        *parents, last = key.split(".")
+        for part in parents:
+            node = node[part]
+        node[last] = value
+    return cfg
+
+
+def check_section(node: Mapping[str, Any], schema, path: str) -> Dict[str, Any]:
+    """Validate one config section (a plain mapping) against the dataclass ``schema``; return it
+    as a plain dict with defaults filled in. ``path`` names the section in messages."""
+    return _check_dataclass(dict(node), schema, path)
 
 
 def check_config(cfg: DictConfig, schema) -> DictConfig:

@@ -19,20 +19,16 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from components.checkpointing.hf_bert import (
-    check_config_sizes,
-    check_shapes,
-    load_hf_encoder,
-    load_tokenizer,
-    resolve_checkpoint_dir,
-    SUPPORTED_MODEL_TYPES,
-    weight_shapes,
-)
-from components.checkpointing.io import atomic_directory
+from components.checkpointing.hf_bert import load_hf_encoder, SUPPORTED_MODEL_TYPES
+from components.checkpointing.hub import resolve_checkpoint_dir
+from components.checkpointing.sizes import check_config_sizes, check_shapes
+from components.checkpointing.tokenizers import load_tokenizer
+from components.checkpointing.weights import weight_shapes
+from components.io import atomic_directory
 from components.checkpointing.student import load_student, STUDENT_MODEL_TYPES
 from components.errors import CheckpointError
 from components.models.families import encoder_family, ENCODERS
-from components.models.tasks import TaskModel
+from components.models.heads import TaskModel
 
 FINETUNED_MODEL_TYPE = "finetuned_encoder"
 ADAPTER_SET_FILE, ADAPTER_WEIGHTS_FILE = "adapter_set.json", "adapters.safetensors"
@@ -113,7 +109,7 @@ def load_task_model(path: str) -> Tuple[TaskModel, Dict[str, Any]]:
 
     Folders may come from strangers: as in :func:`~components.checkpointing.student.load_student`,
     the encoder's builder arguments (``encoder.config``) are checked against the weights' header
-    (:func:`~components.checkpointing.hf_bert.check_config_sizes`) and the model is laid out on
+    (:func:`~components.checkpointing.sizes.check_config_sizes`) and the model is laid out on
     the meta device and compared name by name and shape by shape before anything is allocated;
     every refusal names ``config.json`` and the key."""
     folder = Path(path)

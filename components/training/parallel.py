@@ -36,12 +36,23 @@ from typing import Any, Iterator, List, Optional, Sequence
 
 import torch
 from torch import nn
+import torch.distributed as dist
+from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+from torch.distributed.checkpoint.state_dict import (
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+    StateDictOptions,
+)
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor
+from components.errors import ConfigError
 
 
 def resolve_device(name: str) -> torch.device:
     """``auto`` is CUDA when there is one, else the CPU."""
-    from components.training.config import ConfigError
-
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
@@ -136,8 +147,6 @@ class SingleDevice:
 
     def state_dicts(self, trainable: nn.Module, optimizer: torch.optim.Optimizer):
         """(model, optimizer) state dicts with full tensors, on the main rank (empty elsewhere)."""
-        from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
-
         options = _full_options(cpu_offload=self.world_size > 1)
         return (
             get_model_state_dict(trainable, options=options),
@@ -146,8 +155,6 @@ class SingleDevice:
 
     def load_state_dicts(self, trainable: nn.Module, optimizer, model_state, optimizer_state) -> None:
         """Load full state dicts (every rank passes the same ones) into possibly sharded modules."""
-        from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
-
         set_model_state_dict(trainable, model_state, options=_full_options())
         # parameters that never had a gradient have no AdamW state yet
         set_optimizer_state_dict(trainable, optimizer, optimizer_state, options=_full_options(strict=False))
@@ -161,16 +168,12 @@ class SingleDevice:
 
 
 def _full_options(**kwargs):
-    from torch.distributed.checkpoint.state_dict import StateDictOptions
-
     return StateDictOptions(full_state_dict=True, **kwargs)
 
 
 def clip_gradients(params: Sequence[nn.Parameter], max_norm: float) -> torch.Tensor:
     """Clip the total gradient norm of sharded (DTensor) and plain gradients together; returns
     the norm before clipping."""
-    from torch.distributed.tensor import DTensor
-
     grads = [p.grad for p in params if p.grad is not None]
     norms = []
     for group in ([g for g in grads if isinstance(g, DTensor)], [g for g in grads if not isinstance(g, DTensor)]):
@@ -199,11 +202,6 @@ class DataParallel(SingleDevice):
     """
 
     def __init__(self, device: str = "auto"):
-        import torch.distributed as dist
-        from torch.distributed.device_mesh import init_device_mesh
-
-        from components.training.config import ConfigError
-
         if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
             raise ConfigError(
                 "The distributed recipe runs under torchrun: "
@@ -231,8 +229,6 @@ class DataParallel(SingleDevice):
         self._dist = dist
 
     def shard_student(self, student: nn.Module) -> None:
-        from torch.distributed.fsdp import fully_shard
-
         fully_shard(student, mesh=self.mesh)
 
     def set_gradient_sync(self, student: nn.Module, enabled: bool) -> None:
@@ -240,8 +236,6 @@ class DataParallel(SingleDevice):
             student.set_requires_gradient_sync(enabled)
 
     def full_student(self, student: nn.Module) -> Optional[nn.Module]:
-        from torch.distributed.checkpoint.state_dict import get_model_state_dict
-
         state = get_model_state_dict(student, options=_full_options(cpu_offload=True))
         if not self.is_main:
             return None
@@ -251,8 +245,6 @@ class DataParallel(SingleDevice):
 
     def shard_teacher(self, encoder: nn.Module) -> None:
         """FSDP2 on every layer, then the root; parameters resharded after each forward."""
-        from torch.distributed.fsdp import fully_shard
-
         for layer in encoder.layers:
             fully_shard(layer, mesh=self.mesh, reshard_after_forward=True)
         fully_shard(encoder, mesh=self.mesh, reshard_after_forward=True)
@@ -297,9 +289,6 @@ class DataParallel(SingleDevice):
                 self.barrier()
 
     def sync_gradients(self, params: Sequence[nn.Parameter]) -> None:
-        from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
-        from torch.distributed.tensor import DTensor
-
         grads = [p.grad for p in params if p.grad is not None and not isinstance(p.grad, DTensor)]
         if not grads:
             return

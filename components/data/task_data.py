@@ -17,18 +17,18 @@ import difflib
 import logging
 import math
 import os
-from dataclasses import dataclass, field, fields, MISSING
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Literal, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import datasets
 import torch
 
-from components.checkpointing.io import looks_like_local_path
+from components.io import looks_like_local_path
 from components.data.mlm import round_up, step_generator
 from components.errors import TaskDataError
 from components.fingerprint import cache_root, file_digest, files_fingerprint
-from components.training.config import bounded
+import pyarrow.parquet as pq
 
 log = logging.getLogger(__name__)
 
@@ -49,37 +49,6 @@ _ORDER_STREAM = 11  # random stream of the shuffled order (MLM noise uses others
 
 
 @dataclass
-class TaskConfig:
-    type: Literal["classification", "regression", "token_classification"] = "classification"
-    input: Literal["single", "pair"] = "single"  # one text column, or sentence pairs
-    labels: Optional[List[str]] = None  # label names in id order; null: from the data
-    metric: Optional[str] = None  # the metric that picks the best checkpoint; null: DEFAULT_METRIC[type]
-
-
-@dataclass
-class TaskDataConfig:
-    # A Hub dataset name ("glue", "eriktks/conll2003"), a local folder written by datasets'
-    # save_to_disk, or a mapping split -> local file (.csv, .tsv, .jsonl, .json, .parquet, or
-    # CoNLL .conll/.txt for NER). With a mapping, its keys are our split names and `splits` is ignored.
-    source: Any
-    hub_config: Optional[str] = None  # configuration of a Hub dataset, e.g. "sst2"
-    # our split -> the source's split name; "test" is optional: missing from the source = no test predictions
-    splits: Dict[str, str] = field(
-        default_factory=lambda: {"train": "train", "validation": "validation", "test": "test"}
-    )
-    text_column: str = "sentence"
-    text_pair_column: Optional[str] = None  # second sentence, for task.input: pair
-    label_column: str = "label"
-    tokens_column: str = "tokens"  # token_classification: the words of a sentence
-    tags_column: str = "ner_tags"  # token_classification: one tag per word
-    max_length: int = bounded(128, low=4)  # tokens per row, special tokens included
-    batch_size: int = bounded(32, low=1)
-    eval_batch_size: int = bounded(64, low=1)
-    pad_to_multiple_of: int = bounded(8, low=1)
-    num_proc: Optional[int] = bounded(None, low=1)  # processes for tokenisation
-
-
-@dataclass
 class TaskData:
     task_type: str
     label_names: Optional[List[str]]  # id -> label name (str); None for regression
@@ -93,21 +62,6 @@ class TaskData:
     def num_labels(self) -> int:
         """Outputs the task head needs: one per label, one for regression."""
         return 1 if self.label_names is None else len(self.label_names)
-
-
-def _with_defaults(section: Mapping, schema, name: str) -> Dict[str, Any]:
-    """A config section as a plain dict, with the schema's defaults for what it leaves out."""
-    out = {}
-    for f in fields(schema):
-        if f.name in section:
-            out[f.name] = section[f.name]
-        elif f.default_factory is not MISSING:
-            out[f.name] = f.default_factory()
-        elif f.default is not MISSING:
-            out[f.name] = f.default
-        else:
-            raise TaskDataError(f"The config is missing the required key '{name}.{f.name}'")
-    return out
 
 
 def _did_you_mean(name: str, known: Sequence[str]) -> str:
@@ -209,8 +163,6 @@ def read_task_file(path: str, split: str, data: Mapping, task_type: str) -> data
 def _holds_no_rows(path: str, kind: str) -> bool:
     try:
         if kind == "parquet":
-            import pyarrow.parquet as pq
-
             return pq.read_metadata(path).num_rows == 0
         with open(path, encoding="utf-8", errors="replace") as f:
             lines = sum(1 for line in f if line.strip())
@@ -593,13 +545,11 @@ def load_task_data(data: Mapping, task: Mapping, tokenizer) -> TaskData:
     """Read, label and tokenise every split of a task.
 
     Args:
-        data: the ``data`` config section (fields of :class:`TaskDataConfig`; missing ones take
-            their defaults).
-        task: the ``task`` config section (fields of :class:`TaskConfig`).
+        data: the ``data`` config section, checked and complete (every field of
+            ``components.training.schema.TaskDataConfig``).
+        task: the ``task`` config section, likewise (``TaskConfig``).
         tokenizer: the student's (= teacher's) tokenizer; NER needs a fast one.
     """
-    data = _with_defaults(data, TaskDataConfig, "data")
-    task = _with_defaults(task, TaskConfig, "task")
     _check_task(task)
     task_type = task["type"]
     raw, sources, fingerprint = _load_source_splits(data, task_type)

@@ -1,6 +1,6 @@
 """One base, many tasks: load several adapter sets onto one student and predict with each.
 
-    from components.adapter_sets import MultiTaskModel
+    from components.inference import MultiTaskModel
 
     model = MultiTaskModel("outputs/tiny/student")              # the base, loaded once
     model.add("sst2", "outputs/sst2/adapter_set")               # checked against the base
@@ -22,7 +22,7 @@ from typing import Any, Dict, List, Optional, Sequence, Union
 
 import torch
 
-from components.checkpointing.tasks import (
+from components.checkpointing.finetuned import (
     ADAPTER_SET_VERSION,
     ADAPTER_WEIGHTS_FILE,
     base_fingerprint,
@@ -30,10 +30,10 @@ from components.checkpointing.tasks import (
     load_adapter_set,
     load_encoder,
 )
-from components.data.tasks import encode_inputs, TaskData
+from components.data.task_data import encode_inputs, TaskData
 from components.errors import CheckpointError
-from components.models.tasks import TaskModel
-from components.training.finetune import predict
+from components.models.heads import TaskModel
+from components.inference.predict import predict
 
 
 class MultiTaskModel:
