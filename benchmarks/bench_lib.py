@@ -131,9 +131,7 @@ def environment() -> Dict:
 
     flags = ""
     try:
-        flags = next(
-            (l for l in Path("/proc/cpuinfo").read_text().splitlines() if l.startswith("flags")), ""
-        )
+        flags = next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), "")
     except OSError:
         pass
     isa = [f for f in ("avx2", "fma", "avx512f", "avx512_bf16", "amx_tile") if f" {f}" in flags]
@@ -318,7 +316,9 @@ class RecipeSide(Side):
         quiet_transformers()
         logging.getLogger().setLevel(logging.WARNING)
         self.output_dir = Path(tempfile.mkdtemp(prefix="recipe-", dir=scratch))
-        self.recipe = DistillRecursiveRecipe(OmegaConf.create(recipe_config(assets, shapes, self.output_dir, **overrides)))
+        self.recipe = DistillRecursiveRecipe(
+            OmegaConf.create(recipe_config(assets, shapes, self.output_dir, **overrides))
+        )
         self.recipe.setup()
         make = self.recipe.step_batches
         # what a background batch builder could hide: padding, masking, packing on this thread
@@ -356,8 +356,15 @@ class ReferenceSide(Side):
         from components.testing.reference_loop import LAYERS, MINIALBERT, ReferenceLoop
 
         quiet_transformers()
-        self.loop = ReferenceLoop(assets["teacher"], assets["student"], batch, MINIALBERT if shapes.mlm_head else LAYERS,
-                                  lr=LR, weight_decay=WEIGHT_DECAY, clip=CLIP)
+        self.loop = ReferenceLoop(
+            assets["teacher"],
+            assets["student"],
+            batch,
+            MINIALBERT if shapes.mlm_head else LAYERS,
+            lr=LR,
+            weight_decay=WEIGHT_DECAY,
+            clip=CLIP,
+        )
         self.student, self.teacher = self.loop.student, self.loop.teacher
 
     def step(self) -> float:
@@ -380,9 +387,14 @@ def cached_teacher(side: RecipeSide) -> RecipeSide:
     precomputed-teacher cache could save (disk reads not counted). A cache needs the masks to
     be fixed per window (the teacher sees the masked input), i.e. static masking."""
     live, loss_fn, batch = side.teacher, side.recipe.loss_fn, side.batches[0]
-    recorded = live(batch.input_ids, batch.attention_mask, attention_layers=loss_fn.teacher_attention_layers(),
-                    logits_mask=batch.masked_positions, return_logits=loss_fn.needs_teacher_logits,
-                    **({} if batch.segment_ids is None else {"segment_ids": batch.segment_ids}))
+    recorded = live(
+        batch.input_ids,
+        batch.attention_mask,
+        attention_layers=loss_fn.teacher_attention_layers(),
+        logits_mask=batch.masked_positions,
+        return_logits=loss_fn.needs_teacher_logits,
+        **({} if batch.segment_ids is None else {"segment_ids": batch.segment_ids}),
+    )
 
     class Replay(torch.nn.Module):
         spec = live.spec
@@ -405,7 +417,6 @@ def cache_bytes_per_window(shapes: Shapes, masked_per_window: float, top_k: int 
     if shapes.mlm_head:
         out[f"top{top_k}_logits"] = masked_per_window * top_k * (2 + 4)
     return out
-
 
 
 # ---------------------------------------------------------------------------------------------
@@ -471,12 +482,25 @@ def distill_flops(shapes: Shapes, rows: int, seq: int, num_masked: int, kind: st
     t = rows * seq
     n = (num_masked if kind == "ours" else t) if shapes.mlm_head else 0
     teacher = encoder_forward_flops(
-        rows, seq, shapes.t_layers, shapes.t_hidden, shapes.t_ffn,
-        head_positions=n, head_width=shapes.t_hidden, vocab=shapes.vocab,
+        rows,
+        seq,
+        shapes.t_layers,
+        shapes.t_hidden,
+        shapes.t_ffn,
+        head_positions=n,
+        head_width=shapes.t_hidden,
+        vocab=shapes.vocab,
     )
     student = encoder_forward_flops(
-        rows, seq, shapes.s_iters, shapes.s_hidden, shapes.s_ffn,
-        embed=shapes.s_embed, head_positions=n, head_width=shapes.s_embed, vocab=shapes.vocab,
+        rows,
+        seq,
+        shapes.s_iters,
+        shapes.s_hidden,
+        shapes.s_ffn,
+        embed=shapes.s_embed,
+        head_positions=n,
+        head_width=shapes.s_embed,
+        vocab=shapes.vocab,
     )
     total = teacher["total"] + 3 * student["total"]
     return {
@@ -549,8 +573,13 @@ def peak_matmul(n: int = 2048, repeats: int = 10, warmup: int = 2, dtype=torch.f
         torch.matmul(a, b, out=out)
     times = [timed(lambda: torch.matmul(a, b, out=out)) for _ in range(repeats)]
     flops = 2 * n**3
-    return {"n": n, "flops": flops, "times_s": times, "best_flops_per_s": flops / min(times),
-            "median_flops_per_s": flops / statistics.median(times)}
+    return {
+        "n": n,
+        "flops": flops,
+        "times_s": times,
+        "best_flops_per_s": flops / min(times),
+        "median_flops_per_s": flops / statistics.median(times),
+    }
 
 
 def matmul_probe(n: int = 2048, repeats: int = 2, dtype=torch.float32) -> float:
@@ -595,8 +624,15 @@ def _reset_peak() -> bool:
         return False
 
 
-def memory_probe(kind: str, assets: Dict[str, str], shapes: Shapes, seed: int, threads: int, bf16: bool = False,
-                 scratch: Path = Path("/tmp")) -> Dict:
+def memory_probe(
+    kind: str,
+    assets: Dict[str, str],
+    shapes: Shapes,
+    seed: int,
+    threads: int,
+    bf16: bool = False,
+    scratch: Path = Path("/tmp"),
+) -> Dict:
     """Run in a FRESH process (see run.py): build one side, then measure the RSS high-water mark
     of (1) the first step (which also allocates AdamW's state and the gradients) and (2) a
     second, steady-state step, each as peak RSS during the step minus RSS just before it.
@@ -638,7 +674,7 @@ def memory_probe(kind: str, assets: Dict[str, str], shapes: Shapes, seed: int, t
 
 def profile_step(runner: Side, steps: int = 2, rows: int = 15) -> Dict:
     """torch.profiler over ``steps`` steps: top ops by self CPU time."""
-    from torch.profiler import ProfilerActivity, profile
+    from torch.profiler import profile, ProfilerActivity
 
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         for _ in range(steps):

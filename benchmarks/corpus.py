@@ -147,7 +147,11 @@ def previous_layout(corpus: Path, tokenizer_dir: Path, max_length: int, stride: 
 
     def to_windows(batch):
         encoded = tokenizer(batch["text"], add_special_tokens=False, verbose=False)["input_ids"]
-        return {"input_ids": [prefix + ids[s : s + body] + suffix for ids in encoded for s in window_starts(len(ids), body, stride)]}
+        return {
+            "input_ids": [
+                prefix + ids[s : s + body] + suffix for ids in encoded for s in window_starts(len(ids), body, stride)
+            ]
+        }
 
     started = time.perf_counter()
     windows = documents.map(to_windows, batched=True, remove_columns=["text"])
@@ -194,7 +198,9 @@ def main() -> None:
         r.update(max_length=max_length, stride=stride, corpus_bytes=corpus.stat().st_size)
         if args.quick:
             log("the previous layout on the same corpus")
-            old = child("previous", corpus, SCRATCH / "tokenizer", max_length, stride, SCRATCH / f"old_{max_length}_{stride}")
+            old = child(
+                "previous", corpus, SCRATCH / "tokenizer", max_length, stride, SCRATCH / f"old_{max_length}_{stride}"
+            )
             r["previous_bytes_per_token"] = old["window_bytes"] / r["tokens"]
             r["previous_seconds"] = old["seconds"]
         rows.append(r)

@@ -79,8 +79,8 @@ def make_teacher() -> Path:
 def worker(args) -> None:
     import torch
 
-    from components.losses import DistillationLoss
     from components.checkpointing import hf_teacher
+    from components.losses import DistillationLoss
     from components.models import minialbert_128
     from components.training.distill import distill_step, MaskedBatch
     from components.training.parallel import DataParallel
@@ -154,7 +154,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2, help="N=1 and N=2 launches per round, order alternating")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "distributed.json"))
     parser.add_argument("--student", choices=["replicated", "fsdp"], default="fsdp", help=argparse.SUPPRESS)
-    parser.add_argument("--no-student-comparison", action="store_true", help="skip the replicated-student comparison at N=2")
+    parser.add_argument(
+        "--no-student-comparison", action="store_true", help="skip the replicated-student comparison at N=2"
+    )
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--teacher", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -165,6 +167,7 @@ def main() -> None:
 
     teacher = make_teacher()
     results = {1: [], 2: []}
+
     # Launches run one after the other, so rounds alternate the order (1, 2, then 2, 1, ...)
     # and every round gives its own ratio: load that comes and goes shows as spread.
     def launch(n: int, student: str = "fsdp"):
@@ -173,13 +176,15 @@ def main() -> None:
             "--worker", "--teacher", str(teacher), "--steps", str(args.steps), "--warmup", str(args.warmup),
             "--seq", str(args.seq), "--global-batch", str(args.global_batch), "--student", student,
         ]  # fmt: skip
-        out = subprocess.run(command, cwd=REPO, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+        out = subprocess.run(
+            command, cwd=REPO, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)}
+        )
         if out.returncode != 0:
             sys.exit(f"world size {n} ({student} student) failed:\n{out.stderr[-4000:]}")
         return [json.loads(line[7:]) for line in out.stdout.splitlines() if line.startswith("RESULT ")]
 
     for round_ in range(args.rounds):
-        for n in ((1, 2) if round_ % 2 == 0 else (2, 1)):
+        for n in (1, 2) if round_ % 2 == 0 else (2, 1):
             print(f"round {round_ + 1}: world size {n} ...", flush=True)
             results[n].append(launch(n))
     replicated = None
@@ -195,15 +200,32 @@ def main() -> None:
     one = [r[0] for r in results[1]]
     two = results[2]
     rows = [
-        ("teacher parameters per rank (GiB)", one[0]["teacher_bytes_local"] / gib, max(r["teacher_bytes_local"] for r in two[0]) / gib),
-        ("peak memory growth while loading (GiB)", median([r["load_peak_anon_growth_mb"] for r in one]) / 1024,
-         median([max(r["load_peak_anon_growth_mb"] for r in round_) for round_ in two]) / 1024),
-        ("teacher load time (s)", median([r["load_seconds"] for r in one]), median([max(r["load_seconds"] for r in round_) for round_ in two])),
-        ("distillation tokens/s (global)", median([r["tokens_per_second"] for r in one]), median([round_[0]["tokens_per_second"] for round_ in two])),
+        (
+            "teacher parameters per rank (GiB)",
+            one[0]["teacher_bytes_local"] / gib,
+            max(r["teacher_bytes_local"] for r in two[0]) / gib,
+        ),
+        (
+            "peak memory growth while loading (GiB)",
+            median([r["load_peak_anon_growth_mb"] for r in one]) / 1024,
+            median([max(r["load_peak_anon_growth_mb"] for r in round_) for round_ in two]) / 1024,
+        ),
+        (
+            "teacher load time (s)",
+            median([r["load_seconds"] for r in one]),
+            median([max(r["load_seconds"] for r in round_) for round_ in two]),
+        ),
+        (
+            "distillation tokens/s (global)",
+            median([r["tokens_per_second"] for r in one]),
+            median([round_[0]["tokens_per_second"] for round_ in two]),
+        ),
     ]
     ratios = [b[0]["tokens_per_second"] / a["tokens_per_second"] for a, b in zip(one, two)]
-    print(f"\nBERT-large-shaped teacher ({one[0]['teacher_bytes_total'] / gib:.2f} GiB fp32), seq {args.seq}, "
-          f"global batch {args.global_batch}, {os.cpu_count()} cores, median of {args.rounds} rounds")
+    print(
+        f"\nBERT-large-shaped teacher ({one[0]['teacher_bytes_total'] / gib:.2f} GiB fp32), seq {args.seq}, "
+        f"global batch {args.global_batch}, {os.cpu_count()} cores, median of {args.rounds} rounds"
+    )
     print(f"{'':40s} {'N=1':>10s} {'N=2':>10s} {'N=2 / N=1':>10s}")
     for name, a, b in rows:
         print(f"{name:40s} {a:10.3f} {b:10.3f} {b / a:10.2f}")
@@ -212,14 +234,28 @@ def main() -> None:
         mib = 1024**2
         f, r = fsdp_again[0], replicated[0]
         print(f"\nstudent at N=2 ({f['student_parameters'] / 1e6:.1f}M parameters)  {'replicated':>12s} {'FSDP2':>10s}")
-        print(f"{'student parameters per rank (MiB)':40s} {r['student_bytes_local'] / mib:12.1f} {f['student_bytes_local'] / mib:10.1f}")
-        print(f"{'distillation tokens/s (global)':40s} {r['tokens_per_second']:12.1f} {f['tokens_per_second']:10.1f}"
-              f"   FSDP2 / replicated {f['tokens_per_second'] / r['tokens_per_second']:.2f}")
+        print(
+            f"{'student parameters per rank (MiB)':40s} {r['student_bytes_local'] / mib:12.1f} {f['student_bytes_local'] / mib:10.1f}"
+        )
+        print(
+            f"{'distillation tokens/s (global)':40s} {r['tokens_per_second']:12.1f} {f['tokens_per_second']:10.1f}"
+            f"   FSDP2 / replicated {f['tokens_per_second'] / r['tokens_per_second']:.2f}"
+        )
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"args": vars(args), "cores": os.cpu_count(), "world_1": results[1], "world_2": results[2],
-                                          "tokens_per_second_ratio_per_round": ratios,
-                                          "student_replicated_world_2": replicated,
-                                          "student_fsdp_world_2_beside_it": fsdp_again if replicated else None}, indent=2))
+    Path(args.out).write_text(
+        json.dumps(
+            {
+                "args": vars(args),
+                "cores": os.cpu_count(),
+                "world_1": results[1],
+                "world_2": results[2],
+                "tokens_per_second_ratio_per_round": ratios,
+                "student_replicated_world_2": replicated,
+                "student_fsdp_world_2_beside_it": fsdp_again if replicated else None,
+            },
+            indent=2,
+        )
+    )
     print("raw figures:", args.out)
 
 

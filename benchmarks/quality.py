@@ -131,7 +131,7 @@ def chunks(tokenizer, texts, size: int = EVAL_CHUNK):
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
     batches = []
     for i in range(0, len(order), size):
-        enc = tokenizer.pad({"input_ids": [ids[j] for j in order[i:i + size]]}, return_tensors="pt")
+        enc = tokenizer.pad({"input_ids": [ids[j] for j in order[i : i + size]]}, return_tensors="pt")
         batches.append((enc["input_ids"], enc["attention_mask"]))
     return batches, order
 
@@ -180,14 +180,18 @@ def alignment(states, teacher_states, batches) -> dict:
             token[i] += F.cosine_similarity(s[i][m], t[i][m], dim=-1).double().sum()
         sentence.append(F.cosine_similarity(mean_pool(s[-1], mask), mean_pool(t[-1], mask), dim=-1))
     token /= n_tokens
-    return {"token_cosine": float(token[layers]), "sentence_cosine": float(torch.cat(sentence).mean()),
-            "layer_cosine": float(token[1:].mean()), "per_layer_cosine": [round(float(c), 4) for c in token[1:]]}
+    return {
+        "token_cosine": float(token[layers]),
+        "sentence_cosine": float(torch.cat(sentence).mean()),
+        "layer_cosine": float(token[1:].mean()),
+        "per_layer_cosine": [round(float(c), 4) for c in token[1:]],
+    }
 
 
 def probe(features: np.ndarray, labels: np.ndarray, n_train, seed: int) -> float:
     """Linear-probe accuracy: on the last len-n_train examples, or 5-fold CV if n_train is None."""
     from sklearn.linear_model import LogisticRegression
-    from sklearn.model_selection import StratifiedKFold, cross_val_score
+    from sklearn.model_selection import cross_val_score, StratifiedKFold
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
@@ -207,7 +211,7 @@ class Evaluator:
         picked = list(range(len(rt_texts)))
         random.Random(seed).shuffle(picked)
         if probe_split is not None:
-            picked = picked[:sum(probe_split)]
+            picked = picked[: sum(probe_split)]
         self.n_train = None if probe_split is None else probe_split[0]
         self.labels = np.array([rt_labels[i] for i in picked])
         self.held, _ = chunks(teacher.tokenizer, held_out)
@@ -224,9 +228,11 @@ class Evaluator:
         if self.teacher_probe is None:
             self.teacher_probe = result["probe_accuracy"]
         result["probe_vs_teacher"] = result["probe_accuracy"] / self.teacher_probe
-        log(f"{name}: token cos {result['token_cosine']:.4f}, sentence cos {result['sentence_cosine']:.4f}, "
+        log(
+            f"{name}: token cos {result['token_cosine']:.4f}, sentence cos {result['sentence_cosine']:.4f}, "
             f"layer cos {result['layer_cosine']:.4f}, probe {result['probe_accuracy']:.4f} "
-            f"({time.perf_counter() - t0:.0f} s)")
+            f"({time.perf_counter() - t0:.0f} s)"
+        )
         return result
 
 
@@ -241,11 +247,21 @@ def make_recipe(teacher_dir: Path, corpus: Path, output_dir: Path, seed: int):
     from recipes.distill_recursive import DistillRecursiveRecipe
 
     cfg = OmegaConf.load(ROOT / "configs" / "embedding_teacher.yaml")
-    cfg = OmegaConf.merge(cfg, OmegaConf.create({
-        "output_dir": str(output_dir), "seed": seed, "teacher": {"path": str(teacher_dir)},
-        "data": {"source": str(corpus), "hub_config": None, "split": "train", "eval_fraction": 0.0},
-        "eval_every_n_steps": None, "save_every_n_steps": None, "max_steps": 10**7, "log_every_n_steps": 10**7,
-    }))
+    cfg = OmegaConf.merge(
+        cfg,
+        OmegaConf.create(
+            {
+                "output_dir": str(output_dir),
+                "seed": seed,
+                "teacher": {"path": str(teacher_dir)},
+                "data": {"source": str(corpus), "hub_config": None, "split": "train", "eval_fraction": 0.0},
+                "eval_every_n_steps": None,
+                "save_every_n_steps": None,
+                "max_steps": 10**7,
+                "log_every_n_steps": 10**7,
+            }
+        ),
+    )
     recipe = DistillRecursiveRecipe(cfg)
     recipe.setup()
     return recipe
@@ -262,8 +278,12 @@ def train_ours(recipe, seconds: float, done: dict) -> dict:
             last = time.perf_counter()
             log(f"  ours: step {recipe.step}, loss {metrics['loss/total']:.4f}, {spent + last - start:.0f} s")
     # sentences: windows, strictly (a sentence over 64 tokens is two; the plain loop truncates it)
-    return {"steps": recipe.step, "sentences": recipe.step * recipe.cfg.data.batch_size,
-            "seconds": spent + time.perf_counter() - start, "final_loss": metrics.get("loss/total")}
+    return {
+        "steps": recipe.step,
+        "sentences": recipe.step * recipe.cfg.data.batch_size,
+        "seconds": spent + time.perf_counter() - start,
+        "final_loss": metrics.get("loss/total"),
+    }
 
 
 def train_plain(loop, tokenizer, sentences, seconds: float, seed: int) -> dict:
@@ -274,7 +294,7 @@ def train_plain(loop, tokenizer, sentences, seconds: float, seed: int) -> dict:
     steps, loss, start, last = 0, float("nan"), time.perf_counter(), time.perf_counter()
     while time.perf_counter() - start < seconds:
         at = (steps * BATCH) % len(order)
-        texts = [sentences[i] for i in order[at:at + BATCH]]
+        texts = [sentences[i] for i in order[at : at + BATCH]]
         enc = tokenizer(texts, truncation=True, max_length=MAX_LENGTH, padding=True, return_tensors="pt")
         ids = enc["input_ids"]
         loop.batch = MaskedBatch(ids, enc["attention_mask"], labels=torch.full_like(ids, -100))
@@ -292,18 +312,24 @@ def train_plain(loop, tokenizer, sentences, seconds: float, seed: int) -> dict:
 
 
 def table(sides: dict) -> str:
-    head = f"{'side':<10}{'steps':>7}{'sentences':>11}{'train s':>9}{'token cos':>11}{'sent cos':>10}" \
-           f"{'layer cos':>11}{'probe acc':>11}{'/ teacher':>11}"
+    head = (
+        f"{'side':<10}{'steps':>7}{'sentences':>11}{'train s':>9}{'token cos':>11}{'sent cos':>10}"
+        f"{'layer cos':>11}{'probe acc':>11}{'/ teacher':>11}"
+    )
     rows = [head, "-" * len(head)]
     for name, r in sides.items():
         trained = [f"{r['steps']:>7}", f"{r['sentences']:>11}", f"{r['seconds']:>9.0f}"] if "steps" in r else [" " * 27]
-        rows.append(f"{name:<10}" + "".join(trained) + f"{r['token_cosine']:>11.4f}{r['sentence_cosine']:>10.4f}"
-                    f"{r['layer_cosine']:>11.4f}{r['probe_accuracy']:>11.4f}{r['probe_vs_teacher']:>11.3f}")
+        rows.append(
+            f"{name:<10}" + "".join(trained) + f"{r['token_cosine']:>11.4f}{r['sentence_cosine']:>10.4f}"
+            f"{r['layer_cosine']:>11.4f}{r['probe_accuracy']:>11.4f}{r['probe_vs_teacher']:>11.3f}"
+        )
     return "\n".join(rows)
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--quick", action="store_true", help="3 min per side, probe on 2000/1000, no long run")
     p.add_argument("--budget-minutes", type=float, help="training wall clock per side (default 20, --quick 3)")
     p.add_argument("--long-minutes", type=float, help="our recipe continued to this many minutes (default 60; 0 skips)")
@@ -327,18 +353,27 @@ def main() -> None:
     began = time.perf_counter()
     SCRATCH.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="run-", dir=SCRATCH))
-    results = {"args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-               "budget_seconds": budget, "long_seconds": long, "probe": "5-fold CV on 8530" if probe_split is None
-               else f"{probe_split[0]} train / {probe_split[1]} test", "threads": torch.get_num_threads(),
-               "started": dt.datetime.now().isoformat(timespec="seconds"), "torch": torch.__version__,
-               "loadavg_start": os.getloadavg(), "sides": {}}
+    results = {
+        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "budget_seconds": budget,
+        "long_seconds": long,
+        "probe": "5-fold CV on 8530" if probe_split is None else f"{probe_split[0]} train / {probe_split[1]} test",
+        "threads": torch.get_num_threads(),
+        "started": dt.datetime.now().isoformat(timespec="seconds"),
+        "torch": torch.__version__,
+        "loadavg_start": os.getloadavg(),
+        "sides": {},
+    }
     sides = results["sides"]
     try:
         log("reading IMDB and Rotten Tomatoes")
         train, held_out, rt_texts, rt_labels = load_data(args.seed)
         corpus = write_lines(train, SCRATCH / f"imdb_sentences_seed{args.seed}.txt")
-        results["data"] = {"training_sentences": len(train), "held_out_sentences": len(held_out),
-                           "probe_sentences": len(rt_texts)}
+        results["data"] = {
+            "training_sentences": len(train),
+            "held_out_sentences": len(held_out),
+            "probe_sentences": len(rt_texts),
+        }
         log(f"{len(train)} training sentences, {len(held_out)} held out; setting up the recipe")
         t0 = time.perf_counter()
         recipe = make_recipe(teacher_dir, corpus, work / "recipe", args.seed)
@@ -374,8 +409,10 @@ def main() -> None:
     results["wall_seconds"], results["loadavg_end"] = time.perf_counter() - began, os.getloadavg()
 
     print(table(sides))
-    print(f"\nbudget {budget / 60:.1f} min per trained side; probe: {results['probe']}; "
-          f"{results['threads']} threads; wall {results['wall_seconds'] / 60:.1f} min")
+    print(
+        f"\nbudget {budget / 60:.1f} min per trained side; probe: {results['probe']}; "
+        f"{results['threads']} threads; wall {results['wall_seconds'] / 60:.1f} min"
+    )
     out = args.out or HERE / "results" / f"quality_{dt.datetime.now():%Y%m%d-%H%M%S}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2))

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import functools
 import json
 import logging
 import os
@@ -41,11 +42,11 @@ sys.path.insert(0, str(HERE))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import bench_lib as B  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
-import bench_lib as B  # noqa: E402
 from components.checkpointing import load_student  # noqa: E402
 from components.models import minialbert_128  # noqa: E402
 from components.quantization import get_scheme  # noqa: E402
@@ -93,8 +94,14 @@ def onnx_outputs(path: Path, batches) -> List[List[np.ndarray]]:
 
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     return [
-        session.run(None, {"input_ids": b.input_ids.numpy(), "attention_mask": b.attention_mask.numpy(),
-                           "token_type_ids": np.zeros_like(b.input_ids.numpy())})
+        session.run(
+            None,
+            {
+                "input_ids": b.input_ids.numpy(),
+                "attention_mask": b.attention_mask.numpy(),
+                "token_type_ids": np.zeros_like(b.input_ids.numpy()),
+            },
+        )
         for b in batches
     ]
 
@@ -153,7 +160,9 @@ def section_quality(steps: int, extra: int, schemes: List[str]) -> Dict:
         qat_int = onnx_outputs(qat_file / "model.onnx", batches)
         rows[f"PTQ {scheme} (ONNX Runtime)"] = quality_of(onnx_outputs(ptq_file / "model.onnx", batches), fp32, batches)
         rows[f"QAT {scheme} (ONNX Runtime)"] = quality_of(qat_int, fp32, batches)
-        rows[f"QAT {scheme} (ONNX Runtime)"]["hidden_cosine_vs_own_float"] = quality_of(qat_int, qat_float, batches)["hidden_cosine_vs_fp32"]
+        rows[f"QAT {scheme} (ONNX Runtime)"]["hidden_cosine_vs_own_float"] = quality_of(qat_int, qat_float, batches)[
+            "hidden_cosine_vs_fp32"
+        ]
         rows[f"QAT {scheme}: its float weights (PyTorch)"] = quality_of(qat_float, fp32, batches)
     return {
         "steps": steps,
@@ -209,15 +218,15 @@ def section_speed(schemes: List[str], seq: int, batches: List[int], warmup: int,
         feeds = {k: v.numpy() for k, v in inputs.items()}
         args = tuple(inputs.values())
 
-        def torch_fp32():
+        def torch_fp32(args=args):
             with torch.no_grad():
                 student(*args)
 
         runners: Dict[str, Callable] = {"PyTorch fp32": torch_fp32}
         for name, session in sessions.items():
-            runners[f"ONNX Runtime {name}"] = (lambda s: lambda: s.run(None, feeds))(session)
+            runners[f"ONNX Runtime {name}"] = functools.partial(session.run, None, feeds)
         for name, program in programs.items():
-            runners[f"torch.export {name} (.pt2)"] = (lambda p: lambda: torch.no_grad()(p)(*args))(program)
+            runners[f"torch.export {name} (.pt2)"] = functools.partial(torch.no_grad()(program), *args)
         log(f"speed: {b}x{seq} tokens, {warmup} warm-up + {reps} interleaved repetitions of {len(runners)} runners")
         for fn in runners.values():
             for _ in range(warmup):
@@ -225,7 +234,7 @@ def section_speed(schemes: List[str], seq: int, batches: List[int], warmup: int,
         times: Dict[str, List[float]] = {k: [] for k in runners}
         names = list(runners)
         for r in range(reps):
-            for k in names[r % len(names):] + names[: r % len(names)]:  # rotate the order
+            for k in names[r % len(names) :] + names[: r % len(names)]:  # rotate the order
                 times[k].append(B.timed(runners[k]))
         median = {k: statistics.median(v) for k, v in times.items()}
         latency[f"{b}x{seq}"] = {
@@ -249,12 +258,17 @@ def section_speed(schemes: List[str], seq: int, batches: List[int], warmup: int,
 
 
 def table(res: Dict) -> str:
-    lines = [f"CPU: {res['environment']['cpu_model']} ({res['environment']['available_cores']} cores), "
-             f"torch {res['environment']['torch']}, onnxruntime {res['speed']['onnxruntime']}"]
+    lines = [
+        f"CPU: {res['environment']['cpu_model']} ({res['environment']['available_cores']} cores), "
+        f"torch {res['environment']['torch']}, onnxruntime {res['speed']['onnxruntime']}"
+    ]
     q = res["quality"]
-    lines += ["", f"Quality: smoke teacher -> tiny student, {q['steps']} + {q['extra_steps']} steps; "
-              f"{q['heldout_windows']} held-out windows, {q['masked_tokens']} masked tokens",
-              f"{'model':46s} {'MLM accuracy':>12s} {'cos vs fp32':>12s}"]
+    lines += [
+        "",
+        f"Quality: smoke teacher -> tiny student, {q['steps']} + {q['extra_steps']} steps; "
+        f"{q['heldout_windows']} held-out windows, {q['masked_tokens']} masked tokens",
+        f"{'model':46s} {'MLM accuracy':>12s} {'cos vs fp32':>12s}",
+    ]
     for name, row in q["rows"].items():
         lines.append(f"{name:46s} {row['mlm_accuracy']:12.4f} {row['hidden_cosine_vs_fp32']:12.5f}")
     s = res["speed"]
@@ -264,8 +278,10 @@ def table(res: Dict) -> str:
     for shape, row in s["latency"].items():
         lines += ["", f"Latency {shape} tokens: median ms, speed-up vs PyTorch fp32, vs ONNX Runtime fp32"]
         for name, ms in row["median_ms"].items():
-            lines.append(f"  {name:36s} {ms:9.1f} ms  {row['speedup_vs_pytorch_fp32'][name]:6.2f}x  "
-                         f"{row['speedup_vs_onnx_fp32'][name]:6.2f}x")
+            lines.append(
+                f"  {name:36s} {ms:9.1f} ms  {row['speedup_vs_pytorch_fp32'][name]:6.2f}x  "
+                f"{row['speedup_vs_onnx_fp32'][name]:6.2f}x"
+            )
     return "\n".join(lines)
 
 

@@ -47,9 +47,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-import torch  # noqa: E402
-
 import bench_lib as B  # noqa: E402
+import torch  # noqa: E402
 
 SCRATCH = Path(os.environ.get("BENCH_SCRATCH", "/tmp/bench_scratch"))
 
@@ -63,8 +62,9 @@ def log(msg: str) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def section_distill(ours, ref, shapes: B.Shapes, warmup: int, reps: int, probe_n: int = 2048,
-                    probe_dtype=torch.float32) -> Dict:
+def section_distill(
+    ours, ref, shapes: B.Shapes, warmup: int, reps: int, probe_n: int = 2048, probe_dtype=torch.float32
+) -> Dict:
     runners = {"ours": ours, "reference": ref}
     batch, padded = ours.batches[0], ours.padded[0]
     tokens = int(padded.attention_mask.sum())
@@ -88,8 +88,10 @@ def section_distill(ours, ref, shapes: B.Shapes, warmup: int, reps: int, probe_n
             others[k].append(m.other_cores)
             own[k].append(m.own_cores)
             losses[k].append(float(m.result))
-        log(f"distill rep {i + 1}/{reps}: ours {times['ours'][-1]:.3f}s  ref {times['reference'][-1]:.3f}s  "
-            f"(other load {others['ours'][-1]:.2f} / {others['reference'][-1]:.2f} cores)")
+        log(
+            f"distill rep {i + 1}/{reps}: ours {times['ours'][-1]:.3f}s  ref {times['reference'][-1]:.3f}s  "
+            f"(other load {others['ours'][-1]:.2f} / {others['reference'][-1]:.2f} cores)"
+        )
         load.append(os.getloadavg()[0])
     per_rep_ratio = [r / o for o, r in zip(times["ours"], times["reference"])]
     flops = {
@@ -163,20 +165,35 @@ def section_memory(assets, shapes: B.Shapes, seed: int, threads: int, reps: int,
     results: Dict[str, List[Dict]] = {"ours": [], "reference": []}
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
     for i in range(reps):
-        for kind in (("ours", "reference") if i % 2 == 0 else ("reference", "ours")):
+        for kind in ("ours", "reference") if i % 2 == 0 else ("reference", "ours"):
             log(f"memory: fresh process for {kind} ({i + 1}/{reps})")
             cmd = [
-                sys.executable, str(Path(__file__).resolve()), "--_memory-probe", kind,
-                "--_assets", json.dumps(assets), "--_shapes", json.dumps(B.asdict(shapes)),
-                "--seed", str(seed), "--threads", str(threads), *(["--bf16"] if bf16 else []),
+                sys.executable,
+                str(Path(__file__).resolve()),
+                "--_memory-probe",
+                kind,
+                "--_assets",
+                json.dumps(assets),
+                "--_shapes",
+                json.dumps(B.asdict(shapes)),
+                "--seed",
+                str(seed),
+                "--threads",
+                str(threads),
+                *(["--bf16"] if bf16 else []),
             ]
             proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=str(ROOT))
             if proc.returncode != 0:
                 raise RuntimeError(f"memory probe failed:\n{proc.stderr[-3000:]}")
             results[kind].append(json.loads(proc.stdout.strip().splitlines()[-1]))
-    out: Dict = {"runs": results, "method": results["ours"][0]["method"] + (
-        "; each measurement in a fresh python process with MALLOC_MMAP_THRESHOLD_=65536 "
-        "(freed tensors return to the OS)")}
+    out: Dict = {
+        "runs": results,
+        "method": results["ours"][0]["method"]
+        + (
+            "; each measurement in a fresh python process with MALLOC_MMAP_THRESHOLD_=65536 "
+            "(freed tensors return to the OS)"
+        ),
+    }
     for key in ("first_step_delta_mib", "steady_step_delta_mib", "steady_step_peak_mib"):
         o = statistics.median(r[key] for r in results["ours"])
         f = statistics.median(r[key] for r in results["reference"])
@@ -192,20 +209,31 @@ def section_inference(batches: List[int], seq: int, warmup: int, reps: int, seed
 
     torch.manual_seed(seed)
     models = {
-        "teacher": BertEncoder(vocab_size=30522, hidden_size=768, num_layers=12, num_heads=12,
-                               intermediate_size=3072, dropout=0.0, attention_dropout=0.0).eval(),
+        "teacher": BertEncoder(
+            vocab_size=30522,
+            hidden_size=768,
+            num_layers=12,
+            num_heads=12,
+            intermediate_size=3072,
+            dropout=0.0,
+            attention_dropout=0.0,
+        ).eval(),
         "student": minialbert_128(dropout=0.0, attention_dropout=0.0).eval(),
     }
-    out: Dict = {"seq": seq, "models": {
-        "teacher": "BertEncoder 12 layers H=768 12 heads FFN 3072 (BERT-base), no MLM head",
-        "student": "minialbert_128: E=128 H=768 6 iterations, MiniALBERT adapters r=16, no MLM head",
-    }, "batches": {}}
+    out: Dict = {
+        "seq": seq,
+        "models": {
+            "teacher": "BertEncoder 12 layers H=768 12 heads FFN 3072 (BERT-base), no MLM head",
+            "student": "minialbert_128: E=128 H=768 6 iterations, MiniALBERT adapters r=16, no MLM head",
+        },
+        "batches": {},
+    }
     g = torch.Generator().manual_seed(seed)
     for b in batches:
         ids = torch.randint(999, 30522, (b, seq), generator=g)
         ids[:, 0], ids[:, -1] = B.CLS, B.SEP
         mask = torch.ones_like(ids)
-        fns = {k: (lambda m=m: m(ids, mask, return_logits=False)) for k, m in models.items()}
+        fns = {k: (lambda m=m, ids=ids, mask=mask: m(ids, mask, return_logits=False)) for k, m in models.items()}
         times: Dict[str, List[float]] = {"teacher": [], "student": []}
         others: Dict[str, List[float]] = {"teacher": [], "student": []}
         with torch.no_grad():
@@ -213,7 +241,7 @@ def section_inference(batches: List[int], seq: int, warmup: int, reps: int, seed
                 for f in fns.values():
                     f()
             for i in range(reps):
-                for k in (("student", "teacher") if i % 2 == 0 else ("teacher", "student")):
+                for k in ("student", "teacher") if i % 2 == 0 else ("teacher", "student"):
                     m = B.Measured(fns[k])
                     times[k].append(m.seconds)
                     others[k].append(m.other_cores)
@@ -234,8 +262,10 @@ def section_inference(batches: List[int], seq: int, warmup: int, reps: int, seed
             "flops": flops,
             "flop_ratio_teacher_over_student": flops["teacher"]["total"] / flops["student"]["total"],
         }
-        log(f"inference b={b}: teacher {out['batches'][str(b)]['teacher_ms_median']:.1f} ms, "
-            f"student {out['batches'][str(b)]['student_ms_median']:.1f} ms")
+        log(
+            f"inference b={b}: teacher {out['batches'][str(b)]['teacher_ms_median']:.1f} ms, "
+            f"student {out['batches'][str(b)]['student_ms_median']:.1f} ms"
+        )
     return out
 
 
@@ -267,7 +297,7 @@ def section_variants(assets, shapes: B.Shapes, warmup: int, reps: int, compile_t
             variant.step()
         times = {"base": [], "variant": []}
         for i in range(reps):
-            for key in (("base", "variant") if i % 2 == 0 else ("variant", "base")):
+            for key in ("base", "variant") if i % 2 == 0 else ("variant", "base"):
                 times[key].append(B.timed((base if key == "base" else variant).step))
         ratios = [x / y for x, y in zip(times["base"], times["variant"])]
         out[name] = {
@@ -320,93 +350,149 @@ def workload_table(res: Dict) -> str:
     d = res.get("distill")
     if d:
         packed = f"; ours packs them in {d['packed_rows']} rows" if d.get("packed_rows") else ""
-        lines.append(f"batch: {d['batch']} sequences, {d['non_padding_tokens']} tokens in {d['padded_positions']} padded positions{packed}")
+        lines.append(
+            f"batch: {d['batch']} sequences, {d['non_padding_tokens']} tokens in {d['padded_positions']} padded positions{packed}"
+        )
     lines.append("")
     row("metric", "ours", "reference", "ratio", "(ratio = ours/reference unless noted)")
     lines.append("-" * 96)
     d = res.get("distill")
     if d:
         o, r = d["ours"], d["reference"]
-        row("distill step time, median s", f(o["step_time"]["median"], ".3f"), f(r["step_time"]["median"], ".3f"),
-            f(o["step_time"]["median"] / r["step_time"]["median"], ".2f"))
-        row("distill throughput, non-pad tokens/s", f(o["tokens_per_s_median"]), f(r["tokens_per_s_median"]),
-            f(d["speedup_median"], ".2f"), f"median of {len(d['speedup_per_rep'])} paired reps "
-            f"[{min(d['speedup_per_rep']):.2f}..{max(d['speedup_per_rep']):.2f}]")
+        row(
+            "distill step time, median s",
+            f(o["step_time"]["median"], ".3f"),
+            f(r["step_time"]["median"], ".3f"),
+            f(o["step_time"]["median"] / r["step_time"]["median"], ".2f"),
+        )
+        row(
+            "distill throughput, non-pad tokens/s",
+            f(o["tokens_per_s_median"]),
+            f(r["tokens_per_s_median"]),
+            f(d["speedup_median"], ".2f"),
+            f"median of {len(d['speedup_per_rep'])} paired reps "
+            f"[{min(d['speedup_per_rep']):.2f}..{max(d['speedup_per_rep']):.2f}]",
+        )
         q = d["speedup_median_quiet"]
-        row("  same, quiet pairs only / from min times", "", "",
+        row(
+            "  same, quiet pairs only / from min times",
+            "",
+            "",
             f(q, ".2f") if q is not None else "n/a",
-            f"{d['quiet_pairs']} pairs with other load < {QUIET} cores; min-time ratio {d['speedup_of_min_times']:.2f}")
+            f"{d['quiet_pairs']} pairs with other load < {QUIET} cores; min-time ratio {d['speedup_of_min_times']:.2f}",
+        )
         fo, fr = d["flops_per_step"]["ours"]["total"], d["flops_per_step"]["reference"]["total"]
         row("matmul GFLOP per step (analytic)", f(fo / 1e9), f(fr / 1e9), f(fo / fr, ".2f"))
         fl = res.get("flops")
         if fl:
-            row("achieved GFLOP/s (own FLOP count)", f(o["achieved_flops_per_s_median"] / 1e9),
+            row(
+                "achieved GFLOP/s (own FLOP count)",
+                f(o["achieved_flops_per_s_median"] / 1e9),
                 f(r["achieved_flops_per_s_median"] / 1e9),
-                f(o["achieved_flops_per_s_median"] / r["achieved_flops_per_s_median"], ".2f"))
-            row(f"  fraction of peak {'bf16' if args_bf16(res) else 'fp32'} matmul", f(fl["ours_fraction_of_peak"], ".1%"),
-                f(fl["reference_fraction_of_peak"], ".1%"), "",
-                f"peak {fl['peak_flops_per_s'] / 1e9:.1f} GFLOP/s ({fl['peak_matmul_n']}^3 matmul, best of run)")
-        row("  fraction of a peak probe run beside it", f(o["fraction_of_probe_peak_median"], ".1%"),
-            f(r["fraction_of_probe_peak_median"], ".1%"), "",
-            "median over reps of achieved / matmul probe timed just before the pair")
-        row("loss after each timed step, max rel diff", "", "", f(d["loss_trajectory_max_rel_diff"], ".1e"),
-            "both sides train identically")
+                f(o["achieved_flops_per_s_median"] / r["achieved_flops_per_s_median"], ".2f"),
+            )
+            row(
+                f"  fraction of peak {'bf16' if args_bf16(res) else 'fp32'} matmul",
+                f(fl["ours_fraction_of_peak"], ".1%"),
+                f(fl["reference_fraction_of_peak"], ".1%"),
+                "",
+                f"peak {fl['peak_flops_per_s'] / 1e9:.1f} GFLOP/s ({fl['peak_matmul_n']}^3 matmul, best of run)",
+            )
+        row(
+            "  fraction of a peak probe run beside it",
+            f(o["fraction_of_probe_peak_median"], ".1%"),
+            f(r["fraction_of_probe_peak_median"], ".1%"),
+            "",
+            "median over reps of achieved / matmul probe timed just before the pair",
+        )
+        row(
+            "loss after each timed step, max rel diff",
+            "",
+            "",
+            f(d["loss_trajectory_max_rel_diff"], ".1e"),
+            "both sides train identically",
+        )
         prep = d.get("batch_preparation_s")
         if prep is not None:
-            row("  batch preparation (pad, mask, pack), ms", f(1000 * prep), "", f(prep / o["step_time"]["median"], ".1%"),
-                "of our step, on the training thread (median of 5 steps' batches)")
+            row(
+                "  batch preparation (pad, mask, pack), ms",
+                f(1000 * prep),
+                "",
+                f(prep / o["step_time"]["median"], ".1%"),
+                "of our step, on the training thread (median of 5 steps' batches)",
+            )
     st = res.get("saved_tensors")
     if st:
-        row("autograd-saved activations, MiB", f(st["ours_mib"]), f(st["reference_mib"]),
-            f(st["ours_mib"] / st["reference_mib"], ".2f"))
+        row(
+            "autograd-saved activations, MiB",
+            f(st["ours_mib"]),
+            f(st["reference_mib"]),
+            f(st["ours_mib"] / st["reference_mib"], ".2f"),
+        )
     m = res.get("memory")
     if m:
-        for key, name in (("steady_step_delta_mib", "peak RSS of a step - RSS before, MiB"),
-                          ("first_step_delta_mib", "  same, first step (allocs AdamW state)")):
+        for key, name in (
+            ("steady_step_delta_mib", "peak RSS of a step - RSS before, MiB"),
+            ("first_step_delta_mib", "  same, first step (allocs AdamW state)"),
+        ):
             row(name, f(m[key]["ours"]), f(m[key]["reference"]), f(m[key]["ratio_ours_over_ref"], ".2f"))
     var = res.get("variants")
     if var:
         lines.append("")
-        lines.append(f"{'variants of our step':<44}{'speed-up':>14}{'loss diff':>14}{'1st step':>10}  speed-up over our fp32 step (paired median); 1st step in s")
+        lines.append(
+            f"{'variants of our step':<44}{'speed-up':>14}{'loss diff':>14}{'1st step':>10}  speed-up over our fp32 step (paired median); 1st step in s"
+        )
         lines.append("-" * 96)
         for name, v in var.items():
             if name == "cache_disk":
                 continue
-            lines.append(f"{'  ' + name:<44}{v['speedup_over_ours_fp32_median']:>14.2f}"
-                         f"{v['loss_rel_diff_before_training']:>14.1e}{v['first_step_s']:>10.1f}")
+            lines.append(
+                f"{'  ' + name:<44}{v['speedup_over_ours_fp32_median']:>14.2f}"
+                f"{v['loss_rel_diff_before_training']:>14.1e}{v['first_step_s']:>10.1f}"
+            )
         disk = var["cache_disk"]
         per = disk["bytes_per_window"]
         lines.append(f"{'  cache size per window':<44}" + ", ".join(f"{k} {v / 2**20:.2f} MiB" for k, v in per.items()))
-        lines.append(f"{'  cache size for ' + format(disk['windows_assumed'] / 1e6, '.0f') + 'M windows':<44}"
-                     + ", ".join(f"{k} {v * disk['windows_assumed'] / 2**40:.1f} TiB" for k, v in per.items()))
+        lines.append(
+            f"{'  cache size for ' + format(disk['windows_assumed'] / 1e6, '.0f') + 'M windows':<44}"
+            + ", ".join(f"{k} {v * disk['windows_assumed'] / 2**40:.1f} TiB" for k, v in per.items())
+        )
     prof = res.get("profile")
     if prof:
         for k, p in prof.items():
             lines.append("")
             lines.append(f"top ops by self CPU time, {k} step ({p['total_self_cpu_ms_per_step']:.0f} ms/step profiled)")
             for e in p["top"]:
-                lines.append(f"  {e['op']:<42}{e['self_cpu_ms_per_step']:>10.1f} ms {e['share']:>7.1%}"
-                             f"  x{e['calls_per_step']:.0f}")
+                lines.append(
+                    f"  {e['op']:<42}{e['self_cpu_ms_per_step']:>10.1f} ms {e['share']:>7.1%}"
+                    f"  x{e['calls_per_step']:.0f}"
+                )
     return "\n".join(lines)
 
 
 def table(res: Dict) -> str:
     blocks = []
-    for name, w in res["workloads"].items():
+    for w in res["workloads"].values():
         flops = dict(res.get("flops") or {}, **w.get("flops", {})) if res.get("flops") else None
-        blocks.append(workload_table({**w, "environment": res["environment"], "settings": res["settings"], "flops": flops}))
+        blocks.append(
+            workload_table({**w, "environment": res["environment"], "settings": res["settings"], "flops": flops})
+        )
     lines = []
     inf = res.get("inference")
     if inf:
         lines.append("")
-        lines.append(f"{'inference, seq ' + str(inf['seq']) + ', no_grad':<44}{'student ms':>14}{'teacher ms':>14}"
-                     f"{'speedup':>10}  FLOP ratio; quiet-pair median (n); min-time ratio")
+        lines.append(
+            f"{'inference, seq ' + str(inf['seq']) + ', no_grad':<44}{'student ms':>14}{'teacher ms':>14}"
+            f"{'speedup':>10}  FLOP ratio; quiet-pair median (n); min-time ratio"
+        )
         lines.append("-" * 96)
         for b, v in inf["batches"].items():
             q = v["speedup_median_quiet"]
-            lines.append(f"{'  batch ' + b:<44}{v['student_ms_median']:>14.1f}{v['teacher_ms_median']:>14.1f}"
-                         f"{v['speedup_median']:>10.2f}  {v['flop_ratio_teacher_over_student']:.2f}; "
-                         f"{'n/a' if q is None else format(q, '.2f')} ({v['quiet_pairs']}); {v['speedup_of_min_times']:.2f}")
+            lines.append(
+                f"{'  batch ' + b:<44}{v['student_ms_median']:>14.1f}{v['teacher_ms_median']:>14.1f}"
+                f"{v['speedup_median']:>10.2f}  {v['flop_ratio_teacher_over_student']:.2f}; "
+                f"{'n/a' if q is None else format(q, '.2f')} ({v['quiet_pairs']}); {v['speedup_of_min_times']:.2f}"
+            )
     if lines:
         blocks.append("\n".join(lines).lstrip("\n"))
     return "\n\n".join(blocks)
@@ -419,9 +505,15 @@ def table(res: Dict) -> str:
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="the small MLM shapes instead of bert-base, fewer sections' reps")
-    p.add_argument("--workload", nargs="*", choices=sorted(B.WORKLOADS),
-                   help="workloads to run (default: quick or bert-base, then embedding)")
+    p.add_argument(
+        "--quick", action="store_true", help="the small MLM shapes instead of bert-base, fewer sections' reps"
+    )
+    p.add_argument(
+        "--workload",
+        nargs="*",
+        choices=sorted(B.WORKLOADS),
+        help="workloads to run (default: quick or bert-base, then embedding)",
+    )
     p.add_argument("--out", type=Path, help="JSON path (default benchmarks/results/<time>_<workloads>.json)")
     p.add_argument("--batch", type=int, help="override the distillation batch size")
     p.add_argument("--seq", type=int, help="override the distillation sequence length")
@@ -430,10 +522,18 @@ def parse_args(argv=None):
     p.add_argument("--mem-reps", type=int, default=2, help="fresh-process memory probes per side")
     p.add_argument("--threads", type=int, default=B.available_cores(), help="torch threads (default: all cores)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--skip", nargs="*", default=[], choices=["distill", "variants", "memory", "inference", "peak"],
-                   help="sections to leave out")
-    p.add_argument("--bf16", action="store_true",
-                   help="both sides' forward under CPU bf16 autocast (the recipe's dtype=bf16); peak is bf16 too")
+    p.add_argument(
+        "--skip",
+        nargs="*",
+        default=[],
+        choices=["distill", "variants", "memory", "inference", "peak"],
+        help="sections to leave out",
+    )
+    p.add_argument(
+        "--bf16",
+        action="store_true",
+        help="both sides' forward under CPU bf16 autocast (the recipe's dtype=bf16); peak is bf16 too",
+    )
     p.add_argument("--profile", action="store_true", help="torch.profiler table of the top ops of each step")
     p.add_argument("--compile", action="store_true", help="also time our step under torch.compile (slow to compile)")
     p.add_argument("--keep-assets", action="store_true", help="keep the random checkpoints under the scratch dir")
@@ -479,8 +579,9 @@ def main(argv=None) -> int:
     if args.memory_probe:
         shapes = B.Shapes(**json.loads(args.shapes))
         B.quiet_transformers()
-        result = B.memory_probe(args.memory_probe, json.loads(args.assets), shapes, args.seed, args.threads, args.bf16,
-                                SCRATCH)
+        result = B.memory_probe(
+            args.memory_probe, json.loads(args.assets), shapes, args.seed, args.threads, args.bf16, SCRATCH
+        )
         print(json.dumps(result))
         return 0
 
@@ -498,9 +599,15 @@ def main(argv=None) -> int:
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "started": dt.datetime.now().isoformat(timespec="seconds"),
         "environment": B.environment(),
-        "settings": {"bf16_autocast": args.bf16, "reps": reps, "warmup": warmup, "mem_reps": args.mem_reps, "seed": args.seed,
-                     "optimizer": f"AdamW lr {B.LR} wd {B.WEIGHT_DECAY} (not on biases and norms)",
-                     "clip_grad_norm": B.CLIP},
+        "settings": {
+            "bf16_autocast": args.bf16,
+            "reps": reps,
+            "warmup": warmup,
+            "mem_reps": args.mem_reps,
+            "seed": args.seed,
+            "optimizer": f"AdamW lr {B.LR} wd {B.WEIGHT_DECAY} (not on biases and norms)",
+            "clip_grad_norm": B.CLIP,
+        },
         "workloads": {},
     }
     log(f"workloads {names}; {args.threads} threads; reps {reps}, warm-up {warmup}")
@@ -522,12 +629,18 @@ def main(argv=None) -> int:
         log("peak matmul (end)")
         peaks.append(B.peak_matmul(dtype=peak_dtype))
         best = max(p["best_flops_per_s"] for p in peaks)
-        res["flops"] = {"peak_dtype": str(peak_dtype), "peak_matmul_runs": peaks, "peak_flops_per_s": best,
-                        "peak_matmul_n": peaks[0]["n"]}
+        res["flops"] = {
+            "peak_dtype": str(peak_dtype),
+            "peak_matmul_runs": peaks,
+            "peak_flops_per_s": best,
+            "peak_matmul_n": peaks[0]["n"],
+        }
         for w in res["workloads"].values():
             if "distill" in w:
-                w["flops"] = {f"{k}_fraction_of_peak": w["distill"][k]["achieved_flops_per_s_median"] / best
-                              for k in ("ours", "reference")}
+                w["flops"] = {
+                    f"{k}_fraction_of_peak": w["distill"][k]["achieved_flops_per_s_median"] / best
+                    for k in ("ours", "reference")
+                }
 
     res["environment"]["loadavg_at_end"] = list(os.getloadavg())
     res["duration_s"] = time.time() - started

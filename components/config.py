@@ -40,7 +40,12 @@ def component_field(default: Optional[Dict[str, Any]] = None, provided: Sequence
     return dataclasses.field(default_factory=lambda: dict(default), metadata=metadata)
 
 
-def bounded(default: Any = dataclasses.MISSING, low: Optional[float] = None, high: Optional[float] = None, high_open: bool = False) -> Any:
+def bounded(
+    default: Any = dataclasses.MISSING,
+    low: Optional[float] = None,
+    high: Optional[float] = None,
+    high_open: bool = False,
+) -> Any:
     """A schema field whose value (when not null) must lie in ``[low, high]`` (``high`` excluded
     if ``high_open``)."""
     metadata = {"low": low, "high": high, "high_open": high_open}
@@ -188,7 +193,12 @@ def _check_dataclass(node: Dict[str, Any], schema, path: str) -> Dict[str, Any]:
         if name in node:
             value = node[name]
             # a component section that only sets arguments keeps the default component
-            if hints[name] is Component and isinstance(value, dict) and "_component_" not in value and isinstance(default, dict):
+            if (
+                hints[name] is Component
+                and isinstance(value, dict)
+                and "_component_" not in value
+                and isinstance(default, dict)
+            ):
                 value = {**default, **value}
         elif f.default is not dataclasses.MISSING:
             value = f.default

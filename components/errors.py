@@ -68,6 +68,6 @@ def require(module: str, extra: str = "export"):
         return importlib.import_module(module)
     except ImportError as e:
         raise MissingDependencyError(
-            f"{module} is not installed ({e}). Install it with: pip install -e \".[{extra}]\" "
-            "(the README's install, pip install -e \".[dev]\", includes it)"
+            f'{module} is not installed ({e}). Install it with: pip install -e ".[{extra}]" '
+            '(the README\'s install, pip install -e ".[dev]", includes it)'
         ) from None

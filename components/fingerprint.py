@@ -95,9 +95,21 @@ def fingerprint_differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> L
 
 
 # Any one of these gives a tokenizer its vocabulary
-VOCABULARY_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "sentencepiece.bpe.model", "spiece.model", "tokenizer.model")
+VOCABULARY_FILES = (
+    "tokenizer.json",
+    "vocab.txt",
+    "vocab.json",
+    "sentencepiece.bpe.model",
+    "spiece.model",
+    "tokenizer.model",
+)
 # Everything that decides how a model folder's tokenizer cuts text
-TOKENIZER_FILES = VOCABULARY_FILES + ("tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "merges.txt")
+TOKENIZER_FILES = VOCABULARY_FILES + (
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "merges.txt",
+)
 
 
 def model_folder_fingerprint(folder: os.PathLike, weight_files: Sequence[os.PathLike]) -> Dict[str, Any]:

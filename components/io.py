@@ -159,7 +159,9 @@ def lock_output_dir(folder: os.PathLike):
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode) or info.st_nlink > 1:
             what = "is not a plain file" if not stat.S_ISREG(info.st_mode) else "has other names (hard links)"
-            raise UnsafePathError(f"{path} {what}; the lock file must be a plain file of its own. Remove it and run again")
+            raise UnsafePathError(
+                f"{path} {what}; the lock file must be a plain file of its own. Remove it and run again"
+            )
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         owner = handle.read().strip() or "unknown"

@@ -39,7 +39,12 @@ def main() -> None:
     def plot(ax, names, title, log=False):
         for name in names:
             steps = sorted(series[name])
-            ax.plot(steps, [series[name][s] for s in steps], label=name.split("/", 1)[-1], marker="." if name.startswith("eval/") else None)
+            ax.plot(
+                steps,
+                [series[name][s] for s in steps],
+                label=name.split("/", 1)[-1],
+                marker="." if name.startswith("eval/") else None,
+            )
         ax.set_title(title)
         ax.set_xlabel("step")
         if log:
@@ -48,8 +53,16 @@ def main() -> None:
         ax.grid(alpha=0.3)
 
     plot(axes[0, 0], sorted(n for n in series if n.startswith("loss/")), "training loss terms (weighted)", log=True)
-    plot(axes[0, 1], sorted(n for n in series if n.startswith("eval/alignment_cosine/")), "held-out alignment cosine per mapped pair")
-    plot(axes[1, 0], [n for n in ("eval/student_mlm_loss", "eval/teacher_mlm_loss") if n in series], "held-out MLM loss: student vs teacher")
+    plot(
+        axes[0, 1],
+        sorted(n for n in series if n.startswith("eval/alignment_cosine/")),
+        "held-out alignment cosine per mapped pair",
+    )
+    plot(
+        axes[1, 0],
+        [n for n in ("eval/student_mlm_loss", "eval/teacher_mlm_loss") if n in series],
+        "held-out MLM loss: student vs teacher",
+    )
     ax = axes[1, 1]
     plot(ax, ["tokens_per_second"], "throughput and learning rate")
     twin = ax.twinx()

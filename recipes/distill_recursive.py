@@ -23,11 +23,11 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from components.checkpointing import save_student
+from components.config import check_config, config_section, instantiate, instantiate_target, parse
 from components.data import build_windows, GlobalBatchSampler, MLMMasker
 from components.errors import CheckpointError, ConfigError, NonFiniteLossError
 from components.models.student import check_student, copy_teacher_embeddings
 from components.quantization import get_scheme, prepare_qat, set_fake_quantize
-from components.config import check_config, config_section, instantiate, instantiate_target, parse
 from components.training.distill import distill_step, Evaluator, step_batches
 from components.training.parallel import bf16_cpu_warning, resolve_device, SingleDevice
 from components.training.run import configure_logging, execute, Run
@@ -80,7 +80,9 @@ class DistillRecursiveRecipe:
         cfg = self.cfg
         resume = self.run.start()
         # (steps, epochs) the resumed run began with: an epochs-based schedule keeps its length
-        self.began_with = None if resume is None else (resume[1].get("max_steps"), (resume[1].get("config") or {}).get("epochs"))
+        self.began_with = (
+            None if resume is None else (resume[1].get("max_steps"), (resume[1].get("config") or {}).get("epochs"))
+        )
         torch.manual_seed(self.seed)  # the same student on every rank
 
         with self.parallel.main_first():  # rank 0, then each node's first rank, build any files (smoke assets)
@@ -255,7 +257,13 @@ class DistillRecursiveRecipe:
         if self.began_with is not None:
             saved, epochs = self.began_with
             if saved is not None and epochs == self.cfg.epochs and saved != steps:
-                log.warning("epochs=%d now means %d steps, %d when the run began: keeping %d", self.cfg.epochs, steps, saved, saved)
+                log.warning(
+                    "epochs=%d now means %d steps, %d when the run began: keeping %d",
+                    self.cfg.epochs,
+                    steps,
+                    saved,
+                    saved,
+                )
                 return saved
         return steps
 
@@ -294,7 +302,11 @@ class DistillRecursiveRecipe:
         cfg = self.cfg
         stage = None
         progress = tqdm(
-            total=self.max_steps, initial=self.step, desc="distill", dynamic_ncols=True, disable=not self.parallel.is_main
+            total=self.max_steps,
+            initial=self.step,
+            desc="distill",
+            dynamic_ncols=True,
+            disable=not self.parallel.is_main,
         )
         while self.step < self.max_steps:
             if stage is not stage_at(self.stages, self.step):
@@ -341,8 +353,16 @@ class DistillRecursiveRecipe:
         started = time.perf_counter()
         lr = max(group["lr"] for group in self.optimizer.param_groups)  # this step's, after stage scales
         result = distill_step(
-            self.student, self.teacher, self.loss_fn, self.step_batches(step=self.step), self.params, self.optimizer,
-            self.parallel, step=self.step, max_norm=self.cfg.clip_grad_norm, autocast=self.autocast,
+            self.student,
+            self.teacher,
+            self.loss_fn,
+            self.step_batches(step=self.step),
+            self.params,
+            self.optimizer,
+            self.parallel,
+            step=self.step,
+            max_norm=self.cfg.clip_grad_norm,
+            autocast=self.autocast,
             stop=self.run.stop_signal is not None,
         )
         self.scheduler.step()
@@ -362,7 +382,12 @@ class DistillRecursiveRecipe:
         if self.evaluator is None:
             return None
         metrics = self.evaluator(
-            self.student, self.teacher, self.loss_fn, self.device, self.autocast, self.parallel.reduce_sum,
+            self.student,
+            self.teacher,
+            self.loss_fn,
+            self.device,
+            self.autocast,
+            self.parallel.reduce_sum,
             progress=self.parallel.is_main,
         )
         self.run.log(metrics, self.step)

@@ -25,19 +25,19 @@ from pathlib import Path
 from typing import List, Optional, Tuple
 
 from omegaconf import DictConfig
+from transformers import AutoTokenizer
 
 from components.checkpointing import load_student, student_metadata
 from components.checkpointing.student import METADATA_KEY
-from components.io import atomic_directory, recover_interrupted_writes
+from components.config import check_config, config_section, parse
+from components.data import load_documents
 from components.errors import CheckpointError, ConfigError, ExportError, require
+from components.io import atomic_directory, recover_interrupted_writes
 from components.quantization import get_scheme, Scheme
 from components.quantization.export import export_quantized, fp32_weight_bytes, heldout_batch
-from components.config import check_config, config_section, parse
+from components.smoke import stdlib_docstrings
 from components.training.run import configure_logging
 from components.training.schema import ExportConfig
-from transformers import AutoTokenizer
-from components.data import load_documents
-from components.smoke import stdlib_docstrings
 
 log = logging.getLogger("export_student")
 DEFAULT_SCHEME = "int8_dynamic"
@@ -66,7 +66,9 @@ def _choose_scheme(cfg: DictConfig, source: Path) -> Tuple[Scheme, Optional[dict
     ``requantize`` is set (post-training re-quantisation, with a warning)."""
     trained = student_metadata(str(source)).get("quantization_aware")
     if trained is not None and not isinstance(trained, dict):
-        raise CheckpointError(f"{source / 'config.json'}: {METADATA_KEY}.quantization_aware must be a mapping, got {trained!r}")
+        raise CheckpointError(
+            f"{source / 'config.json'}: {METADATA_KEY}.quantization_aware must be a mapping, got {trained!r}"
+        )
     name = cfg.scheme or (trained or {}).get("scheme") or DEFAULT_SCHEME
     group_size = cfg.group_size or (trained or {}).get("group_size")
     with config_section("scheme"):
@@ -121,7 +123,9 @@ def export(cfg: DictConfig) -> dict:
     texts = _heldout_texts(cfg, cfg.eval_batch_size)
     if len(texts) < 2:
         raise ExportError(f"eval_source {cfg.eval_source} gave {len(texts)} texts; the held-out batch needs 2 or more")
-    batch = heldout_batch(tokenizer, texts, cfg.eval_batch_size, min(cfg.eval_max_length, student.config["max_position_embeddings"]))
+    batch = heldout_batch(
+        tokenizer, texts, cfg.eval_batch_size, min(cfg.eval_max_length, student.config["max_position_embeddings"])
+    )
 
     with atomic_directory(output_dir, "export") as tmp:
         report = export_quantized(student, tmp, scheme, batch)

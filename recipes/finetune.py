@@ -30,29 +30,38 @@ from safetensors.torch import load_file
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
+from components.checkpointing.finetuned import (
+    base_fingerprint,
+    load_adapter_set,
+    load_encoder,
+    save_adapter_set,
+    save_task_model,
+)
 from components.checkpointing.hub import resolve_checkpoint_dir
 from components.checkpointing.weights import weight_files
-from components.io import atomic_file
-from components.checkpointing.finetuned import base_fingerprint, load_adapter_set, load_encoder, save_adapter_set, save_task_model
+from components.config import check_config, config_section, instantiate, parse
 from components.data.task_data import load_task_data, task_batches
 from components.errors import CheckpointError, ConfigError
 from components.fingerprint import model_folder_fingerprint
-from components.models.heads import TaskModel, tuning_patterns
-from components.config import check_config, config_section, instantiate, parse
-from components.training.distill import check_finite
-from components.training.parallel import clip_gradients, resolve_device, SingleDevice
 from components.inference import predict, write_predictions
+from components.inference.task_metrics import is_better, resolve_metric
+from components.io import atomic_file
+from components.models.heads import TaskModel, tuning_patterns
+from components.training.distill import check_finite
 from components.training.finetune import finetune_loss, steps_per_epoch
+from components.training.parallel import clip_gradients, resolve_device, SingleDevice
 from components.training.run import configure_logging, execute, Run
 from components.training.schema import FinetuneConfig
 from components.training.stages import apply_trainable, group_lambdas, param_groups, resolve_stages
-from components.inference.task_metrics import is_better, resolve_metric
 
 log = logging.getLogger("finetune")
 
 # Keys that decide the model and the data order: a resumed run must not change them.
 MUST_MATCH_ON_RESUME = ("seed", "checkpoint_dir", "revision", "tuning", "task", "data", "classifier_dropout")
-MAY_CHANGE_ON_RESUME = ("data.num_proc", "data.eval_batch_size")  # (a moved data.source or checkpoint_dir: by fingerprint)
+MAY_CHANGE_ON_RESUME = (
+    "data.num_proc",
+    "data.eval_batch_size",
+)  # (a moved data.source or checkpoint_dir: by fingerprint)
 OUTPUTS = ("model", "adapter_set", "predictions", "results.json")
 
 
@@ -92,7 +101,9 @@ class FinetuneRecipe:
                 f"tuning=adapters but {cfg.checkpoint_dir} has no adapters (an adapter-free student or a BERT "
                 "checkpoint): use tuning=full or tuning=head, or distil a student with adapters"
             )
-        self.model = TaskModel(encoder, self.task.task_type, self.task.num_labels, cfg.classifier_dropout).to(self.device)
+        self.model = TaskModel(encoder, self.task.task_type, self.task.num_labels, cfg.classifier_dropout).to(
+            self.device
+        )
 
         self.steps_per_epoch = steps_per_epoch(self.task, cfg.data.batch_size)
         self.max_steps = cfg.max_steps or cfg.epochs * self.steps_per_epoch
@@ -147,8 +158,14 @@ class FinetuneRecipe:
             epoch, position = divmod(self.step, self.steps_per_epoch)
             if batches is None:  # the order of an epoch depends on (seed, epoch) only: resumable
                 batches = task_batches(
-                    self.task.splits["train"], cfg.data.batch_size, self.tokenizer.pad_token_id,
-                    cfg.data.pad_to_multiple_of, shuffle=True, seed=cfg.seed, epoch=epoch, start=position,
+                    self.task.splits["train"],
+                    cfg.data.batch_size,
+                    self.tokenizer.pad_token_id,
+                    cfg.data.pad_to_multiple_of,
+                    shuffle=True,
+                    seed=cfg.seed,
+                    epoch=epoch,
+                    start=position,
                 )
             started = time.perf_counter()
             metrics = self._train_step(next(batches))
@@ -189,8 +206,15 @@ class FinetuneRecipe:
 
     def _predict(self, split: str):
         return predict(
-            self.model, self.task.splits[split], self.task, self.cfg.data.eval_batch_size,
-            self.tokenizer.pad_token_id, self.cfg.data.pad_to_multiple_of, self.device, self.autocast, progress=True,
+            self.model,
+            self.task.splits[split],
+            self.task,
+            self.cfg.data.eval_batch_size,
+            self.tokenizer.pad_token_id,
+            self.cfg.data.pad_to_multiple_of,
+            self.device,
+            self.autocast,
+            progress=True,
         )
 
     def _evaluate(self) -> None:
@@ -221,7 +245,9 @@ class FinetuneRecipe:
             self._size_logged = True
             log.info(
                 "Adapter set: %.1f KB, %.2f%% of the base's %.1f MB (%d tensors)",
-                manifest["bytes"] / 1e3, 100 * manifest["bytes"] / manifest["base_bytes"], manifest["base_bytes"] / 1e6,
+                manifest["bytes"] / 1e3,
+                100 * manifest["bytes"] / manifest["base_bytes"],
+                manifest["base_bytes"] / 1e6,
                 len(manifest["tensors"]),
             )
 
@@ -280,7 +306,10 @@ class FinetuneRecipe:
         self.run.on_main(write_results)
         log.info(
             "Best validation %s: %.4f at step %d; saved under %s",
-            self.metric, self.best["value"], self.best["step"], self.output_dir / results["saved"],
+            self.metric,
+            self.best["value"],
+            self.best["step"],
+            self.output_dir / results["saved"],
         )
 
     def cleanup(self) -> None:

@@ -25,7 +25,7 @@ if os.environ.get("ATEN_CPU_CAPABILITY") and "TORCHINDUCTOR_CACHE_DIR" not in os
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from components.smoke import train_tokenizer, stdlib_docstrings  # noqa: E402
+from components.smoke import stdlib_docstrings, train_tokenizer  # noqa: E402
 from tests.helpers import make_hf_teacher  # noqa: E402
 
 torch.set_num_threads(2)

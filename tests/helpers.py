@@ -57,5 +57,6 @@ def load_task(data, task, tokenizer):
     from components.data.task_data import load_task_data
     from components.training.schema import TaskConfig, TaskDataConfig
 
-    return load_task_data(check_section(data, TaskDataConfig, "data"), check_section(task, TaskConfig, "task"), tokenizer)
-
+    return load_task_data(
+        check_section(data, TaskDataConfig, "data"), check_section(task, TaskConfig, "task"), tokenizer
+    )

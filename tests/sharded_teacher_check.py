@@ -33,10 +33,16 @@ student = recursive_tiny(vocab_size=300)
 student_total = sum(p.numel() for p in student.parameters())
 parallel.shard_student(student)
 student_local = sum(p.to_local().numel() for p in student.parameters())
-line = json.dumps({
-    "rank": parallel.rank, "local": local, "total": sum(p.numel() for p in full.parameters()), "diff": diff,
-    "student_local": student_local, "student_total": student_total,
-})
+line = json.dumps(
+    {
+        "rank": parallel.rank,
+        "local": local,
+        "total": sum(p.numel() for p in full.parameters()),
+        "diff": diff,
+        "student_local": student_local,
+        "student_total": student_total,
+    }
+)
 sys.stdout.write(line + "\n")  # one write of under 4 KiB: the two ranks' lines cannot interleave
 sys.stdout.flush()
 parallel.close()

@@ -19,8 +19,8 @@ from transformers import (
 import components  # noqa: F401  (registers the model types)
 from components.checkpointing import load_student, save_student
 from components.checkpointing.finetuned import save_task_model
-from components.models.recursive import recursive_tiny
 from components.models.heads import TaskModel
+from components.models.recursive import recursive_tiny
 
 ATOL = 1e-5
 SENTENCE = "the value of the object is returned"
@@ -117,7 +117,7 @@ def test_albert_needs_no_import_of_ours_and_autotokenizer_warns_about_nothing(st
     folders = {kind: str(folder) for kind, (_, folder) in students.items()}
     code = f"""
 import sys, transformers
-m = transformers.AutoModelForMaskedLM.from_pretrained({folders['albert']!r})
+m = transformers.AutoModelForMaskedLM.from_pretrained({folders["albert"]!r})
 assert type(m).__name__ == "AlbertForMaskedLM", type(m)
 assert "components" not in sys.modules
 import components
@@ -161,7 +161,11 @@ def finetuned(request, tmp_path_factory, tokenizer):
     task_type = request.param
     torch.manual_seed(0)
     encoder = recursive_tiny(vocab_size=len(tokenizer), mlm_head=False, dropout=0.0, attention_dropout=0.0)
-    labels = {"classification": ["negative", "positive"], "regression": None, "token_classification": ["O", "B-X", "I-X"]}
+    labels = {
+        "classification": ["negative", "positive"],
+        "regression": None,
+        "token_classification": ["O", "B-X", "I-X"],
+    }
     names = labels[task_type]
     model = _perturbed(TaskModel(encoder, task_type, len(names) if names else 1, dropout=0.0))
     folder = tmp_path_factory.mktemp(task_type) / "model"
@@ -171,8 +175,14 @@ def finetuned(request, tmp_path_factory, tokenizer):
 
 def test_finetuned_models_load_through_their_auto_class(finetuned, tokenizer):
     task_type, model, folder, names = finetuned
-    auto = AutoModelForTokenClassification if task_type == "token_classification" else AutoModelForSequenceClassification
-    other = AutoModelForSequenceClassification if auto is AutoModelForTokenClassification else AutoModelForTokenClassification
+    auto = (
+        AutoModelForTokenClassification if task_type == "token_classification" else AutoModelForSequenceClassification
+    )
+    other = (
+        AutoModelForSequenceClassification
+        if auto is AutoModelForTokenClassification
+        else AutoModelForTokenClassification
+    )
     loaded = auto.from_pretrained(folder).eval()
     enc = _batch(tokenizer)
     logits = loaded(**enc).logits

@@ -9,7 +9,7 @@ from transformers import AutoModelForMaskedLM, MobileBertForMaskedLM, pipeline
 
 import components  # noqa: F401  (registers the native formats with transformers)
 from components.checkpointing import load_student, save_student
-from components.models import bottleneck_tiny, BottleneckEncoder, RecursiveEncoder, recursive_tiny
+from components.models import bottleneck_tiny, BottleneckEncoder, recursive_tiny, RecursiveEncoder
 from components.models.student import check_student, Student
 from tests.test_tune_run import tune_run
 
@@ -64,7 +64,9 @@ def test_ib_bert_shaped_students_use_the_native_format_and_the_auto_classes(toke
     auto = AutoModelForMaskedLM.from_pretrained(tmp_path / "s").eval()
     assert type(auto).__name__ == "BottleneckEncoderForMaskedLM"
     torch.testing.assert_close(auto(**enc).logits, _logits(model, enc), atol=ATOL, rtol=0)
-    torch.testing.assert_close(_logits(load_student(str(tmp_path / "s")).eval(), enc), _logits(model, enc), atol=0, rtol=0)
+    torch.testing.assert_close(
+        _logits(load_student(str(tmp_path / "s")).eval(), enc), _logits(model, enc), atol=0, rtol=0
+    )
 
 
 def test_recursive_students_keep_their_formats(tokenizer, tmp_path):
@@ -82,9 +84,16 @@ def test_mobilebert_tiny_config_end_to_end(tmp_path, smoke_assets):
     pre-training distillation; the student loads as a transformers MobileBERT."""
     out = tmp_path / "mobilebert"
     result = tune_run(
-        "--config", "configs/mobilebert_tiny.yaml", f"output_dir={out}", "stages.steps_per_layer=2",
-        "max_steps=12", "eval_every_n_steps=null", "save_every_n_steps=null", "log_every_n_steps=1",
-        f"teacher.assets_dir={smoke_assets}", f"data.source.assets_dir={smoke_assets}",
+        "--config",
+        "configs/mobilebert_tiny.yaml",
+        f"output_dir={out}",
+        "stages.steps_per_layer=2",
+        "max_steps=12",
+        "eval_every_n_steps=null",
+        "save_every_n_steps=null",
+        "log_every_n_steps=1",
+        f"teacher.assets_dir={smoke_assets}",
+        f"data.source.assets_dir={smoke_assets}",
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     saved = OmegaConf.load(out / "config.yaml")
@@ -112,8 +121,8 @@ def test_a_bottleneck_student_fine_tunes_with_the_same_recipe(tokenizer, tmp_pat
 def test_a_teacher_of_another_shape_teaches_through_per_layer_projections(tmp_path, tokenizer):
     """A stock BERT (here 8 heads, 48 wide, 2 layers) teaches a 2-block bottleneck student (4 heads,
     64 wide): one learned projection per block, teacher heads matched in groups of two."""
-    from recipes.distill_recursive import DistillRecursiveRecipe
     from components.training.run import execute
+    from recipes.distill_recursive import DistillRecursiveRecipe
     from tests.helpers import make_hf_teacher
     from tests.recipe_helpers import tiny_config
 
@@ -126,10 +135,18 @@ def test_a_teacher_of_another_shape_teaches_through_per_layer_projections(tmp_pa
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("\n\n".join(f"the value {i} of the object is returned to the caller" for i in range(64)))
     cfg = tiny_config(tmp_path / "run", teacher, corpus, max_steps=6, save_every_n_steps=None)
-    cfg["student"] = {"_component_": "components.models.bottleneck_tiny", "num_layers": 2, "max_position_embeddings": 80}
+    cfg["student"] = {
+        "_component_": "components.models.bottleneck_tiny",
+        "num_layers": 2,
+        "max_position_embeddings": 80,
+    }
     cfg["loss"].update(projection="per_layer", attention_reduction="distribution")
-    cfg["stages"] = {"_component_": "components.training.progressive_stages", "num_layers": 2, "steps_per_layer": 2,
-                     "also_trainable": ["loss.*", "student.embeddings.*"]}
+    cfg["stages"] = {
+        "_component_": "components.training.progressive_stages",
+        "num_layers": 2,
+        "steps_per_layer": 2,
+        "also_trainable": ["loss.*", "student.embeddings.*"],
+    }
     recipe = execute(DistillRecursiveRecipe(OmegaConf.create(cfg)))
     assert sorted(recipe.loss_fn.projections) == ["0", "1", "2"]
     assert [w.shape for w in (p.weight for p in recipe.loss_fn.projections.values())] == [(48, 64)] * 3

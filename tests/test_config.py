@@ -31,13 +31,25 @@ def test_defaults_are_filled_in():
     [
         ({"max_step": 10}, r"Unknown config key 'max_step' \(did you mean 'max_steps'\?\)"),
         ({"data.strde": 3}, r"Unknown config key 'strde' in section 'data' \(did you mean 'stride'\?\)"),
-        ({"student.hiden_size": 3}, r"'student.hiden_size'.*has no argument 'hiden_size' \(did you mean 'hidden_size'\?\)"),
+        (
+            {"student.hiden_size": 3},
+            r"'student.hiden_size'.*has no argument 'hiden_size' \(did you mean 'hidden_size'\?\)",
+        ),
         ({"max_steps": "ten"}, r"'max_steps' must be int or null, got str 'ten'"),
         ({"data.batch_size": 2.5}, r"'data.batch_size' must be int, got float 2.5"),
-        ({"dtype": "fp16"}, r"'dtype' must be one of \['fp32', 'bf16'\], got str 'fp16': fp16 is not offered.*use dtype=bf16"),
+        (
+            {"dtype": "fp16"},
+            r"'dtype' must be one of \['fp32', 'bf16'\], got str 'fp16': fp16 is not offered.*use dtype=bf16",
+        ),
         ({"student.num_iterations": "six"}, r"'student.num_iterations' must be int, got str 'six'"),
-        ({"loss._component_": "components.losses.NoSuchLoss"}, r"loss._component_: cannot import 'components.losses.NoSuchLoss'"),
-        ({"stages": "[{name: a, stepz: 3}]"}, r"Unknown config key 'stepz' in section 'stages\[0\]' \(did you mean 'steps'\?\)"),
+        (
+            {"loss._component_": "components.losses.NoSuchLoss"},
+            r"loss._component_: cannot import 'components.losses.NoSuchLoss'",
+        ),
+        (
+            {"stages": "[{name: a, stepz: 3}]"},
+            r"Unknown config key 'stepz' in section 'stages\[0\]' \(did you mean 'steps'\?\)",
+        ),
     ],
 )
 def test_bad_configs_name_the_key(change, message):
@@ -49,7 +61,9 @@ def test_missing_required_sections():
     with pytest.raises(ConfigError, match="missing the required key 'teacher'"):
         check_config(OmegaConf.create({k: v for k, v in BASE.items() if k != "teacher"}), DistillConfig)
     with pytest.raises(ConfigError, match="'teacher' is missing the required argument 'path'"):
-        check_config(OmegaConf.create({**BASE, "teacher": {"_component_": "components.checkpointing.hf_teacher"}}), DistillConfig)
+        check_config(
+            OmegaConf.create({**BASE, "teacher": {"_component_": "components.checkpointing.hf_teacher"}}), DistillConfig
+        )
 
 
 def test_every_shipped_config_is_valid():
@@ -59,17 +73,33 @@ def test_every_shipped_config_is_valid():
     from components.training.stages import expand_stages
 
     configs = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
-    assert {p.name for p in configs} >= {"tiny.yaml", "tiny_qat.yaml", "bert_base.yaml", "bert_base_qat.yaml",
-                                         "bert_large.yaml", "export_int8.yaml", "finetune_tiny.yaml",
-                                         "glue_sst2.yaml", "glue_mrpc.yaml", "glue_stsb.yaml", "ner_conll.yaml",
-                                         "embedding_teacher.yaml"}
+    assert {p.name for p in configs} >= {
+        "tiny.yaml",
+        "tiny_qat.yaml",
+        "bert_base.yaml",
+        "bert_base_qat.yaml",
+        "bert_large.yaml",
+        "export_int8.yaml",
+        "finetune_tiny.yaml",
+        "glue_sst2.yaml",
+        "glue_mrpc.yaml",
+        "glue_stsb.yaml",
+        "ner_conll.yaml",
+        "embedding_teacher.yaml",
+    }
     for path in configs:
         if path.name.startswith("export"):  # recipes/export_student.py: the folders come from the command line
-            check_config(OmegaConf.merge(OmegaConf.load(path), {"checkpoint_dir": "s", "output_dir": "o"}), ExportConfig)
+            check_config(
+                OmegaConf.merge(OmegaConf.load(path), {"checkpoint_dir": "s", "output_dir": "o"}), ExportConfig
+            )
             continue
         schema = FinetuneConfig if path.name.startswith(("finetune", "glue", "ner")) else DistillConfig
         cfg = check_config(expand_stages(OmegaConf.load(path)), schema)
-        keys = ("output_dir", "checkpoint_dir", "tuning", "max_steps") if schema is FinetuneConfig else ("output_dir", "max_steps", "save_every_n_steps")
+        keys = (
+            ("output_dir", "checkpoint_dir", "tuning", "max_steps")
+            if schema is FinetuneConfig
+            else ("output_dir", "max_steps", "save_every_n_steps")
+        )
         for key in keys + ("resume_from_checkpoint",):
             assert key in OmegaConf.load(path), f"{path.name} does not set {key}"
         assert cfg.resume_from_checkpoint is False
@@ -98,4 +128,8 @@ def test_bad_values_fail_before_anything_loads(change, message):
 def test_a_component_section_without_component_keeps_the_default():
     cfg = check(**{"loss.temperature": 2.0, "optimizer.lr": 1e-3})
     assert cfg.loss._component_ == "components.losses.DistillationLoss" and cfg.loss.temperature == 2.0
-    assert cfg.optimizer._component_ == "torch.optim.AdamW" and cfg.optimizer.lr == 1e-3 and cfg.optimizer.weight_decay == 1e-4
+    assert (
+        cfg.optimizer._component_ == "torch.optim.AdamW"
+        and cfg.optimizer.lr == 1e-3
+        and cfg.optimizer.weight_decay == 1e-4
+    )

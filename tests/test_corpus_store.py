@@ -122,7 +122,9 @@ def test_a_resume_on_a_changed_corpus_is_refused(tmp_path, teacher_dir, corpus_f
     with open(corpus, "a", encoding="utf-8") as f:
         f.write(json.dumps({"text": "a document added after the run began"}) + "\n")
     cfg = tiny_config(out, teacher_dir, corpus, max_steps=9, save_every_n_steps=3, resume_from_checkpoint=True)
-    with pytest.raises(CheckpointError, match=r"another data: corpus.jsonl changed size .*allow_changes_on_resume=\[data\]"):
+    with pytest.raises(
+        CheckpointError, match=r"another data: corpus.jsonl changed size .*allow_changes_on_resume=\[data\]"
+    ):
         run_recipe(cfg)
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file() and p.name != ".lock"} == {
         p: t for p, t in before.items() if p.name != ".lock"

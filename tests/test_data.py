@@ -156,7 +156,10 @@ def test_sampler_resumes_where_it_stopped():
 def test_a_window_is_masked_the_same_in_any_split(tokenizer):
     from components.training.distill import step_batches
 
-    windows = [{"input_ids": [tokenizer.cls_token_id] + list(range(10, 10 + n)) + [tokenizer.sep_token_id]} for n in range(5, 37)]
+    windows = [
+        {"input_ids": [tokenizer.cls_token_id] + list(range(10, 10 + n)) + [tokenizer.sep_token_id]}
+        for n in range(5, 37)
+    ]
 
     class Rows:
         def __getitem__(self, idx):
@@ -168,7 +171,7 @@ def test_a_window_is_masked_the_same_in_any_split(tokenizer):
         out = {}
         for rank in range(world):
 
-            def sampler():
+            def sampler(rank=rank):
                 s = GlobalBatchSampler(32, batch_size, accumulation, world, rank, seed=5)
                 s.next_step()  # look at the second step
                 return s

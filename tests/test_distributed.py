@@ -51,7 +51,10 @@ def runs(tmp_path_factory, teacher_dir, corpus_file):
     single = root / "single"
     run_recipe(tiny_config(single, teacher_dir, corpus_file, **overrides, **{"data.batch_size": 16}))
     config = root / "dist.yaml"
-    OmegaConf.save(OmegaConf.create(tiny_config(root / "unused", teacher_dir, corpus_file, **overrides, **{"data.batch_size": 8})), config)
+    OmegaConf.save(
+        OmegaConf.create(tiny_config(root / "unused", teacher_dir, corpus_file, **overrides, **{"data.batch_size": 8})),
+        config,
+    )
     distributed = root / "distributed"
     tune_distributed("--config", str(config), f"output_dir={distributed}")
     return single, distributed, config
@@ -112,9 +115,20 @@ def test_a_checkpoint_resumes_with_its_world_size_only(runs, tmp_path, teacher_d
 
 def test_sharded_teacher_and_student_hold_half_the_parameters(teacher_dir):
     result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
-         str(REPO / "tests" / "sharded_teacher_check.py"), str(teacher_dir)],
-        cwd=REPO, capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--standalone",
+            str(REPO / "tests" / "sharded_teacher_check.py"),
+            str(teacher_dir),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     ranks = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
@@ -135,7 +149,16 @@ def tune_distributed_failing(config, *args, timeout=300):
     import os
 
     result = subprocess.run(
-        [str(TUNE), "run", "--nproc_per_node", "2", "recipes/distill_recursive_distributed.py", "--config", str(config), *args],
+        [
+            str(TUNE),
+            "run",
+            "--nproc_per_node",
+            "2",
+            "recipes/distill_recursive_distributed.py",
+            "--config",
+            str(config),
+            *args,
+        ],
         cwd=REPO,
         capture_output=True,
         text=True,

@@ -22,8 +22,13 @@ QAT = {"scheme": "int4_weight", "group_size": 16}
 def export(checkpoint_dir, output_dir, **overrides):
     from recipes.export_student import export as run_export
 
-    cfg = {"checkpoint_dir": str(checkpoint_dir), "output_dir": str(output_dir), "eval_batch_size": 2,
-           "eval_max_length": 24, **overrides}
+    cfg = {
+        "checkpoint_dir": str(checkpoint_dir),
+        "output_dir": str(output_dir),
+        "eval_batch_size": 2,
+        "eval_max_length": 24,
+        **overrides,
+    }
     return run_export(OmegaConf.create(cfg))
 
 
@@ -42,8 +47,17 @@ def qat_student(tmp_path_factory, teacher_dir, corpus_file):
     """A student whose last 2 of 4 steps trained under int4_weight fake quantisation, groups of 16."""
     root = tmp_path_factory.mktemp("qat_int4")
     stages = [{"name": "distill", "steps": 2}, {"name": "qat", "fake_quantize": True}]
-    run_recipe(tiny_config(root / "run", teacher_dir, corpus_file, max_steps=4, save_every_n_steps=None,
-                           stages=stages, quantization=QAT))
+    run_recipe(
+        tiny_config(
+            root / "run",
+            teacher_dir,
+            corpus_file,
+            max_steps=4,
+            save_every_n_steps=None,
+            stages=stages,
+            quantization=QAT,
+        )
+    )
     folder = root / "run" / "student"
     assert student_metadata(str(folder))["quantization_aware"] == {**QAT, "steps": 2}
     return folder
@@ -52,16 +66,27 @@ def qat_student(tmp_path_factory, teacher_dir, corpus_file):
 @pytest.mark.parametrize(
     "asked, message",
     [
-        ({"group_size": 32}, r"group_size=32: the student in \S+ was trained quantisation-aware for int4_weight with "
-                             r"group_size=16 \(\S+config\.json: recursive_distill\.quantization_aware\), not for "
-                             r"int4_weight with group_size=32; .*Pass requantize=true"),
-        ({"scheme": "int4_weight", "group_size": 64}, r"scheme=int4_weight, group_size=64: .*trained quantisation-aware "
-                                                      r"for int4_weight with group_size=16 .*not for int4_weight with group_size=64"),
-        ({"scheme": "int8_dynamic"}, r"scheme=int8_dynamic: .*trained quantisation-aware for int4_weight with "
-                                     r"group_size=16 .*not for int8_dynamic; .*Pass requantize=true"),
+        (
+            {"group_size": 32},
+            r"group_size=32: the student in \S+ was trained quantisation-aware for int4_weight with "
+            r"group_size=16 \(\S+config\.json: recursive_distill\.quantization_aware\), not for "
+            r"int4_weight with group_size=32; .*Pass requantize=true",
+        ),
+        (
+            {"scheme": "int4_weight", "group_size": 64},
+            r"scheme=int4_weight, group_size=64: .*trained quantisation-aware "
+            r"for int4_weight with group_size=16 .*not for int4_weight with group_size=64",
+        ),
+        (
+            {"scheme": "int8_dynamic"},
+            r"scheme=int8_dynamic: .*trained quantisation-aware for int4_weight with "
+            r"group_size=16 .*not for int8_dynamic; .*Pass requantize=true",
+        ),
     ],
 )
-def test_other_settings_than_qat_trained_for_are_refused_before_anything_is_written(qat_student, tmp_path, asked, message):
+def test_other_settings_than_qat_trained_for_are_refused_before_anything_is_written(
+    qat_student, tmp_path, asked, message
+):
     # an earlier export (overwrite=True would replace it) and a fresh folder: neither is touched
     earlier = tmp_path / "earlier"
     earlier.mkdir()

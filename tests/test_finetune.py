@@ -17,10 +17,10 @@ import torch
 from omegaconf import OmegaConf
 from safetensors.torch import load_file, save_file
 
-from components.inference import MultiTaskModel
 from components.checkpointing import load_student
 from components.checkpointing.resume import load_checkpoint
 from components.errors import CheckpointError, ConfigError, RunInterrupted, TaskDataError
+from components.inference import MultiTaskModel
 from components.smoke.tasks import smoke_task, SMOKE_TASK_CONFIGS
 from components.training.run import execute
 from tests.recipe_helpers import logged, override, run_recipe, tiny_config
@@ -51,8 +51,13 @@ def finetune_config(output_dir, checkpoint_dir, files, kind="sst2", **overrides)
         "checkpoint_dir": str(checkpoint_dir),
         "seed": 0,
         "task": dict(task),
-        "data": {"source": {k: str(v) for k, v in files.items()}, **data, "max_length": 48, "batch_size": 16,
-                 "eval_batch_size": 64},
+        "data": {
+            "source": {k: str(v) for k, v in files.items()},
+            **data,
+            "max_length": 48,
+            "batch_size": 16,
+            "eval_batch_size": 64,
+        },
         "optimizer": {"_component_": "torch.optim.AdamW", "lr": 2e-3, "weight_decay": 0.01},
         "max_steps": 8,
         "eval_every_n_steps": 4,
@@ -120,7 +125,10 @@ def test_every_task_type_through_tune_run(kind, base, tasks, tmp_path):
     OmegaConf.save(OmegaConf.create(finetune_config(out, base, tasks[kind], kind, tuning=tuning)), config)
     result = subprocess.run(
         [str(TUNE), "run", "recipes/finetune.py", "--config", str(config)],
-        cwd=REPO, capture_output=True, text=True, timeout=600,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     results = json.loads((out / "results.json").read_text())
@@ -202,7 +210,9 @@ def test_an_adapter_set_holds_only_adapters_and_a_head_of_its_own_base(base, tas
     shutil.copytree(folder, forged)
     save_file({**tensors, f"encoder.{shared}": student.state_dict()[shared] * 0}, str(forged / "adapters.safetensors"))
     model = MultiTaskModel(str(base))
-    with pytest.raises(CheckpointError, match=rf"{re.escape(str(forged / 'adapters.safetensors'))} holds encoder\.{re.escape(shared)}"):
+    with pytest.raises(
+        CheckpointError, match=rf"{re.escape(str(forged / 'adapters.safetensors'))} holds encoder\.{re.escape(shared)}"
+    ):
         model.add("forged", str(forged))
     assert not model.tasks
 
@@ -245,7 +255,10 @@ def test_sigterm_then_resume_reproduces_the_uninterrupted_run(base, tasks, tmp_p
     assert sorted(b) == list(range(1, 13))
     for n in range(1, 13):
         assert b[n]["loss"] == pytest.approx(a[n]["loss"], rel=1e-6), n
-    assert json.loads((interrupted / "results.json").read_text())["best"] == json.loads((straight / "results.json").read_text())["best"]
+    assert (
+        json.loads((interrupted / "results.json").read_text())["best"]
+        == json.loads((straight / "results.json").read_text())["best"]
+    )
     assert (interrupted / "predictions" / "test.tsv").read_text() == (straight / "predictions" / "test.tsv").read_text()
 
 
@@ -276,7 +289,9 @@ def test_a_resume_on_other_task_data_or_another_model_is_refused(base, tasks, tm
     os.utime(train, ns=(stat.st_atime_ns, stat.st_mtime_ns))
     written = {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != ".lock"}
     resume = dict(max_steps=4, resume_from_checkpoint=True, **common)
-    with pytest.raises(CheckpointError, match=r"another data: data.source.train changed content.*allow_changes_on_resume=\[data\]"):
+    with pytest.raises(
+        CheckpointError, match=r"another data: data.source.train changed content.*allow_changes_on_resume=\[data\]"
+    ):
         run_finetune(finetune_config(out, model, files, **resume))
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != ".lock"} == written
     run_finetune(finetune_config(out, model, files, **resume, allow_changes_on_resume=["data"]))
@@ -320,10 +335,20 @@ def test_every_kind_of_model_and_the_ones_that_cannot_work(base, tasks, tmp_path
     assert (tmp_path / "c" / "model" / "model.safetensors").is_file()
     # an adapter-free student is written as ALBERT: it fine-tunes too, and its full model reloads
     albert = tmp_path / "albert"
-    run_recipe(tiny_config(albert, teacher_dir, corpus_file, max_steps=2, save_every_n_steps=None,
-                           **{"student.adapter_placement": None}))
+    run_recipe(
+        tiny_config(
+            albert,
+            teacher_dir,
+            corpus_file,
+            max_steps=2,
+            save_every_n_steps=None,
+            **{"student.adapter_placement": None},
+        )
+    )
     assert json.loads((albert / "student" / "config.json").read_text())["model_type"] == "albert"
-    recipe = run_finetune(finetune_config(tmp_path / "d", albert / "student", tasks["sst2"], tuning="full", max_steps=4))
+    recipe = run_finetune(
+        finetune_config(tmp_path / "d", albert / "student", tasks["sst2"], tuning="full", max_steps=4)
+    )
     from components.checkpointing.finetuned import load_task_model
 
     model, task = load_task_model(str(tmp_path / "d" / "model"))
@@ -331,14 +356,25 @@ def test_every_kind_of_model_and_the_ones_that_cannot_work(base, tasks, tmp_path
     batch = recipe.tokenizer(["a sentence to classify"], return_tensors="pt")
     recipe.model.eval()
     with torch.no_grad():
-        assert torch.allclose(model(batch["input_ids"], batch["attention_mask"]), recipe.model(batch["input_ids"], batch["attention_mask"]))
+        assert torch.allclose(
+            model(batch["input_ids"], batch["attention_mask"]),
+            recipe.model(batch["input_ids"], batch["attention_mask"]),
+        )
 
 
 def test_bad_input_through_tune_run_is_one_line(base, tasks, tmp_path):
     config = tmp_path / "config.yaml"
-    OmegaConf.save(OmegaConf.create(finetune_config(tmp_path / "out", base, tasks["sst2"], **{"data.label_column": "lable"})), config)
-    result = subprocess.run([str(TUNE), "run", "recipes/finetune.py", "--config", str(config)],
-                            cwd=REPO, capture_output=True, text=True, timeout=300)
+    OmegaConf.save(
+        OmegaConf.create(finetune_config(tmp_path / "out", base, tasks["sst2"], **{"data.label_column": "lable"})),
+        config,
+    )
+    result = subprocess.run(
+        [str(TUNE), "run", "recipes/finetune.py", "--config", str(config)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     last = result.stderr.strip().splitlines()[-1]

@@ -18,9 +18,9 @@ import pytest
 import torch
 
 from components import io
-from components.io import atomic_directory, atomic_file, lock_output_dir, recover_interrupted_writes, set_write_root
 from components.checkpointing.resume import list_checkpoints, load_checkpoint, load_latest_checkpoint, save_checkpoint
 from components.errors import CheckpointError, LockingUnsupported, UnsafePathError, UserError
+from components.io import atomic_directory, atomic_file, lock_output_dir, recover_interrupted_writes, set_write_root
 from components.training.run import Run
 
 
@@ -63,7 +63,11 @@ def assert_loads(out: Path, step: int) -> None:
 
 def snapshot(folder: Path) -> dict:
     """Every file under ``folder`` (not following symlinks) and its bytes."""
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file() and not p.is_symlink()}
+    return {
+        str(p.relative_to(folder)): p.read_bytes()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and not p.is_symlink()
+    }
 
 
 # ---------------------------------------------------------------- 1: no flock on the filesystem
@@ -235,7 +239,9 @@ def test_a_checkpoint_damaged_again_is_set_aside_under_a_free_name(tmp_path, cap
         assert [p.name for p in list_checkpoints(out)] == ["step_00000002"]
         assert_loads(out, 2)
     assert sorted(p.name for p in checkpoints.glob("damaged-*")) == [
-        "damaged-step_00000004", "damaged-step_00000004.1", "damaged-step_00000004.2"
+        "damaged-step_00000004",
+        "damaged-step_00000004.1",
+        "damaged-step_00000004.2",
     ]
     found = Run._run_outputs(SimpleNamespace(output_dir=out, outputs=()))  # what a resume reports
     assert found == [f"checkpoints/damaged-step_00000004{s} (damaged)" for s in ("", ".1", ".2")]

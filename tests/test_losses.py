@@ -192,8 +192,12 @@ def test_composite_is_the_weighted_sum_of_its_terms():
     expected = {
         "mlm": MaskedLMLoss()(student.logits, masked),
         "output": OutputKLLoss()(student.logits, teacher.logits),
-        "hidden": sum(HiddenAlignmentLoss()(student.hidden_states[s], teacher.hidden_states[t], mask) for s, t in [(1, 2), (2, 4)]),
-        "attention": sum(AttentionKLLoss()(student.attentions[s], teacher.attentions[t], mask) for s, t in [(1, 2), (2, 4)]),
+        "hidden": sum(
+            HiddenAlignmentLoss()(student.hidden_states[s], teacher.hidden_states[t], mask) for s, t in [(1, 2), (2, 4)]
+        ),
+        "attention": sum(
+            AttentionKLLoss()(student.attentions[s], teacher.attentions[t], mask) for s, t in [(1, 2), (2, 4)]
+        ),
         "embedding": HiddenAlignmentLoss()(student.hidden_states[0], teacher.hidden_states[0], mask),
     }
     assert set(out.terms) == set(expected)
@@ -211,7 +215,9 @@ def test_split_batches_with_global_counts_equal_one_batch():
 
     def part(rec, rows, logit_rows):
         return EncoderOutput(
-            tuple(h[rows] for h in rec.hidden_states), {k: a[rows] for k, a in rec.attentions.items()}, rec.logits[logit_rows]
+            tuple(h[rows] for h in rec.hidden_states),
+            {k: a[rows] for k, a in rec.attentions.items()},
+            rec.logits[logit_rows],
         )
 
     total = 0.0
@@ -271,4 +277,6 @@ def test_attention_kl_per_element_divides_by_sequence_length():
     student, teacher = attention_probs(2, 4, mask_row, 5), attention_probs(2, 4, mask_row, 6)
     mask = torch.tensor([mask_row])
     per_distribution = AttentionKLLoss("distribution")(student, teacher, mask)
-    assert AttentionKLLoss("element")(student, teacher, mask).item() == pytest.approx(per_distribution.item() / 4, rel=1e-6)
+    assert AttentionKLLoss("element")(student, teacher, mask).item() == pytest.approx(
+        per_distribution.item() / 4, rel=1e-6
+    )

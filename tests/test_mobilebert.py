@@ -86,7 +86,9 @@ def hf_model(config):
 
 
 def run_hf(hf, ids, mask, types):
-    return hf(input_ids=ids, attention_mask=mask, token_type_ids=types, output_hidden_states=True, output_attentions=True)
+    return hf(
+        input_ids=ids, attention_mask=mask, token_type_ids=types, output_hidden_states=True, output_attentions=True
+    )
 
 
 def assert_same_outputs(ours, theirs, mask, num_layers):
@@ -152,7 +154,11 @@ def test_folder_round_trip_through_from_pretrained(tmp_path, caplog, case):
     torch.manual_seed(0)
     student = perturb(bottleneck_tiny(**CASES[case])).eval()
     MobileBertConfig(**mobilebert_config_kwargs(student.config)).save_pretrained(tmp_path)
-    save_file(native_to_mobilebert(student.state_dict(), student.config), str(tmp_path / "model.safetensors"), {"format": "pt"})
+    save_file(
+        native_to_mobilebert(student.state_dict(), student.config),
+        str(tmp_path / "model.safetensors"),
+        {"format": "pt"},
+    )
     hf_logging.enable_propagation()  # transformers' logger does not reach caplog otherwise
     try:
         with caplog.at_level(logging.INFO, logger="transformers"):
@@ -216,7 +222,9 @@ def test_ib_bert_attention_is_ours_only():
         mobilebert_config_kwargs(config)
     ids, mask, _ = batch()
     assert BottleneckEncoder(**config)(ids, mask).logits.shape == (3, 12, 1000)
-    hf_config = MobileBertConfig(**{**mobilebert_config_kwargs(bottleneck_tiny().config), "key_query_shared_bottleneck": False})
+    hf_config = MobileBertConfig(
+        **{**mobilebert_config_kwargs(bottleneck_tiny().config), "key_query_shared_bottleneck": False}
+    )
     with pytest.raises(RuntimeError):
         MobileBertForMaskedLM(hf_config)(input_ids=ids)
 

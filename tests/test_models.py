@@ -116,7 +116,9 @@ def test_zero_initialised_houlsby_adapters_are_identities():
 
 
 def test_adapter_sites_per_placement():
-    sites = {p: set(recursive_tiny(adapter_placement=p).adapters[0].keys()) for p in ("minialbert", "houlsby", "pfeiffer")}
+    sites = {
+        p: set(recursive_tiny(adapter_placement=p).adapters[0].keys()) for p in ("minialbert", "houlsby", "pfeiffer")
+    }
     assert sites == {
         "minialbert": {"attention_in", "ffn_in"},
         "houlsby": {"attention_out", "ffn_out"},
@@ -285,7 +287,9 @@ def test_bf16_on_a_cpu_without_bf16_instructions_is_warned_about():
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     message = bf16_cpu_warning(cpu, ["teacher.dtype=bf16"], native=False)
     assert message.startswith("teacher.dtype=bf16 on a CPU without bf16 instructions") and "Use fp32 here" in message
-    assert bf16_cpu_warning(cpu, ["dtype=bf16", "teacher.dtype=bf16"], native=False).startswith("dtype=bf16 and teacher.dtype=bf16")
+    assert bf16_cpu_warning(cpu, ["dtype=bf16", "teacher.dtype=bf16"], native=False).startswith(
+        "dtype=bf16 and teacher.dtype=bf16"
+    )
     assert bf16_cpu_warning(cpu, ["teacher.dtype=bf16"], native=True) is None
     assert bf16_cpu_warning(cpu, ["teacher.dtype=bf16"], native=None) is None or cpu_has_native_bf16() is False
     assert bf16_cpu_warning(cuda, ["teacher.dtype=bf16"], native=False) is None
@@ -297,7 +301,9 @@ def test_the_recipe_warns_about_a_bf16_teacher_on_such_a_cpu(tmp_path, teacher_d
     from tests.recipe_helpers import run_recipe, tiny_config
 
     monkeypatch.setattr(distributed, "cpu_has_native_bf16", lambda: False)
-    cfg = tiny_config(tmp_path / "run", teacher_dir, corpus_file, max_steps=1, **{"teacher.dtype": "bf16", "data.eval_fraction": 0.0})
+    cfg = tiny_config(
+        tmp_path / "run", teacher_dir, corpus_file, max_steps=1, **{"teacher.dtype": "bf16", "data.eval_fraction": 0.0}
+    )
     with caplog.at_level("WARNING"):
         run_recipe(cfg)
     assert "teacher.dtype=bf16 on a CPU without bf16 instructions" in caplog.text

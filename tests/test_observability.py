@@ -74,7 +74,9 @@ def test_disabled_profiler_writes_nothing(tmp_path, teacher_dir, corpus_file):
 def test_a_logger_whose_package_is_missing_is_one_line(tmp_path, teacher_dir, corpus_file):
     cfg = tiny_config(tmp_path / "run", teacher_dir, corpus_file, max_steps=2)
     cfg["metric_logger"] = {"_component_": "torchtune.training.metric_logging.WandBLogger", "project": "x"}
-    with pytest.raises(MissingDependencyError, match="metric_logger: torchtune.training.metric_logging.WandBLogger.*wandb"):
+    with pytest.raises(
+        MissingDependencyError, match="metric_logger: torchtune.training.metric_logging.WandBLogger.*wandb"
+    ):
         run_recipe(cfg)
 
 
@@ -104,10 +106,21 @@ def test_through_tune_run_a_pasted_block_logs_and_lines_do_not_tear_the_bar(tmp_
     config = tmp_path / "config.yaml"
     config.write_text(yaml.safe_dump(tiny_config(out, teacher_dir, corpus_file, eval_every_n_steps=2)))
     result = subprocess.run(
-        [str(Path(sys.executable).with_name("tune")), "run", "recipes/distill_recursive.py", "--config", str(config),
-         f"metric_logger._component_={DISK_LOGGER}", "metric_logger.log_dir=${output_dir}/logs"],
-        cwd=REPO, env={**os.environ, "PYTHONUNBUFFERED": "1"}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-        text=True, timeout=600,
+        [
+            str(Path(sys.executable).with_name("tune")),
+            "run",
+            "recipes/distill_recursive.py",
+            "--config",
+            str(config),
+            f"metric_logger._component_={DISK_LOGGER}",
+            "metric_logger.log_dir=${output_dir}/logs",
+        ],
+        cwd=REPO,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=600,
     )
     assert result.returncode == 0, result.stdout[-3000:]
     assert sorted(_disk_log(out / "logs")) == [1, 2, 3, 4, 5, 6]

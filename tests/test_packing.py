@@ -60,9 +60,14 @@ def test_pack_batch_keeps_every_token_in_fewer_rows():
     assert int(packed.attention_mask.sum()) == int(batch.attention_mask.sum()) == sum(LENGTHS)
     assert packed.segment_ids.max() == 2
     assert torch.equal(packed.attention_mask.bool(), packed.segment_ids > 0)
-    assert torch.equal(packed.input_ids[packed.attention_mask == 0], torch.full(((packed.attention_mask == 0).sum(),), PAD))
+    assert torch.equal(
+        packed.input_ids[packed.attention_mask == 0], torch.full(((packed.attention_mask == 0).sum(),), PAD)
+    )
+
     # the same multiset of (token, label) pairs, and the same masked positions' count
-    pairs = lambda b: sorted(zip(b.input_ids[b.attention_mask.bool()].tolist(), b.labels[b.attention_mask.bool()].tolist()))
+    def pairs(b):
+        return sorted(zip(b.input_ids[b.attention_mask.bool()].tolist(), b.labels[b.attention_mask.bool()].tolist()))
+
     assert pairs(packed) == pairs(batch)
     assert int(packed.masked_positions.sum()) == int(batch.masked_positions.sum())
     # deterministic
@@ -77,8 +82,16 @@ def test_segment_positions_restart_with_each_sequence():
 
 def encoders():
     torch.manual_seed(0)
-    teacher = BertEncoder(vocab_size=1000, hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64,
-                          dropout=0.0, attention_dropout=0.0, max_position_embeddings=32)
+    teacher = BertEncoder(
+        vocab_size=1000,
+        hidden_size=32,
+        num_layers=2,
+        num_heads=4,
+        intermediate_size=64,
+        dropout=0.0,
+        attention_dropout=0.0,
+        max_position_embeddings=32,
+    )
     for layer in teacher.layers:  # sharper attention than an untrained model's
         layer.attention.query.weight.data.mul_(8)
         layer.attention.key.weight.data.mul_(8)
@@ -97,8 +110,13 @@ def test_packed_rows_encode_each_sequence_as_alone(name):
     layers = set(range(1, model.spec.num_layers + 1))
     with torch.no_grad():
         alone = model(batch.input_ids, batch.attention_mask, attention_layers=layers, return_logits=False)
-        together = model(packed.input_ids, packed.attention_mask, attention_layers=layers, return_logits=False,
-                         segment_ids=packed.segment_ids)
+        together = model(
+            packed.input_ids,
+            packed.attention_mask,
+            attention_layers=layers,
+            return_logits=False,
+            segment_ids=packed.segment_ids,
+        )
     tokens = batch.attention_mask.bool()
     for a, b in zip(alone.hidden_states, together.hidden_states):
         torch.testing.assert_close(unpack(b, batch, packed), a[tokens], atol=2e-5, rtol=1e-5)
@@ -108,7 +126,9 @@ def test_packed_rows_encode_each_sequence_as_alone(name):
         same = packed.segment_ids[:, :, None] == packed.segment_ids[:, None, :]
         outside = p.masked_fill(same[:, None], 0.0)[packed.attention_mask.bool()[:, None, :, None].expand_as(p)]
         assert float(outside.abs().max()) == 0.0
-        assert float(p.sum(-1)[packed.attention_mask.bool()[:, None].expand(-1, p.shape[1], -1)].sub(1).abs().max()) < 1e-5
+        assert (
+            float(p.sum(-1)[packed.attention_mask.bool()[:, None].expand(-1, p.shape[1], -1)].sub(1).abs().max()) < 1e-5
+        )
 
 
 def test_trigram_students_refuse_packed_rows():
@@ -152,9 +172,21 @@ def test_recipe_with_packing_logs_the_losses_of_padded_rows(tmp_path, teacher_di
     losses = {}
     for pack in (False, True):
         out = tmp_path / f"pack_{pack}"
-        recipe = run_recipe(tiny_config(out, teacher_dir, sentences, **{"data.pack": pack, "data.sample_by": "line",
-                                                                         "max_steps": 2, "save_every_n_steps": None,
-                                                                         "student.dropout": 0.0, "student.attention_dropout": 0.0}))
+        recipe = run_recipe(
+            tiny_config(
+                out,
+                teacher_dir,
+                sentences,
+                **{
+                    "data.pack": pack,
+                    "data.sample_by": "line",
+                    "max_steps": 2,
+                    "save_every_n_steps": None,
+                    "student.dropout": 0.0,
+                    "student.attention_dropout": 0.0,
+                },
+            )
+        )
         rows = recipe.step_batches(step=0)[0].input_ids.shape[0]
         assert rows < 8 if pack else rows == 8
         losses[pack] = {step: r["loss/total"] for step, r in logged(out).items() if "loss/total" in r}
@@ -167,7 +199,9 @@ def test_recipe_refuses_packing_with_element_attention_reduction(tmp_path, teach
     from components.errors import ConfigError
     from tests.recipe_helpers import run_recipe, tiny_config
 
-    cfg = tiny_config(tmp_path / "run", teacher_dir, corpus_file, **{"data.pack": True, "loss.attention_reduction": "element"})
+    cfg = tiny_config(
+        tmp_path / "run", teacher_dir, corpus_file, **{"data.pack": True, "loss.attention_reduction": "element"}
+    )
     with pytest.raises(ConfigError, match="data.pack=true with loss.attention_reduction=element"):
         run_recipe(cfg)
     assert not (tmp_path / "run" / "checkpoints").exists()
@@ -185,14 +219,31 @@ def test_embedding_teacher_config_runs_on_a_headless_teacher(tmp_path, tokenizer
     teacher = make_hf_teacher(tmp_path / "teacher", tokenizer, kind="bert-no-head")
     sentences = tmp_path / "sentences.txt"
     sentences.write_text("\n".join(s.strip() for d in documents for s in d.split(". ") if 3 < len(s.split()) < 20))
-    cfg = OmegaConf.to_container(OmegaConf.load(Path(__file__).resolve().parents[1] / "configs" / "embedding_teacher.yaml"))
-    cfg = override(cfg, {
-        "output_dir": str(tmp_path / "run"), "teacher.path": str(teacher), "data.source": str(sentences),
-        "data.hub_config": None, "data.max_length": 32, "data.stride": 24, "data.batch_size": 8, "data.eval_fraction": 0.1,
-        "student.hidden_size": 32, "student.embedding_size": 16, "student.num_heads": 4, "student.intermediate_size": 64,
-        "student.num_iterations": 2, "max_steps": 3, "eval_every_n_steps": None, "save_every_n_steps": None,
-        "log_every_n_steps": 1,
-    })
+    cfg = OmegaConf.to_container(
+        OmegaConf.load(Path(__file__).resolve().parents[1] / "configs" / "embedding_teacher.yaml")
+    )
+    cfg = override(
+        cfg,
+        {
+            "output_dir": str(tmp_path / "run"),
+            "teacher.path": str(teacher),
+            "data.source": str(sentences),
+            "data.hub_config": None,
+            "data.max_length": 32,
+            "data.stride": 24,
+            "data.batch_size": 8,
+            "data.eval_fraction": 0.1,
+            "student.hidden_size": 32,
+            "student.embedding_size": 16,
+            "student.num_heads": 4,
+            "student.intermediate_size": 64,
+            "student.num_iterations": 2,
+            "max_steps": 3,
+            "eval_every_n_steps": None,
+            "save_every_n_steps": None,
+            "log_every_n_steps": 1,
+        },
+    )
     recipe = run_recipe(cfg)
     assert recipe.step_batches(step=0)[0].segment_ids is not None  # packed
     records = logged(tmp_path / "run")

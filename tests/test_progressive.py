@@ -26,7 +26,13 @@ class RecordingRecipe(DistillRecursiveRecipe):
         changed = {n for n, p in self.trainable_named_parameters() if not torch.equal(p.detach(), before[n])}
         trainable = {n for n, p in self.trainable_named_parameters() if p.requires_grad}
         self.steps.append(
-            {"changed": changed, "trainable": trainable, "lr": lrs, "metrics": metrics, "layers": list(self.loss_fn.active_layer_map)}
+            {
+                "changed": changed,
+                "trainable": trainable,
+                "lr": lrs,
+                "metrics": metrics,
+                "layers": list(self.loss_fn.active_layer_map),
+            }
         )
         return metrics
 
@@ -81,7 +87,9 @@ def test_progressive_schedule_moves_each_layer_in_its_phase(tmp_path, teacher_di
         assert len({round(lr, 12) for lr in step["lr"].values()}) == 1
     layerwise = {"loss/feature_map", "loss/attention", "loss/feature_mean", "loss/feature_variance"}
     assert all(layerwise <= set(s["metrics"]) and "loss/mlm" not in s["metrics"] for s in steps[:4])
-    assert all({"loss/mlm", "loss/output"} <= set(s["metrics"]) and "loss/feature_map" not in s["metrics"] for s in steps[4:])
+    assert all(
+        {"loss/mlm", "loss/output"} <= set(s["metrics"]) and "loss/feature_map" not in s["metrics"] for s in steps[4:]
+    )
     saved = OmegaConf.load(tmp_path / "run" / "config.yaml")  # the resolved config lists every stage
     assert [s.name for s in saved.stages] == ["layer_1", "layer_2", "pretrain_distill"]
 

@@ -102,8 +102,14 @@ def test_fake_quantised_linear_is_onnx_runtimes_int8_linear(tmp_path):
     x = torch.randn(3, 17, 96)
     x[1, 2, 3] = 9.0
     torch.onnx.export(linear, (x,), str(tmp_path / "f.onnx"), dynamo=True, opset_version=21, external_data=False)
-    quantize_dynamic(str(tmp_path / "f.onnx"), str(tmp_path / "q.onnx"), op_types_to_quantize=["MatMul"],
-                     per_channel=True, reduce_range=True, weight_type=QuantType.QInt8)
+    quantize_dynamic(
+        str(tmp_path / "f.onnx"),
+        str(tmp_path / "q.onnx"),
+        op_types_to_quantize=["MatMul"],
+        per_channel=True,
+        reduce_range=True,
+        weight_type=QuantType.QInt8,
+    )
     model = onnx.load(str(tmp_path / "q.onnx"))
     assert negate_integer_weights(model) == 1
     session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
@@ -148,8 +154,14 @@ def test_prepare_keeps_weights_and_names_and_stages_switch_it():
 
 def test_group_size_that_does_not_divide_a_layer_is_a_config_error(tmp_path, teacher_dir, corpus_file):
     # the FFN's output layer has 72 inputs: its largest power-of-two group is 8
-    cfg = tiny_config(tmp_path / "run", teacher_dir, corpus_file, stages=QAT_STAGES,
-                      quantization={"scheme": "int4_weight", "group_size": 64}, **{"student.intermediate_size": 72})
+    cfg = tiny_config(
+        tmp_path / "run",
+        teacher_dir,
+        corpus_file,
+        stages=QAT_STAGES,
+        quantization={"scheme": "int4_weight", "group_size": 64},
+        **{"student.intermediate_size": 72},
+    )
     with pytest.raises(ConfigError, match=r"quantization: .*group_size=64: the inputs of \['layer.ffn_out'\] have no"):
         run_recipe(cfg)
 
@@ -157,8 +169,17 @@ def test_group_size_that_does_not_divide_a_layer_is_a_config_error(tmp_path, tea
 def test_qat_from_the_start_still_learns(tmp_path, teacher_dir, corpus_file):
     out = tmp_path / "run"
     stages = [{"name": "qat", "fake_quantize": True}]
-    run_recipe(tiny_config(out, teacher_dir, corpus_file, max_steps=24, save_every_n_steps=None, stages=stages,
-                           **{"optimizer.lr": 3e-3}))
+    run_recipe(
+        tiny_config(
+            out,
+            teacher_dir,
+            corpus_file,
+            max_steps=24,
+            save_every_n_steps=None,
+            stages=stages,
+            **{"optimizer.lr": 3e-3},
+        )
+    )
     records = logged(out)
     early = sum(records[s]["loss/total"] for s in (1, 2, 3)) / 3
     late = sum(records[s]["loss/total"] for s in (22, 23, 24)) / 3
@@ -201,8 +222,13 @@ def export(checkpoint_dir, output_dir, **overrides):
 
     from recipes.export_student import export as run_export
 
-    cfg = {"checkpoint_dir": str(checkpoint_dir), "output_dir": str(output_dir), "eval_batch_size": 4,
-           "eval_max_length": 48, **overrides}
+    cfg = {
+        "checkpoint_dir": str(checkpoint_dir),
+        "output_dir": str(output_dir),
+        "eval_batch_size": 4,
+        "eval_max_length": 48,
+        **overrides,
+    }
     return run_export(OmegaConf.create(cfg))
 
 
@@ -220,7 +246,11 @@ def exports(students, tmp_path_factory):
 def test_both_students_export_every_scheme_with_its_files(exports):
     for name, (folder, report) in exports.items():
         assert sorted(p.name for p in folder.iterdir()) == [
-            "export.json", "model.onnx", "model.pt2", "tokenizer.json", "tokenizer_config.json"
+            "export.json",
+            "model.onnx",
+            "model.pt2",
+            "tokenizer.json",
+            "tokenizer_config.json",
         ], name
         assert json.loads((folder / "export.json").read_text()) == report
         assert report["inputs"] == ["input_ids", "attention_mask", "token_type_ids"]
@@ -259,8 +289,18 @@ def _quantised_matmuls(model) -> List[Dict]:
             after = consumers.get(out, [])
             if len(after) == 1 and after[0].op_type == "Add" and any(i in values for i in after[0].input):
                 out, bias = after[0].output[0], next(values[i] for i in after[0].input if i in values)
-            found.append(dict(name=node.name, weight=node.input[1], x=producers[node.input[0]].input[0], out=out, q=q,
-                              scale=np.repeat(scale[:, None], q.shape[1], axis=1), bias=bias, dynamic=True))
+            found.append(
+                dict(
+                    name=node.name,
+                    weight=node.input[1],
+                    x=producers[node.input[0]].input[0],
+                    out=out,
+                    q=q,
+                    scale=np.repeat(scale[:, None], q.shape[1], axis=1),
+                    bias=bias,
+                    dynamic=True,
+                )
+            )
         elif node.op_type == "MatMulNBits":
             attrs = {a.name: a.i for a in node.attribute}
             n, k, bits, block = attrs["N"], attrs["K"], attrs["bits"], attrs["block_size"]
@@ -269,8 +309,18 @@ def _quantised_matmuls(model) -> List[Dict]:
                 packed = np.stack([packed & 0xF, packed >> 4], axis=-1)
             q = packed.reshape(n, k) - 2 ** (bits - 1)  # MatMulNBits' default zero point
             scale = np.repeat(values[node.input[2]].reshape(n, k // block), block, axis=1)
-            found.append(dict(name=node.name, weight=node.input[1], x=node.input[0], out=node.output[0], q=q,
-                              scale=scale, bias=None, dynamic=False))
+            found.append(
+                dict(
+                    name=node.name,
+                    weight=node.input[1],
+                    x=node.input[0],
+                    out=node.output[0],
+                    q=q,
+                    scale=scale,
+                    bias=None,
+                    dynamic=False,
+                )
+            )
     return found
 
 
@@ -278,8 +328,11 @@ def _ours(node: Dict, student: torch.nn.Module, scheme) -> Tuple[np.ndarray, np.
     """``(q, scale)`` ([N, K], scale repeated as in the file) that ``quantize_weight`` gives the
     student's Linear this node multiplies by (the Linear whose weight is nearest the file's), and its name."""
     stored = node["q"] * node["scale"].astype(np.float64)
-    candidates = [(name, m) for name, m in student.named_modules()
-                  if isinstance(m, torch.nn.Linear) and tuple(m.weight.shape) == stored.shape]
+    candidates = [
+        (name, m)
+        for name, m in student.named_modules()
+        if isinstance(m, torch.nn.Linear) and tuple(m.weight.shape) == stored.shape
+    ]
     assert candidates, node["name"]
     name, linear = min(candidates, key=lambda c: np.abs(c[1].weight.detach().double().numpy() - stored).max())
     q, scale = quantize_weight(linear.weight, scheme.weight_bits, scheme.group_size, scheme.weight_qmax)
@@ -291,7 +344,9 @@ def _capture(model, names: List[str]) -> ort.InferenceSession:
     copy_ = onnx.ModelProto()
     copy_.CopyFrom(model)
     outputs = {o.name for o in copy_.graph.output}
-    copy_.graph.output.extend(onnx.helper.make_empty_tensor_value_info(n) for n in dict.fromkeys(names) if n not in outputs)
+    copy_.graph.output.extend(
+        onnx.helper.make_empty_tensor_value_info(n) for n in dict.fromkeys(names) if n not in outputs
+    )
     return ort.InferenceSession(copy_.SerializeToString(), providers=["CPUExecutionProvider"])
 
 
@@ -357,16 +412,24 @@ def test_every_quantised_matmul_computes_the_integers_fake_quantisation_rounds_t
         nodes = _quantised_matmuls(model)
         assert len(nodes) == sum(n.op_type in ("MatMulInteger", "MatMulNBits") for n in model.graph.node) > 0, name
         session = _capture(model, [n["x"] for n in nodes] + [n["out"] for n in nodes])
-        values = dict(zip([o.name for o in session.get_outputs()], session.run(None, {k: v.numpy() for k, v in batch.items()})))
+        values = dict(
+            zip([o.name for o in session.get_outputs()], session.run(None, {k: v.numpy() for k, v in batch.items()}))
+        )
         for node in nodes:
             q, scale, linear = _ours(node, student, scheme)
             sign = np.sign(node["scale"])
-            assert np.array_equal(node["q"] * sign, q) and np.array_equal(np.abs(node["scale"]), scale), (name, node["name"], linear)
+            assert np.array_equal(node["q"] * sign, q) and np.array_equal(np.abs(node["scale"]), scale), (
+                name,
+                node["name"],
+                linear,
+            )
             x, y = values[node["x"]], values[node["out"]].astype(np.float64)
             k = x.shape[-1]
             if node["dynamic"]:
                 x_scale, zero_point = activation_qparams(torch.from_numpy(x))
-                xq = torch.clamp(torch.round(torch.from_numpy(x) / x_scale) + zero_point, 0, 255)  # round_activation's integers
+                xq = torch.clamp(
+                    torch.round(torch.from_numpy(x) / x_scale) + zero_point, 0, 255
+                )  # round_activation's integers
                 acc = (xq.numpy().astype(np.int64) - int(zero_point)).reshape(-1, k) @ q.T
                 multiplier = np.float64(x_scale) * scale[:, 0].astype(np.float64)
                 exact, size = acc * multiplier, np.abs(acc) * np.abs(multiplier)
@@ -378,7 +441,13 @@ def test_every_quantised_matmul_computes_the_integers_fake_quantisation_rounds_t
                 exact = x.reshape(-1, k).astype(np.float64) @ w.T
                 bound = (k + 2) * U * (np.abs(x.reshape(-1, k)).astype(np.float64) @ np.abs(w).T)
             error = np.abs(y.reshape(exact.shape) - exact)
-            assert (error <= bound).all(), (name, node["name"], linear, float(error.max()), float((error / bound).max()))
+            assert (error <= bound).all(), (
+                name,
+                node["name"],
+                linear,
+                float(error.max()),
+                float((error / bound).max()),
+            )
 
 
 def _outputs(folder: Path, checkpoint: Path, scheme, batch) -> Dict[str, List[np.ndarray]]:
@@ -391,8 +460,10 @@ def _outputs(folder: Path, checkpoint: Path, scheme, batch) -> Dict[str, List[np
     inputs = tuple(batch[name] for name in serving.input_names)
     program = torch.export.load(str(folder / "model.pt2")).module()
     with torch.no_grad():
-        out = {key: [t.numpy() for t in module(*inputs)] for key, module in
-               (("fp32", serving), ("fake", fake), ("model.pt2", program))}
+        out = {
+            key: [t.numpy() for t in module(*inputs)]
+            for key, module in (("fp32", serving), ("fake", fake), ("model.pt2", program))
+        }
     session = ort.InferenceSession(str(folder / "model.onnx"), providers=["CPUExecutionProvider"])
     out["model.onnx"] = session.run(None, {name: t.numpy() for name, t in zip(serving.input_names, inputs)})
     return out
@@ -476,15 +547,23 @@ def test_exported_files_run_without_this_project(exports, tmp_path):
         np.savez({str(tmp_path / "outputs.npz")!r}, hidden=hidden, logits=logits, p_hidden=p_hidden.numpy(), p_logits=p_logits.numpy())
         """
     )
-    result = subprocess.run([sys.executable, "-I", "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-I", "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=300
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     out = np.load(tmp_path / "outputs.npz")
     options = ort.SessionOptions()
     options.intra_op_num_threads = options.inter_op_num_threads = threads
-    hidden, logits = ort.InferenceSession(str(folder / "model.onnx"), options, providers=["CPUExecutionProvider"]).run(None, inputs)
+    hidden, logits = ort.InferenceSession(str(folder / "model.onnx"), options, providers=["CPUExecutionProvider"]).run(
+        None, inputs
+    )
     with torch.no_grad():
-        p_hidden, p_logits = (t.numpy() for t in torch.export.load(str(folder / "model.pt2")).module()(
-            *(torch.from_numpy(inputs[k]) for k in ("input_ids", "attention_mask", "token_type_ids"))))
+        p_hidden, p_logits = (
+            t.numpy()
+            for t in torch.export.load(str(folder / "model.pt2")).module()(
+                *(torch.from_numpy(inputs[k]) for k in ("input_ids", "attention_mask", "token_type_ids"))
+            )
+        )
     assert hidden.shape == (3, 20, 64) and logits.shape == (3, 20, 300)
     for key, here in (("hidden", hidden), ("logits", logits), ("p_hidden", p_hidden), ("p_logits", p_logits)):
         assert np.array_equal(out[key], here), key
@@ -526,8 +605,16 @@ def test_export_bad_input_fails_with_one_error_and_writes_nothing(students, tmp_
 def test_export_through_tune_run(students, tmp_path):
     tune = Path(sys.executable).with_name("tune")
     out = tmp_path / "int8"
-    command = [str(tune), "run", "recipes/export_student.py", "--config", "configs/export_int8.yaml",
-               f"checkpoint_dir={students['qat']}", f"output_dir={out}", "eval_batch_size=2"]
+    command = [
+        str(tune),
+        "run",
+        "recipes/export_student.py",
+        "--config",
+        "configs/export_int8.yaml",
+        f"checkpoint_dir={students['qat']}",
+        f"output_dir={out}",
+        "eval_batch_size=2",
+    ]
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert (out / "model.onnx").is_file() and (out / "model.pt2").is_file()

@@ -39,12 +39,16 @@ def test_resumed_run_reproduces_the_uninterrupted_one(tmp_path, teacher_dir, cor
 
 def test_run_outputs_and_falling_loss(tmp_path, teacher_dir, corpus_file):
     out = tmp_path / "run"
-    recipe = run_recipe(tiny_config(out, teacher_dir, corpus_file, max_steps=30, save_every_n_steps=None, **{"optimizer.lr": 3e-3}))
+    recipe = run_recipe(
+        tiny_config(out, teacher_dir, corpus_file, max_steps=30, save_every_n_steps=None, **{"optimizer.lr": 3e-3})
+    )
     records = logged(out)
     early = sum(records[s]["loss/total"] for s in (1, 2, 3)) / 3
     late = sum(records[s]["loss/total"] for s in (28, 29, 30)) / 3
     assert late < 0.8 * early
-    assert {"eval/student_mlm_loss", "eval/teacher_mlm_accuracy", "eval/alignment_cosine/student_1_teacher_2"} <= set(records[30])
+    assert {"eval/student_mlm_loss", "eval/teacher_mlm_accuracy", "eval/alignment_cosine/student_1_teacher_2"} <= set(
+        records[30]
+    )
     assert [p.name for p in list_checkpoints(out)] == ["step_00000030"]  # the final one
     assert (out / "config.yaml").is_file()
     student = load_student(str(out / "student"))
@@ -55,13 +59,19 @@ def test_run_outputs_and_falling_loss(tmp_path, teacher_dir, corpus_file):
 def test_stages_freeze_and_scale_what_they_say(tmp_path, teacher_dir, corpus_file):
     stages = [
         # adapters only, hidden loss only, shared layer frozen
-        {"name": "adapters", "steps": 2, "loss_weights": {"hidden": 1.0}, "trainable": ["student.adapters.*", "loss.*"]},
+        {
+            "name": "adapters",
+            "steps": 2,
+            "loss_weights": {"hidden": 1.0},
+            "trainable": ["student.adapters.*", "loss.*"],
+        },
         # everything trains, but the embeddings at learning rate 0
         {"name": "all", "lr_scale": {"student.embeddings.*": 0.0}},
     ]
     cfg = tiny_config(tmp_path / "run", teacher_dir, corpus_file, max_steps=4, save_every_n_steps=2, stages=stages)
-    from recipes.distill_recursive import DistillRecursiveRecipe
     from omegaconf import OmegaConf
+
+    from recipes.distill_recursive import DistillRecursiveRecipe
 
     fresh = DistillRecursiveRecipe(OmegaConf.create({**cfg, "output_dir": str(tmp_path / "fresh")}))
     fresh.setup()
@@ -69,9 +79,10 @@ def test_stages_freeze_and_scale_what_they_say(tmp_path, teacher_dir, corpus_fil
     fresh.cleanup()
 
     run_recipe(cfg)
+
     def student_state(step):
         state = load_checkpoint(tmp_path / "run" / "checkpoints" / f"step_{step:08d}")["model"]
-        return {k[len("student."):]: v for k, v in state.items() if k.startswith("student.")}
+        return {k[len("student.") :]: v for k, v in state.items() if k.startswith("student.")}
 
     after_stage_1, final = student_state(2), student_state(4)
     assert torch.equal(after_stage_1["layer.ffn_in.weight"], initial["layer.ffn_in.weight"])
@@ -86,7 +97,9 @@ def test_stages_freeze_and_scale_what_they_say(tmp_path, teacher_dir, corpus_fil
 
 def test_student_vocabulary_must_match_the_teacher(tmp_path, teacher_dir, corpus_file):
     cfg = tiny_config(tmp_path / "run", teacher_dir, corpus_file, **{"student.vocab_size": 301})
-    with pytest.raises(ConfigError, match=r"student vocabulary \(301, student.vocab_size\) differs from the teacher's \(300"):
+    with pytest.raises(
+        ConfigError, match=r"student vocabulary \(301, student.vocab_size\) differs from the teacher's \(300"
+    ):
         run_recipe(cfg)
 
 
@@ -105,7 +118,12 @@ def test_teacher_without_mlm_head(tmp_path, tokenizer, corpus_file):
         run_recipe(tiny_config(tmp_path / "a", teacher, corpus_file, max_steps=2))
     weights = {"mlm": 1.0, "hidden": 3.0, "attention": 3.0}
     run_recipe(tiny_config(tmp_path / "b", teacher, corpus_file, max_steps=2, **{"loss.weights": weights}))
-    assert set(k for k in logged(tmp_path / "b")[2] if k.startswith("loss/")) == {"loss/total", "loss/mlm", "loss/hidden", "loss/attention"}
+    assert set(k for k in logged(tmp_path / "b")[2] if k.startswith("loss/")) == {
+        "loss/total",
+        "loss/mlm",
+        "loss/hidden",
+        "loss/attention",
+    }
 
 
 def test_nan_loss_stops_the_run_and_keeps_the_last_checkpoint(tmp_path, teacher_dir, corpus_file, monkeypatch):
@@ -132,7 +150,9 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_checkpoint(tmp_path, teacher_
 
 def test_bf16_autocast_run(tmp_path, teacher_dir, corpus_file):
     out = tmp_path / "bf16"
-    run_recipe(tiny_config(out, teacher_dir, corpus_file, dtype="bf16", max_steps=3, enable_activation_checkpointing=True))
+    run_recipe(
+        tiny_config(out, teacher_dir, corpus_file, dtype="bf16", max_steps=3, enable_activation_checkpointing=True)
+    )
     records = logged(out)
     assert all(torch.isfinite(torch.tensor(records[s]["loss/total"])) for s in (1, 2, 3))
     assert load_student(str(out / "student")).embeddings.word_embeddings.weight.dtype == torch.float32
@@ -147,7 +167,9 @@ def test_no_held_out_windows_still_exports(tmp_path, teacher_dir, corpus_file):
 
 def test_stage_globs_that_match_nothing_fail_before_the_data_loads(tmp_path, teacher_dir, corpus_file):
     stages = [{"steps": 2, "trainable": ["student.adapter.*"]}, {"name": "rest"}]
-    cfg = tiny_config(tmp_path / "run", teacher_dir, corpus_file, stages=stages, **{"data.source": str(tmp_path / "absent.txt")})
+    cfg = tiny_config(
+        tmp_path / "run", teacher_dir, corpus_file, stages=stages, **{"data.source": str(tmp_path / "absent.txt")}
+    )
     with pytest.raises(ConfigError, match=r"stages: stages\[0\].trainable: 'student.adapter.\*' matches no parameter"):
         run_recipe(cfg)
 
@@ -162,13 +184,21 @@ def test_warmup_longer_than_the_run_is_shortened_loudly(tmp_path, teacher_dir, c
 
 
 def test_padding_never_exceeds_the_position_limit(tmp_path, teacher_dir, corpus_file):
-    cfg = tiny_config(tmp_path / "run", teacher_dir, corpus_file, max_steps=2, **{"student.max_position_embeddings": 37, "data.max_length": 37})
+    cfg = tiny_config(
+        tmp_path / "run",
+        teacher_dir,
+        corpus_file,
+        max_steps=2,
+        **{"student.max_position_embeddings": 37, "data.max_length": 37},
+    )
     run_recipe(cfg)  # windows of 37 would pad to 40 without the cap
 
 
 def test_logged_lr_includes_the_stage_scale(tmp_path, teacher_dir, corpus_file):
     stages = [{"steps": 2, "lr_scale": {"*": 0.5}}, {"name": "rest"}]
-    cfg = tiny_config(tmp_path / "run", teacher_dir, corpus_file, max_steps=4, stages=stages, **{"lr_schedule.warmup_steps": 0})
+    cfg = tiny_config(
+        tmp_path / "run", teacher_dir, corpus_file, max_steps=4, stages=stages, **{"lr_schedule.warmup_steps": 0}
+    )
     run_recipe(cfg)
     records = logged(tmp_path / "run")
     assert records[1]["lr"] == pytest.approx(0.5e-3) and records[3]["lr"] == pytest.approx(1e-3 * 0.5)
@@ -180,8 +210,8 @@ def test_continuing_from_a_saved_student(tmp_path, teacher_dir, corpus_file):
     cfg = tiny_config(tmp_path / "second", teacher_dir, corpus_file, max_steps=2)
     cfg["student"] = {"_component_": "components.checkpointing.load_student", "path": str(first / "student")}
     run_recipe(cfg)  # same vocabulary: fine. A student of another vocabulary is refused:
-    from components.models import recursive_tiny
     from components.checkpointing import save_student
+    from components.models import recursive_tiny
 
     save_student(recursive_tiny(vocab_size=400), tmp_path / "wrong_vocab")
     cfg = tiny_config(tmp_path / "third", teacher_dir, corpus_file, max_steps=2)
@@ -194,15 +224,29 @@ def test_resuming_with_other_data_settings_is_refused(tmp_path, teacher_dir, cor
     out = tmp_path / "run"
     run_recipe(tiny_config(out, teacher_dir, corpus_file, max_steps=3, save_every_n_steps=None))
     with pytest.raises(ConfigError, match=r"different data.batch_size \(8, now 4\)"):
-        run_recipe(tiny_config(out, teacher_dir, corpus_file, max_steps=6, resume_from_checkpoint=True, **{"data.batch_size": 4}))
+        run_recipe(
+            tiny_config(
+                out, teacher_dir, corpus_file, max_steps=6, resume_from_checkpoint=True, **{"data.batch_size": 4}
+            )
+        )
     with caplog.at_level("WARNING"):
-        run_recipe(tiny_config(out, teacher_dir, corpus_file, max_steps=6, resume_from_checkpoint=True, **{"optimizer.lr": 5e-4}))
+        run_recipe(
+            tiny_config(
+                out, teacher_dir, corpus_file, max_steps=6, resume_from_checkpoint=True, **{"optimizer.lr": 5e-4}
+            )
+        )
     assert "Resuming with optimizer.lr changed: 0.001 in the checkpoint, 0.0005 now" in caplog.text
 
 
 def test_no_masking_for_hidden_state_and_attention_distillation(tmp_path, teacher_dir, corpus_file):
     only_layers = {"mlm": 0, "output": 0, "hidden": 3, "attention": 3}
-    cfg = tiny_config(tmp_path / "run", teacher_dir, corpus_file, max_steps=2, **{"data.mlm_probability": 0.0, "loss.weights": only_layers})
+    cfg = tiny_config(
+        tmp_path / "run",
+        teacher_dir,
+        corpus_file,
+        max_steps=2,
+        **{"data.mlm_probability": 0.0, "loss.weights": only_layers},
+    )
     recipe = run_recipe(cfg)
     batch = recipe.step_batches(step=0)[0]
     assert not batch.masked_positions.any()  # both models see the text as it is
@@ -211,6 +255,8 @@ def test_no_masking_for_hidden_state_and_attention_distillation(tmp_path, teache
     assert "eval/alignment_cosine/student_2_teacher_4" in records[2] and "eval/student_mlm_loss" not in records[2]
     # a term that reads masked positions cannot work without masks: refused before anything runs
     cfg = tiny_config(tmp_path / "other", teacher_dir, corpus_file, max_steps=2, **{"data.mlm_probability": 0.0})
-    with pytest.raises(ConfigError, match=r"data.mlm_probability=0 masks no token, but 'the run' weights the mlm and output term"):
+    with pytest.raises(
+        ConfigError, match=r"data.mlm_probability=0 masks no token, but 'the run' weights the mlm and output term"
+    ):
         run_recipe(cfg)
     assert not (tmp_path / "other" / "checkpoints").exists()

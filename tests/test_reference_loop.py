@@ -15,27 +15,45 @@ from components.checkpointing.hf_bert import load_hf_encoder
 from components.checkpointing.student import load_student
 from components.losses import DistillationLoss
 from components.models.teacher import FrozenTeacher
-from components.training.distill import distill_forward, MaskedBatch, pack_batch
 from components.testing.reference_loop import LAYERS, MINIALBERT, ReferenceLoop
+from components.training.distill import distill_forward, MaskedBatch, pack_batch
 
 VOCAB, PAD, MASK = 300, 0, 4
 
 
 def make_models(folder, heads: bool):
     torch.manual_seed(0)
-    config = BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=4, num_attention_heads=4,
-                        intermediate_size=64, max_position_embeddings=64, hidden_dropout_prob=0.0,
-                        attention_probs_dropout_prob=0.0)
+    config = BertConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=64,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
     teacher = BertForMaskedLM(config) if heads else BertModel(config, add_pooling_layer=False)
     with torch.no_grad():  # attention as sharp as a trained model's, so the KL term matters
         for name, p in teacher.named_parameters():
             if name.endswith(("attention.self.query.weight", "attention.self.key.weight")):
                 p.mul_(6.0)
     teacher.save_pretrained(str(folder / "teacher"))
-    student = AlbertForMaskedLM(AlbertConfig(
-        vocab_size=VOCAB, embedding_size=16, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-        intermediate_size=64, max_position_embeddings=64, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
-        hidden_act="gelu_new", tie_word_embeddings=False))
+    student = AlbertForMaskedLM(
+        AlbertConfig(
+            vocab_size=VOCAB,
+            embedding_size=16,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=64,
+            max_position_embeddings=64,
+            hidden_dropout_prob=0.0,
+            attention_probs_dropout_prob=0.0,
+            hidden_act="gelu_new",
+            tie_word_embeddings=False,
+        )
+    )
     if not heads:
         student.config.architectures = ["AlbertModel"]
         student.albert.save_pretrained(str(folder / "student"))
@@ -69,9 +87,12 @@ def test_our_step_computes_the_reference_loss_and_gradients(tmp_path, kind):
     encoder, _ = load_hf_encoder(Path(teacher_dir))
     teacher, student = FrozenTeacher(encoder), load_student(student_dir).train()
     assert (student.mlm_head is not None) == heads
-    weights = {"mlm": 1.0, "output": 5.0, "hidden": 3.0, "attention": 3.0} if heads else {"hidden": 3.0, "attention": 3.0}
-    loss_fn = DistillationLoss(student.spec, teacher.spec, weights=weights,
-                               attention_reduction="element" if heads else "distribution")
+    weights = (
+        {"mlm": 1.0, "output": 5.0, "hidden": 3.0, "attention": 3.0} if heads else {"hidden": 3.0, "attention": 3.0}
+    )
+    loss_fn = DistillationLoss(
+        student.spec, teacher.spec, weights=weights, attention_reduction="element" if heads else "distribution"
+    )
     ours = distill_forward(student, teacher, loss_fn, batch if heads else pack_batch(batch, PAD))
     theirs = reference.loss()
     assert set(theirs) == {"total", *ours.terms}
@@ -90,7 +111,7 @@ def test_our_step_computes_the_reference_loss_and_gradients(tmp_path, kind):
     diffs, norms = {}, {}
     for name, p in student.named_parameters():
         ref_name = NATIVE_TO_ALBERT[name]
-        q = ref_params.get(ref_name) if heads else ref_params.get(ref_name[len(prefix):])
+        q = ref_params.get(ref_name) if heads else ref_params.get(ref_name[len(prefix) :])
         if q.grad is None and ref_name in aliases:
             q = ref_params[aliases[ref_name]]
         assert p.grad is not None and q.grad is not None, name

@@ -15,16 +15,15 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from components.checkpointing import CheckpointError, load_student
+from components.checkpointing import CheckpointError, hf_teacher, load_student
+from components.checkpointing.resume import list_checkpoints, load_checkpoint
+from components.data import CorpusError, load_documents
 from components.io import (
     atomic_directory,
     recover_interrupted_writes,
     set_write_root,
     UnsafePathError,
 )
-from components.checkpointing.resume import list_checkpoints, load_checkpoint
-from components.data import CorpusError, load_documents
-from components.checkpointing import hf_teacher
 from tests.helpers import make_hf_teacher
 from tests.recipe_helpers import logged, run_recipe, tiny_config
 
@@ -148,14 +147,18 @@ def damage(path: Path, how: str) -> None:
 @pytest.mark.parametrize("how", ["truncated", "flipped byte", "no meta.json"])
 def test_a_damaged_checkpoint_falls_back_to_the_previous_one(tmp_path, teacher_dir, corpus_file, caplog, how):
     straight = tmp_path / "straight"
-    run_recipe(tiny_config(straight, teacher_dir, corpus_file, max_steps=6, save_every_n_steps=2, keep_last_n_checkpoints=3))
+    run_recipe(
+        tiny_config(straight, teacher_dir, corpus_file, max_steps=6, save_every_n_steps=2, keep_last_n_checkpoints=3)
+    )
     out = tmp_path / "resumed"
     for name in ("step_00000002", "step_00000004"):
         (out / "checkpoints").mkdir(parents=True, exist_ok=True)
         os.system(f"cp -r {straight / 'checkpoints' / name} {out / 'checkpoints' / name}")
     damage(out / "checkpoints" / "step_00000004", how)
     with caplog.at_level("WARNING"):
-        recipe = run_recipe(tiny_config(out, teacher_dir, corpus_file, max_steps=6, save_every_n_steps=2, resume_from_checkpoint=True))
+        recipe = run_recipe(
+            tiny_config(out, teacher_dir, corpus_file, max_steps=6, save_every_n_steps=2, resume_from_checkpoint=True)
+        )
     assert "Skipping checkpoint step_00000004" in caplog.text and "older checkpoint step_00000002" in caplog.text
     assert recipe.step == 6
     a, b = logged(straight), logged(out)
@@ -169,8 +172,18 @@ def test_damaged_checkpoints_are_set_aside_not_pruned_over_good_ones(tmp_path, t
     assert [p.name for p in list_checkpoints(out)] == ["step_00000004", "step_00000006"]
     damage(out / "checkpoints" / "step_00000006", "truncated")
     # resume from step 4 and go on to 8 keeping 1: the damaged step 6 must not outlive the good ones
-    run_recipe(tiny_config(out, teacher_dir, corpus_file, max_steps=8, save_every_n_steps=2, keep_last_n_checkpoints=1,
-                           resume_from_checkpoint=True, **{"lr_schedule.warmup_steps": 1}))
+    run_recipe(
+        tiny_config(
+            out,
+            teacher_dir,
+            corpus_file,
+            max_steps=8,
+            save_every_n_steps=2,
+            keep_last_n_checkpoints=1,
+            resume_from_checkpoint=True,
+            **{"lr_schedule.warmup_steps": 1},
+        )
+    )
     assert [p.name for p in list_checkpoints(out)] == ["step_00000008"]
     assert (out / "checkpoints" / "damaged-step_00000006").is_dir()
     assert load_checkpoint(out / "checkpoints" / "step_00000008")["step"] == 8
@@ -205,8 +218,11 @@ def test_resume_without_a_checkpoint_never_replaces_a_run(tmp_path, teacher_dir,
     run_recipe(tiny_config(out, teacher_dir, corpus_file, max_steps=3, save_every_n_steps=None))
     shutil.rmtree(out / "checkpoints")
     metrics = (out / "metrics.jsonl").read_bytes()
-    with pytest.raises(CheckpointError, match=r"has no checkpoint to resume from while it holds a run's outputs "
-                                              r"\(student/, metrics.jsonl, tensorboard/\)"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"has no checkpoint to resume from while it holds a run's outputs "
+        r"\(student/, metrics.jsonl, tensorboard/\)",
+    ):
         run_recipe(tiny_config(out, teacher_dir, corpus_file, max_steps=6, resume_from_checkpoint=True))
     assert (out / "metrics.jsonl").read_bytes() == metrics and (out / "student" / "config.json").is_file()
 
@@ -300,7 +316,10 @@ def test_teacher_folder_problems_are_named(tmp_path, tokenizer):
     wrong_shape = fresh("wrong_shape")
     config = (wrong_shape / "config.json").read_text().replace('"intermediate_size": 64', '"intermediate_size": 65')
     (wrong_shape / "config.json").write_text(config)
-    with pytest.raises(CheckpointError, match=r"wrong_shape: layers.0.ffn_in.(weight|bias) has shape \(64(, 32)?,?\), config implies \(65(, 32)?,?\)"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"wrong_shape: layers.0.ffn_in.(weight|bias) has shape \(64(, 32)?,?\), config implies \(65(, 32)?,?\)",
+    ):
         hf_teacher(str(wrong_shape))
 
     missing_layer = fresh("missing_layer")
@@ -331,8 +350,12 @@ def test_remote_code_in_a_teacher_is_never_run(tmp_path, tokenizer):
     marker = tmp_path / "pwned"
     (folder / "modeling_evil.py").write_text(f"open({str(marker)!r}, 'w').write('x')\n")
     (folder / "configuration_evil.py").write_text(f"open({str(marker)!r}, 'w').write('x')\n")
-    config = (folder / "config.json").read_text().replace(
-        '"model_type": "bert"', '"model_type": "evil", "auto_map": {"AutoConfig": "configuration_evil.EvilConfig"}'
+    config = (
+        (folder / "config.json")
+        .read_text()
+        .replace(
+            '"model_type": "bert"', '"model_type": "evil", "auto_map": {"AutoConfig": "configuration_evil.EvilConfig"}'
+        )
     )
     (folder / "config.json").write_text(config)
     with pytest.raises(CheckpointError):
@@ -343,7 +366,9 @@ def test_remote_code_in_a_teacher_is_never_run(tmp_path, tokenizer):
 # ---------------------------------------------------------------- bad input: corpora
 def test_corpus_that_is_not_utf8(tmp_path, caplog):
     (tmp_path / "a.txt").write_bytes(b"fine text\n\nmore fine text\n\nbroken \xff\xfe here\n")
-    with pytest.raises(CorpusError, match=r"not valid UTF-8 at .*a.txt, line 5, column 8 \(byte 0xff\).*encoding_errors=replace"):
+    with pytest.raises(
+        CorpusError, match=r"not valid UTF-8 at .*a.txt, line 5, column 8 \(byte 0xff\).*encoding_errors=replace"
+    ):
         load_documents(str(tmp_path / "a.txt"))
     with caplog.at_level("WARNING"):
         docs = load_documents(str(tmp_path / "a.txt"), encoding_errors="replace")

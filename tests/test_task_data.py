@@ -54,7 +54,9 @@ def expected_ids(tokenizer, *texts):
 
 
 def test_tsv_keeps_quotes_and_labels_are_sorted_numerically(tmp_path, tokenizer):
-    train = write_tsv(tmp_path / "train.tsv", ["sentence", "label"], [[s, l] for s, l in zip(SENTENCES, [10, 2, 10, 2])])
+    train = write_tsv(
+        tmp_path / "train.tsv", ["sentence", "label"], [[s, label] for s, label in zip(SENTENCES, [10, 2, 10, 2])]
+    )
     dev = write_tsv(tmp_path / "dev.tsv", ["sentence", "label"], [[SENTENCES[1], 2]])
     test = write_tsv(tmp_path / "test.tsv", ["index", "sentence"], [[0, SENTENCES[1]], [1, "null"]])
     task = load_task({"source": {"train": train, "validation": dev, "test": test}}, single(), tokenizer)
@@ -89,10 +91,10 @@ def test_csv_jsonl_and_parquet_read_alike(tmp_path, tokenizer):
 
 
 def test_task_labels_fix_order_and_keep_the_datas_values(tmp_path, tokenizer):
-    path = write_jsonl(tmp_path / "a.jsonl", [{"sentence": s, "label": l} for s, l in zip(SENTENCES, [0, 1, 1, 0])])
-    task = load_task(
-        {"source": {"train": path, "validation": path}}, single(labels=["1", "0", "2"]), tokenizer
+    path = write_jsonl(
+        tmp_path / "a.jsonl", [{"sentence": s, "label": label} for s, label in zip(SENTENCES, [0, 1, 1, 0])]
     )
+    task = load_task({"source": {"train": path, "validation": path}}, single(labels=["1", "0", "2"]), tokenizer)
     assert task.label_names == ["1", "0", "2"]
     assert task.label_values == [1, 0, "2"]  # "2" is never seen in the data
     assert task.splits["train"]["labels"] == [1, 0, 0, 1]
@@ -139,7 +141,9 @@ def test_a_source_without_a_test_split_has_no_test(glue_like, tokenizer):
 
 
 def test_pairs_carry_both_segments(tmp_path, tokenizer):
-    rows = [{"s1": a, "s2": b, "label": i % 2} for i, (a, b) in enumerate(zip(SENTENCES, SENTENCES[1:] + SENTENCES[:1]))]
+    rows = [
+        {"s1": a, "s2": b, "label": i % 2} for i, (a, b) in enumerate(zip(SENTENCES, SENTENCES[1:] + SENTENCES[:1]))
+    ]
     path = write_jsonl(tmp_path / "pairs.jsonl", rows)
     data = {"source": {"train": path, "validation": path}, "text_column": "s1", "text_pair_column": "s2"}
     task = load_task(data, single(input="pair"), tokenizer)
@@ -150,12 +154,10 @@ def test_pairs_carry_both_segments(tmp_path, tokenizer):
 
 
 def test_regression_reads_floats_and_minus_one_test_labels_mean_unlabelled(tmp_path, tokenizer):
-    rows = [{"sentence": s, "label": l} for s, l in zip(SENTENCES, [0, 2.5, 5, 1])]
+    rows = [{"sentence": s, "label": label} for s, label in zip(SENTENCES, [0, 2.5, 5, 1])]
     train = write_jsonl(tmp_path / "train.jsonl", rows)
     test = write_jsonl(tmp_path / "test.jsonl", [dict(r, label=-1.0) for r in rows])
-    task = load_task(
-        {"source": {"train": train, "validation": train, "test": test}}, {"type": "regression"}, tokenizer
-    )
+    task = load_task({"source": {"train": train, "validation": train, "test": test}}, {"type": "regression"}, tokenizer)
     assert task.label_names is None and task.label_values is None and task.num_labels == 1
     assert task.splits["train"]["labels"] == [0.0, 2.5, 5.0, 1.0]
     assert task.labelled["test"] is False
@@ -213,12 +215,14 @@ def test_ner_truncation_keeps_num_words(tmp_path, tokenizer):
 def test_ner_from_a_save_to_disk_folder_with_classlabel_tags(tmp_path, tokenizer):
     tags = datasets.Sequence(datasets.ClassLabel(names=["O", "B-PER", "I-PER"]))
     features = datasets.Features({"tokens": datasets.Sequence(datasets.Value("string")), "ner_tags": tags})
-    ds = datasets.Dataset.from_dict({"tokens": [["Ada", "Lovelace", "wrote"]], "ner_tags": [[1, 2, 0]]}, features=features)
+    ds = datasets.Dataset.from_dict(
+        {"tokens": [["Ada", "Lovelace", "wrote"]], "ner_tags": [[1, 2, 0]]}, features=features
+    )
     datasets.DatasetDict({"train": ds, "validation": ds}).save_to_disk(str(tmp_path / "conll"))
     task = load_task({"source": str(tmp_path / "conll")}, {"type": "token_classification"}, tokenizer)
     assert task.label_names == ["O", "B-PER", "I-PER"] and task.label_values == [0, 1, 2]
     row = task.splits["train"][0]
-    assert [l for l in row["labels"] if l != -100] == [1, 2, 0]
+    assert [t for t in row["labels"] if t != -100] == [1, 2, 0]
 
 
 # --------------------------------------------------------------------------------------- batches
@@ -237,7 +241,9 @@ def test_collate_pads_to_a_multiple():
     assert batch["labels"].tolist() == [1, 0] and batch["labels"].dtype == torch.long
     assert batch["index"].tolist() == [7, 2]
     ner = collate_task_batch(
-        [{"input_ids": [2, 5, 3], "labels": [-100, 1, -100], "word_starts": [0, 1, 0], "num_words": 1, "index": 0}], 0, 4
+        [{"input_ids": [2, 5, 3], "labels": [-100, 1, -100], "word_starts": [0, 1, 0], "num_words": 1, "index": 0}],
+        0,
+        4,
     )
     assert ner["labels"].tolist() == [[-100, 1, -100, -100]]
     assert ner["word_starts"].tolist() == [[0, 1, 0, 0]] and ner["num_words"].tolist() == [1]
@@ -266,7 +272,9 @@ def test_shuffled_order_depends_on_seed_and_epoch_only_and_resumes_at_start():
 
 @pytest.fixture()
 def files(tmp_path):
-    train = write_tsv(tmp_path / "train.tsv", ["sentence", "label"], [[s, l] for s, l in zip(SENTENCES, "ab" * 2)])
+    train = write_tsv(
+        tmp_path / "train.tsv", ["sentence", "label"], [[s, label] for s, label in zip(SENTENCES, "ab" * 2)]
+    )
     dev = write_tsv(tmp_path / "dev.tsv", ["sentence", "label"], [[SENTENCES[0], "a"], [SENTENCES[1], "c"]])
     return {"train": train, "validation": dev}
 
@@ -306,7 +314,12 @@ def test_pair_input_needs_a_pair_column_and_single_refuses_one(files, tokenizer)
 
 def test_missing_split_file_and_type(files, glue_like, tmp_path, tokenizer):
     message = error(tokenizer, {"source": glue_like, "splits": {"train": "train", "validation": "validation"}})
-    assert glue_like in message and "'validation'" in message and "data.splits.validation" in message and "'dev'" in message
+    assert (
+        glue_like in message
+        and "'validation'" in message
+        and "data.splits.validation" in message
+        and "'dev'" in message
+    )
     splits = {"train": "train", "validation": "dev", "test": "test_matched"}
     message = error(tokenizer, {"source": glue_like, "splits": splits})
     assert "'test_matched'" in message

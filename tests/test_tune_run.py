@@ -30,8 +30,13 @@ def test_tiny_config_end_to_end(tmp_path, smoke_assets):
 
     out = tmp_path / "tiny"
     result = tune_run(
-        "--config", "configs/tiny.yaml", f"output_dir={out}", "max_steps=120", "eval_every_n_steps=60",
-        f"teacher.assets_dir={smoke_assets}", f"data.source.assets_dir={smoke_assets}",
+        "--config",
+        "configs/tiny.yaml",
+        f"output_dir={out}",
+        "max_steps=120",
+        "eval_every_n_steps=60",
+        f"teacher.assets_dir={smoke_assets}",
+        f"data.source.assets_dir={smoke_assets}",
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
 
@@ -45,7 +50,16 @@ def test_tiny_config_end_to_end(tmp_path, smoke_assets):
     accumulator = EventAccumulator(str(out / "tensorboard"))
     accumulator.Reload()
     tags = set(accumulator.Tags()["scalars"])
-    assert {"loss/total", "loss/mlm", "loss/output", "loss/hidden", "loss/attention", "lr", "grad_norm", "tokens_per_second"} <= tags
+    assert {
+        "loss/total",
+        "loss/mlm",
+        "loss/output",
+        "loss/hidden",
+        "loss/attention",
+        "lr",
+        "grad_norm",
+        "tokens_per_second",
+    } <= tags
     assert {"eval/student_mlm_loss", "eval/teacher_mlm_loss"} <= tags
 
     student = load_student(str(out / "student"))
@@ -53,8 +67,9 @@ def test_tiny_config_end_to_end(tmp_path, smoke_assets):
     assert (out / "student" / "tokenizer.json").is_file()
 
     # the README's three lines: the student with adapters through a transformers pipeline
-    import components  # noqa: F401
     import transformers
+
+    import components  # noqa: F401
 
     fill = transformers.pipeline("fill-mask", model=str(out / "student"))
     predictions = fill("the " + fill.tokenizer.mask_token + " is here")

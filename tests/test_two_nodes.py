@@ -60,7 +60,12 @@ def launch_two_nodes(config: Path, output_dir: Path, caches, build_log: Path, ti
         ]  # fmt: skip
         nodes.append(
             subprocess.Popen(
-                command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                command,
+                cwd=REPO,
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
                 start_new_session=True,  # so that a hang can be ended with all its workers
             )
         )

@@ -18,8 +18,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from components.checkpointing import CheckpointError, load_student, save_student
-from components.checkpointing import hf_teacher
+from components.checkpointing import CheckpointError, hf_teacher, load_student, save_student
 from components.models import bottleneck_tiny, recursive_tiny
 from tests.helpers import make_hf_teacher
 
@@ -88,11 +87,31 @@ def small_teacher(tmp_path_factory, tokenizer):
 @pytest.mark.parametrize(
     "key, value, message",
     [
-        ("num_hidden_layers", 10**8, r"config\.json says num_hidden_layers=100000000 but .*model\.safetensors holds 2 layers"),
-        ("vocab_size", 10**12, r"config\.json says vocab_size=1000000000000 but .*model\.safetensors holds \S*word_embeddings\.weight with 300 rows"),
-        ("hidden_size", 10**6, r"config\.json says hidden_size=1000000 but .*model\.safetensors holds \S*word_embeddings\.weight with 32 columns"),
-        ("max_position_embeddings", 10**9, r"config\.json says max_position_embeddings=1000000000 but .*model\.safetensors holds"),
-        ("intermediate_size", 10**7, r"config implies \(10000000,.*model\.safetensors; .*config\.json says intermediate_size=10000000\)"),
+        (
+            "num_hidden_layers",
+            10**8,
+            r"config\.json says num_hidden_layers=100000000 but .*model\.safetensors holds 2 layers",
+        ),
+        (
+            "vocab_size",
+            10**12,
+            r"config\.json says vocab_size=1000000000000 but .*model\.safetensors holds \S*word_embeddings\.weight with 300 rows",
+        ),
+        (
+            "hidden_size",
+            10**6,
+            r"config\.json says hidden_size=1000000 but .*model\.safetensors holds \S*word_embeddings\.weight with 32 columns",
+        ),
+        (
+            "max_position_embeddings",
+            10**9,
+            r"config\.json says max_position_embeddings=1000000000 but .*model\.safetensors holds",
+        ),
+        (
+            "intermediate_size",
+            10**7,
+            r"config implies \(10000000,.*model\.safetensors; .*config\.json says intermediate_size=10000000\)",
+        ),
     ],
 )
 def test_teacher_config_sizes_are_checked_against_the_weights(tmp_path, small_teacher, key, value, message):
@@ -103,28 +122,51 @@ def test_pytorch_bin_teacher_sizes_are_checked_too(tmp_path, small_teacher):
     folder = copy_with(small_teacher, tmp_path / "t", num_hidden_layers=3)
     torch.save(load_file(str(folder / "model.safetensors")), folder / "pytorch_model.bin")
     (folder / "model.safetensors").unlink()
-    refuses(hf_teacher, folder, r"config\.json says num_hidden_layers=3 but .*pytorch_model\.bin holds 2 layers: missing \['layers\.2\.")
+    refuses(
+        hf_teacher,
+        folder,
+        r"config\.json says num_hidden_layers=3 but .*pytorch_model\.bin holds 2 layers: missing \['layers\.2\.",
+    )
 
 
 @pytest.mark.parametrize(
     "make, key, value, message",
     [
         # ALBERT format: the word embeddings' rows
-        (lambda v: recursive_tiny(vocab_size=v, adapter_placement=None), "vocab_size", 10**12,
-         r"config\.json says vocab_size=1000000000000 but .*model\.safetensors holds albert\.embeddings\.word_embeddings\.weight with 300 rows"),
+        (
+            lambda v: recursive_tiny(vocab_size=v, adapter_placement=None),
+            "vocab_size",
+            10**12,
+            r"config\.json says vocab_size=1000000000000 but .*model\.safetensors holds albert\.embeddings\.word_embeddings\.weight with 300 rows",
+        ),
         # a recursive student reuses one layer, so no weight counts iterations: the bound does
-        (lambda v: recursive_tiny(vocab_size=v, adapter_placement=None, mlm_head_size=48), "recursive_encoder.num_iterations", 10**8,
-         r"config\.json says recursive_encoder\.num_iterations=100000000: more than 10000 layers is refused"),
+        (
+            lambda v: recursive_tiny(vocab_size=v, adapter_placement=None, mlm_head_size=48),
+            "recursive_encoder.num_iterations",
+            10**8,
+            r"config\.json says recursive_encoder\.num_iterations=100000000: more than 10000 layers is refused",
+        ),
         # MobileBERT format: stacked layers
-        (lambda v: bottleneck_tiny(vocab_size=v), "num_hidden_layers", 5,
-         r"config\.json says num_hidden_layers=5 but .*model\.safetensors holds 4 layers: missing \['mobilebert\.encoder\.layer\.4\."),
+        (
+            lambda v: bottleneck_tiny(vocab_size=v),
+            "num_hidden_layers",
+            5,
+            r"config\.json says num_hidden_layers=5 but .*model\.safetensors holds 4 layers: missing \['mobilebert\.encoder\.layer\.4\.",
+        ),
         # native bottleneck: terabytes of hidden layer
-        (lambda v: bottleneck_tiny(vocab_size=v, use_bottleneck_attention=False, key_query_shared_bottleneck=False),
-         "bottleneck_encoder.hidden_size", 10**6,
-         r"config\.json implies about .* parameters \(its largest sizes: bottleneck_encoder\.hidden_size=1000000.*more than 1e\+11 is refused"),
+        (
+            lambda v: bottleneck_tiny(vocab_size=v, use_bottleneck_attention=False, key_query_shared_bottleneck=False),
+            "bottleneck_encoder.hidden_size",
+            10**6,
+            r"config\.json implies about .* parameters \(its largest sizes: bottleneck_encoder\.hidden_size=1000000.*more than 1e\+11 is refused",
+        ),
         # a size no single tensor shows: compared shape by shape on the meta device
-        (lambda v: bottleneck_tiny(vocab_size=v), "intermediate_size", 10**5,
-         r"config implies \(100000,\) \(in .*model\.safetensors; .*config\.json says intermediate_size=100000\)"),
+        (
+            lambda v: bottleneck_tiny(vocab_size=v),
+            "intermediate_size",
+            10**5,
+            r"config implies \(100000,\) \(in .*model\.safetensors; .*config\.json says intermediate_size=100000\)",
+        ),
     ],
 )
 def test_student_config_sizes_are_checked_against_the_weights(tmp_path, tokenizer, make, key, value, message):
@@ -157,7 +199,11 @@ def test_a_sharded_teacher_loads_only_from_inside_its_folder(tmp_path, small_tea
     refuses(hf_teacher, dotdot, rf"dotdot/{INDEX} names a shard outside .*dotdot: '\.\./outside/{SHARDS[1]}'")
     linked = pointing_to("linked", "linked.safetensors")
     (linked / "linked.safetensors").symlink_to(outside / SHARDS[1])
-    refuses(hf_teacher, linked, rf"linked/{INDEX} names a shard outside .*linked: 'linked\.safetensors' resolves to .*outside")
+    refuses(
+        hf_teacher,
+        linked,
+        rf"linked/{INDEX} names a shard outside .*linked: 'linked\.safetensors' resolves to .*outside",
+    )
 
     bin_index = tmp_path / "bin_index"
     shutil.copytree(small_teacher, bin_index)
@@ -172,8 +218,14 @@ def test_a_sharded_teacher_loads_only_from_inside_its_folder(tmp_path, small_tea
         ("{not json", r"index\.json is not a readable JSON shard index"),
         ('{"metadata": {}}', r'index\.json is not a shard index: it has no "weight_map"'),
         ('["weight_map"]', r'index\.json is not a shard index: it has no "weight_map"'),
-        ('{"weight_map": ["a.safetensors"]}', r'index\.json: "weight_map" must map weight names to shard files, got list'),
-        ('{"weight_map": {"bert.embeddings.word_embeddings.weight": 3}}', r"index\.json: \"weight_map\" entry 'bert\.embeddings\.word_embeddings\.weight' names no shard file: 3"),
+        (
+            '{"weight_map": ["a.safetensors"]}',
+            r'index\.json: "weight_map" must map weight names to shard files, got list',
+        ),
+        (
+            '{"weight_map": {"bert.embeddings.word_embeddings.weight": 3}}',
+            r"index\.json: \"weight_map\" entry 'bert\.embeddings\.word_embeddings\.weight' names no shard file: 3",
+        ),
     ],
 )
 def test_a_malformed_shard_index_is_named(tmp_path, small_teacher, text, message):
@@ -233,10 +285,13 @@ def test_a_cached_hub_teacher_loads_offline(tmp_path, small_teacher, monkeypatch
 
     assert torch.equal(logits(hf_teacher("org/tiny-bert")), expected)
     assert torch.equal(logits(hf_teacher("org/tiny-bert", revision=COMMIT)), expected)
-    with pytest.raises(CheckpointError, match=(
-        r"'org/not-cached' is not a local folder.*HF_HUB_OFFLINE is set.*not in the local Hugging Face cache "
-        r".*hub.*Download it once while online.*or pass the path of a folder"
-    )):
+    with pytest.raises(
+        CheckpointError,
+        match=(
+            r"'org/not-cached' is not a local folder.*HF_HUB_OFFLINE is set.*not in the local Hugging Face cache "
+            r".*hub.*Download it once while online.*or pass the path of a folder"
+        ),
+    ):
         hf_teacher("org/not-cached")
 
     # online, but the Hub cannot be reached: the cache answers too
@@ -249,7 +304,9 @@ def test_a_cached_hub_teacher_loads_offline(tmp_path, small_teacher, monkeypatch
 
     monkeypatch.setattr(huggingface_hub, "list_repo_files", unreachable)
     assert torch.equal(logits(hf_teacher("org/tiny-bert")), expected)
-    with pytest.raises(CheckpointError, match=r"'org/not-cached' .*ConnectionError: no route to huggingface\.co.*Download it once"):
+    with pytest.raises(
+        CheckpointError, match=r"'org/not-cached' .*ConnectionError: no route to huggingface\.co.*Download it once"
+    ):
         hf_teacher("org/not-cached")
     assert listing(hub) == before
 
@@ -283,7 +340,9 @@ def loads_in_a_child(cases, timeout: int = 240) -> None:
     else a pattern of the one-line CheckpointError it must raise within seconds."""
     calls = [call for call, _ in cases]
     try:
-        result = subprocess.run([sys.executable, "-c", CHILD, json.dumps(calls)], capture_output=True, text=True, timeout=timeout)
+        result = subprocess.run(
+            [sys.executable, "-c", CHILD, json.dumps(calls)], capture_output=True, text=True, timeout=timeout
+        )
         lines = result.stdout.splitlines()
     except subprocess.TimeoutExpired as e:
         result, lines = None, (e.stdout.decode() if isinstance(e.stdout, bytes) else e.stdout or "").splitlines()
@@ -304,7 +363,10 @@ def native_student(tmp_path_factory, tokenizer):
     """A student with per-iteration adapters: native format, loaded through our Auto classes."""
     torch.manual_seed(0)
     folder = tmp_path_factory.mktemp("native") / "student"
-    assert save_student(recursive_tiny(vocab_size=len(tokenizer), adapter_placement="minialbert"), folder, tokenizer) == "native"
+    assert (
+        save_student(recursive_tiny(vocab_size=len(tokenizer), adapter_placement="minialbert"), folder, tokenizer)
+        == "native"
+    )
     return folder
 
 
@@ -316,7 +378,9 @@ def finetuned_model(tmp_path_factory, tokenizer):
     torch.manual_seed(0)
     encoder = recursive_tiny(vocab_size=len(tokenizer), adapter_placement="minialbert", mlm_head=False)
     folder = tmp_path_factory.mktemp("finetuned") / "model"
-    save_task_model(TaskModel(encoder, "classification", 2, 0.1), folder, {"type": "classification", "label_names": ["no", "yes"]})
+    save_task_model(
+        TaskModel(encoder, "classification", 2, 0.1), folder, {"type": "classification", "label_names": ["no", "yes"]}
+    )
     return folder
 
 
@@ -330,26 +394,42 @@ def test_the_auto_classes_check_sizes_before_building(tmp_path, native_student):
     args = json.loads((native_student / "config.json").read_text())["recursive_encoder"]
     absurd, huge = {**args, "num_iterations": 10**7}, {**args, "hidden_size": 10**6}
     before = listing(tmp_path)
-    loads_in_a_child([
-        (f"AutoModel.from_pretrained({str(native_student)!r})", None),
-        (f"AutoModelForMaskedLM.from_pretrained({str(native_student)!r})", None),
-        (f"AutoModel.from_pretrained({str(iterations)!r})",
-         rf"^{re.escape(str(iterations))}/config\.json says recursive_encoder\.num_iterations=10000000: more than 10000 layers is refused$"),
-        (f"AutoModelForSequenceClassification.from_pretrained({str(iterations)!r}, num_labels=3)",
-         r"iterations/config\.json says recursive_encoder\.num_iterations=10000000: more than 10000 layers"),
-        (f"AutoModelForMaskedLM.from_pretrained({str(vocab)!r})",
-         rf"^{re.escape(str(vocab))}/config\.json says recursive_encoder\.vocab_size=1000000000 but "
-         rf"{re.escape(str(vocab))}/model\.safetensors holds embeddings\.word_embeddings\.weight with 300 rows$"),
-        (f"AutoModel.from_pretrained({str(ffn)!r})",
-         r"ffn: layer\.ffn_in\.bias has shape \(128,\), config implies \(100000,\) \(in .*ffn/model\.safetensors; "
-         r".*ffn/config\.json says recursive_encoder\.intermediate_size=100000\)"),
-        (f"AutoModel.from_pretrained('org/absurd', cache_dir={str(hub)!r})",
-         rf"^{re.escape(str(snapshot))}/config\.json says recursive_encoder\.vocab_size=1000000000 but .*holds embeddings\.word_embeddings"),
-        (f"AutoModel.from_config(StudentConfig(recursive_encoder={absurd!r}))",
-         r"^the StudentConfig passed says recursive_encoder\.num_iterations=10000000: more than 10000 layers is refused$"),
-        (f"AutoModel.from_config(StudentConfig(recursive_encoder={huge!r}))",
-         r"^the StudentConfig passed implies about .* parameters \(its largest sizes: recursive_encoder\.hidden_size=1000000.*more than 1e\+11 is refused"),
-    ])
+    loads_in_a_child(
+        [
+            (f"AutoModel.from_pretrained({str(native_student)!r})", None),
+            (f"AutoModelForMaskedLM.from_pretrained({str(native_student)!r})", None),
+            (
+                f"AutoModel.from_pretrained({str(iterations)!r})",
+                rf"^{re.escape(str(iterations))}/config\.json says recursive_encoder\.num_iterations=10000000: more than 10000 layers is refused$",
+            ),
+            (
+                f"AutoModelForSequenceClassification.from_pretrained({str(iterations)!r}, num_labels=3)",
+                r"iterations/config\.json says recursive_encoder\.num_iterations=10000000: more than 10000 layers",
+            ),
+            (
+                f"AutoModelForMaskedLM.from_pretrained({str(vocab)!r})",
+                rf"^{re.escape(str(vocab))}/config\.json says recursive_encoder\.vocab_size=1000000000 but "
+                rf"{re.escape(str(vocab))}/model\.safetensors holds embeddings\.word_embeddings\.weight with 300 rows$",
+            ),
+            (
+                f"AutoModel.from_pretrained({str(ffn)!r})",
+                r"ffn: layer\.ffn_in\.bias has shape \(128,\), config implies \(100000,\) \(in .*ffn/model\.safetensors; "
+                r".*ffn/config\.json says recursive_encoder\.intermediate_size=100000\)",
+            ),
+            (
+                f"AutoModel.from_pretrained('org/absurd', cache_dir={str(hub)!r})",
+                rf"^{re.escape(str(snapshot))}/config\.json says recursive_encoder\.vocab_size=1000000000 but .*holds embeddings\.word_embeddings",
+            ),
+            (
+                f"AutoModel.from_config(StudentConfig(recursive_encoder={absurd!r}))",
+                r"^the StudentConfig passed says recursive_encoder\.num_iterations=10000000: more than 10000 layers is refused$",
+            ),
+            (
+                f"AutoModel.from_config(StudentConfig(recursive_encoder={huge!r}))",
+                r"^the StudentConfig passed implies about .* parameters \(its largest sizes: recursive_encoder\.hidden_size=1000000.*more than 1e\+11 is refused",
+            ),
+        ]
+    )
     assert listing(tmp_path) == before
 
 
@@ -357,14 +437,38 @@ def test_fine_tuned_models_check_sizes_before_building(tmp_path, finetuned_model
     """load_task_model and the Auto class, on the same folders, refuse with the same line."""
     cases = [(None, {})]
     for key, value, message in [
-        ("encoder.config.num_iterations", 10**7, r"config\.json says encoder\.config\.num_iterations=10000000: more than 10000 layers is refused$"),
-        ("encoder.config.vocab_size", 10**9, r"config\.json says encoder\.config\.vocab_size=1000000000 but \S*model\.safetensors holds "
-                                             r"encoder\.embeddings\.word_embeddings\.weight with 300 rows$"),
-        ("encoder.config.hidden_size", 10**6, r"config\.json implies about .* parameters \(its largest sizes: encoder\.config\.hidden_size=1000000"),
-        ("encoder.config.intermediate_size", 10**5, r"encoder\.layer\.ffn_in\.bias has shape \(128,\), config implies \(100000,\) .*config\.json says encoder\.config\.intermediate_size=100000"),
-        ("head.num_labels", 10**6, r"config\.json says head\.num_labels=1000000 but (\S*model\.safetensors holds head\.classifier\.weight "
-                                   r"with shape \(2, 64\)|task\.label_names holds 2 names)$"),
-        ("head.num_labels", 10**9, r"(config\.json|FinetunedConfig): head\.num_labels must be a whole number from 1 to 1000000, got 1000000000$"),
+        (
+            "encoder.config.num_iterations",
+            10**7,
+            r"config\.json says encoder\.config\.num_iterations=10000000: more than 10000 layers is refused$",
+        ),
+        (
+            "encoder.config.vocab_size",
+            10**9,
+            r"config\.json says encoder\.config\.vocab_size=1000000000 but \S*model\.safetensors holds "
+            r"encoder\.embeddings\.word_embeddings\.weight with 300 rows$",
+        ),
+        (
+            "encoder.config.hidden_size",
+            10**6,
+            r"config\.json implies about .* parameters \(its largest sizes: encoder\.config\.hidden_size=1000000",
+        ),
+        (
+            "encoder.config.intermediate_size",
+            10**5,
+            r"encoder\.layer\.ffn_in\.bias has shape \(128,\), config implies \(100000,\) .*config\.json says encoder\.config\.intermediate_size=100000",
+        ),
+        (
+            "head.num_labels",
+            10**6,
+            r"config\.json says head\.num_labels=1000000 but (\S*model\.safetensors holds head\.classifier\.weight "
+            r"with shape \(2, 64\)|task\.label_names holds 2 names)$",
+        ),
+        (
+            "head.num_labels",
+            10**9,
+            r"(config\.json|FinetunedConfig): head\.num_labels must be a whole number from 1 to 1000000, got 1000000000$",
+        ),
     ]:
         cases.append((message, copy_with(finetuned_model, tmp_path / f"{key}={value}", **{key: value})))
     before = listing(tmp_path)

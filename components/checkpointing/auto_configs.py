@@ -7,8 +7,9 @@ from typing import Any, Dict, Optional, Tuple
 
 from transformers import PreTrainedConfig
 
-from components.checkpointing.student import class_prefix, NATIVE_MODEL_TYPE as STUDENT_MODEL_TYPE
 from components.checkpointing.finetuned import check_label_count, FINETUNED_MODEL_TYPE
+from components.checkpointing.student import class_prefix
+from components.checkpointing.student import NATIVE_MODEL_TYPE as STUDENT_MODEL_TYPE
 from components.models.families import ENCODERS
 
 
@@ -109,7 +110,9 @@ class FinetunedConfig(EncoderConfig):
         else:
             self.problem_type = "single_label_classification" if self.head["task_type"] == "classification" else None
             where = kwargs.get("name_or_path") or ""  # the folder, when read by from_pretrained
-            check_label_count(f"{where}/config.json" if where else "FinetunedConfig", self.head.get("num_labels"), names)
+            check_label_count(
+                f"{where}/config.json" if where else "FinetunedConfig", self.head.get("num_labels"), names
+            )
             names = names or [f"LABEL_{i}" for i in range(self.head["num_labels"])]
             self.id2label = {i: str(name) for i, name in enumerate(names)}
         self.label2id = {name: i for i, name in self.id2label.items()}

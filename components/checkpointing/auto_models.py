@@ -18,8 +18,10 @@ from pathlib import Path
 from typing import Dict, Iterable, Mapping, Optional, Tuple
 
 import torch
+from safetensors import safe_open
 from torch import nn
-from transformers import initialization as init, PreTrainedModel
+from transformers import initialization as init
+from transformers import PreTrainedModel
 from transformers.modeling_outputs import (
     BaseModelOutput,
     MaskedLMOutput,
@@ -28,13 +30,12 @@ from transformers.modeling_outputs import (
 )
 
 from components.checkpointing.auto_configs import EncoderConfig, MODEL_CLASSES
-from components.checkpointing.sizes import check_config_sizes, check_shapes
 from components.checkpointing.finetuned import check_head_size
+from components.checkpointing.sizes import check_config_sizes, check_shapes
 from components.errors import CheckpointError
 from components.models.adapters import BottleneckAdapter
 from components.models.families import ENCODERS
 from components.models.heads import SequenceHead, task_loss, TokenHead
-from safetensors import safe_open
 
 
 def _config_file(config: EncoderConfig) -> str:
@@ -151,8 +152,14 @@ class _Model(_EncoderPreTrainedModel):
         self.post_init()
 
     def forward(
-        self, input_ids=None, attention_mask=None, token_type_ids=None, output_attentions=None,
-        output_hidden_states=None, return_dict=None, **kwargs,
+        self,
+        input_ids=None,
+        attention_mask=None,
+        token_type_ids=None,
+        output_attentions=None,
+        output_hidden_states=None,
+        return_dict=None,
+        **kwargs,
     ):
         out = self._encode(input_ids, attention_mask, token_type_ids, output_attentions, False)
         hidden, attentions = self._extras(out, output_hidden_states, output_attentions)
@@ -176,8 +183,15 @@ class _ForMaskedLM(_EncoderPreTrainedModel):
         return self.encoder.mlm_head.decoder
 
     def forward(
-        self, input_ids=None, attention_mask=None, token_type_ids=None, labels=None, output_attentions=None,
-        output_hidden_states=None, return_dict=None, **kwargs,
+        self,
+        input_ids=None,
+        attention_mask=None,
+        token_type_ids=None,
+        labels=None,
+        output_attentions=None,
+        output_hidden_states=None,
+        return_dict=None,
+        **kwargs,
     ):
         out = self._encode(input_ids, attention_mask, token_type_ids, output_attentions, True)
         loss = None
@@ -197,7 +211,9 @@ class _WithTaskHead(_EncoderPreTrainedModel):
     def __init__(self, config):
         super().__init__(config)
         head = getattr(config, "head", None)
-        if head is not None and (head["task_type"] == "token_classification") != (self.task_type == "token_classification"):
+        if head is not None and (head["task_type"] == "token_classification") != (
+            self.task_type == "token_classification"
+        ):
             raise ValueError(
                 f"This model was fine-tuned for {head['task_type']}: load it with "
                 f"{'AutoModelForTokenClassification' if head['task_type'] == 'token_classification' else 'AutoModelForSequenceClassification'}"
@@ -216,8 +232,15 @@ class _WithTaskHead(_EncoderPreTrainedModel):
         self.post_init()
 
     def forward(
-        self, input_ids=None, attention_mask=None, token_type_ids=None, labels=None, output_attentions=None,
-        output_hidden_states=None, return_dict=None, **kwargs,
+        self,
+        input_ids=None,
+        attention_mask=None,
+        token_type_ids=None,
+        labels=None,
+        output_attentions=None,
+        output_hidden_states=None,
+        return_dict=None,
+        **kwargs,
     ):
         out = self._encode(input_ids, attention_mask, token_type_ids, output_attentions, False)
         logits = self.head(out.last_hidden_state)

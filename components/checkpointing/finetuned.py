@@ -22,11 +22,11 @@ from torch import nn
 from components.checkpointing.hf_bert import load_hf_encoder, SUPPORTED_MODEL_TYPES
 from components.checkpointing.hub import resolve_checkpoint_dir
 from components.checkpointing.sizes import check_config_sizes, check_shapes
+from components.checkpointing.student import load_student, STUDENT_MODEL_TYPES
 from components.checkpointing.tokenizers import load_tokenizer
 from components.checkpointing.weights import weight_shapes
-from components.io import atomic_directory
-from components.checkpointing.student import load_student, STUDENT_MODEL_TYPES
 from components.errors import CheckpointError
+from components.io import atomic_directory
 from components.models.families import encoder_family, ENCODERS
 from components.models.heads import TaskModel
 
@@ -127,7 +127,9 @@ def load_task_model(path: str) -> Tuple[TaskModel, Dict[str, Any]]:
         raise CheckpointError(f"{config_file}: encoder.family must be one of {sorted(ENCODERS)}, got {family!r}")
     kwargs = encoder.get("config")
     if not isinstance(kwargs, dict):
-        raise CheckpointError(f"{config_file}: encoder.config must hold the encoder's builder arguments, got {kwargs!r}")
+        raise CheckpointError(
+            f"{config_file}: encoder.config must hold the encoder's builder arguments, got {kwargs!r}"
+        )
     if not isinstance(head, dict) or not {"task_type", "num_labels", "dropout"} <= head.keys():
         raise CheckpointError(f"{config_file}: head must hold task_type, num_labels and dropout, got {head!r}")
     num_labels = head["num_labels"]
@@ -167,9 +169,13 @@ def check_label_count(config_file: Any, num_labels: Any, label_names: Optional[l
     """A fine-tuned model's ``head.num_labels`` is a whole number up to :data:`MAX_LABELS` and, when
     the config names its labels (``task.label_names``), their count."""
     if isinstance(num_labels, bool) or not isinstance(num_labels, int) or not 1 <= num_labels <= MAX_LABELS:
-        raise CheckpointError(f"{config_file}: head.num_labels must be a whole number from 1 to {MAX_LABELS}, got {num_labels!r}")
+        raise CheckpointError(
+            f"{config_file}: head.num_labels must be a whole number from 1 to {MAX_LABELS}, got {num_labels!r}"
+        )
     if isinstance(label_names, list) and len(label_names) != num_labels:
-        raise CheckpointError(f"{config_file} says head.num_labels={num_labels} but task.label_names holds {len(label_names)} names")
+        raise CheckpointError(
+            f"{config_file} says head.num_labels={num_labels} but task.label_names holds {len(label_names)} names"
+        )
 
 
 def check_head_size(config_file: Any, num_labels: Any, shapes: Mapping[str, Tuple[int, ...]], weights: Any) -> None:
@@ -219,7 +225,9 @@ def load_adapter_set(path: str) -> Tuple[Dict[str, Any], Dict[str, torch.Tensor]
     try:
         manifest = json.loads((folder / ADAPTER_SET_FILE).read_text())
     except (OSError, ValueError) as e:
-        raise CheckpointError(f"No adapter set at {folder}: {folder / ADAPTER_SET_FILE} is missing or unreadable ({e})") from e
+        raise CheckpointError(
+            f"No adapter set at {folder}: {folder / ADAPTER_SET_FILE} is missing or unreadable ({e})"
+        ) from e
     try:
         tensors = load_file(str(folder / ADAPTER_WEIGHTS_FILE))
     except Exception as e:

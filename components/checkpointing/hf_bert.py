@@ -52,9 +52,8 @@ _RENAMES = [
     (r"^lm_head\.bias$", "mlm_head.decoder.bias"),
 ]
 # Present in many checkpoints, unused by an encoder teacher.
-_IGNORED = re.compile(
-    r"(^pooler\.|^cls\.seq_relationship\.|position_ids$|token_type_ids$|^classifier\.)"
-)
+_IGNORED = re.compile(r"(^pooler\.|^cls\.seq_relationship\.|position_ids$|token_type_ids$|^classifier\.)")
+
 
 def native_name(hf_name: str, prefix: str) -> Optional[str]:
     """Our parameter name for a Hugging Face one; ``None`` for tensors a teacher ignores."""
@@ -72,8 +71,7 @@ def encoder_kwargs(hf_config) -> Dict:
     family = SUPPORTED_MODEL_TYPES.get(model_type)
     if family is None:
         raise CheckpointError(
-            f"model_type {model_type!r} is not supported as a teacher; supported: "
-            f"{sorted(SUPPORTED_MODEL_TYPES)}"
+            f"model_type {model_type!r} is not supported as a teacher; supported: {sorted(SUPPORTED_MODEL_TYPES)}"
         )
     if getattr(hf_config, "position_embedding_type", "absolute") != "absolute":
         raise CheckpointError(
@@ -160,7 +158,9 @@ def load_hf_encoder(
             continue
         target = expected[name]
         if tensor.shape != target.shape:  # the file changed under us since its header was read
-            raise CheckpointError(f"{folder}: {name} has shape {tuple(tensor.shape)}, config implies {tuple(target.shape)}")
+            raise CheckpointError(
+                f"{folder}: {name} has shape {tuple(tensor.shape)}, config implies {tuple(target.shape)}"
+            )
         tensor = tensor.to(dtype)
         if isinstance(target, DTensor):  # keep only this rank's shard
             tensor = distribute_tensor(

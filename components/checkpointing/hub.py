@@ -5,13 +5,15 @@ import os
 from pathlib import Path
 from typing import Optional
 
-from components.errors import CheckpointError
-from components.io import looks_like_local_path
 import huggingface_hub
 from huggingface_hub import constants
 
+from components.errors import CheckpointError
+from components.io import looks_like_local_path
+
 # Files worth fetching from the Hub: config and tokenizer, then one format of weights.
 HUB_PATTERNS = ["*.json", "*.txt", "*.model"]
+
 
 def resolve_checkpoint_dir(path_or_id: str, revision: Optional[str] = None) -> Path:
     """A local folder as is, or a Hub model id: downloaded to the local Hugging Face cache, or
@@ -41,7 +43,11 @@ def _cached_snapshot(repo_id: str, revision: Optional[str], why: str, cause: Opt
     """The folder of ``repo_id`` in the local Hugging Face cache, without touching the network."""
     try:
         # only config and tokenizer patterns: weight_files says which weights are missing, if any
-        folder = Path(huggingface_hub.snapshot_download(repo_id, revision=revision, allow_patterns=HUB_PATTERNS, local_files_only=True))
+        folder = Path(
+            huggingface_hub.snapshot_download(
+                repo_id, revision=revision, allow_patterns=HUB_PATTERNS, local_files_only=True
+            )
+        )
         if (folder / "config.json").is_file():
             return folder
         problem = f"the cached snapshot {folder} has no config.json"

@@ -154,10 +154,7 @@ def bottleneck_kwargs_from_mobilebert(hf: Dict) -> Dict:
     defaults for missing keys). The MLM head is built unless ``architectures`` names only
     ``MobileBertModel``."""
     if not hf.get("use_bottleneck", True):
-        raise ValueError(
-            "A MobileBERT with use_bottleneck=False is a plain post-LN encoder, not a "
-            "bottleneck student"
-        )
+        raise ValueError("A MobileBERT with use_bottleneck=False is a plain post-LN encoder, not a bottleneck student")
     architectures = hf.get("architectures") or ["MobileBertForMaskedLM"]
     return dict(
         vocab_size=hf.get("vocab_size", 30522),

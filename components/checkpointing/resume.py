@@ -18,8 +18,8 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
-from components.io import atomic_directory
 from components.errors import CheckpointError
+from components.io import atomic_directory
 
 log = logging.getLogger(__name__)
 STEP_DIR = re.compile(r"^step_(\d{8})$")
@@ -66,8 +66,14 @@ def save_checkpoint(output_dir: Path, step: int, state: Dict[str, Any], keep_las
             (tmp / "meta.json").write_text(json.dumps(meta) + "\n")
     except Exception as e:  # a full disk is an OSError from Python, a RuntimeError from torch.save
         previous = [p.name for p in list_checkpoints(output_dir)]
-        kept = f"the existing checkpoints ({', '.join(previous)}) are intact" if previous else "no checkpoint was written yet"
-        raise CheckpointError(f"Could not write the checkpoint of step {step} to {final}: {e}. Nothing was changed: {kept}") from e
+        kept = (
+            f"the existing checkpoints ({', '.join(previous)}) are intact"
+            if previous
+            else "no checkpoint was written yet"
+        )
+        raise CheckpointError(
+            f"Could not write the checkpoint of step {step} to {final}: {e}. Nothing was changed: {kept}"
+        ) from e
     if keep_last > 0:
         for old in list_checkpoints(output_dir)[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
@@ -83,12 +89,14 @@ def load_checkpoint(path: Path) -> Dict[str, Any]:
     except (OSError, ValueError) as e:
         raise CheckpointError(f"{path} is incomplete: meta.json is missing or unreadable ({e})") from e
     if not isinstance(meta, dict):
-        raise CheckpointError(f"{meta_file} is damaged: it holds {type(meta).__name__} {str(meta)[:40]!r}, not an object")
+        raise CheckpointError(
+            f"{meta_file} is damaged: it holds {type(meta).__name__} {str(meta)[:40]!r}, not an object"
+        )
     written = meta.get("bytes")
     if "bytes" in meta and (not isinstance(written, int) or isinstance(written, bool) or written < 0):
-        raise CheckpointError(f"{meta_file} is damaged: its \"bytes\" is {written!r}, not a size")
+        raise CheckpointError(f'{meta_file} is damaged: its "bytes" is {written!r}, not a size')
     if "sha256" in meta and not (isinstance(meta["sha256"], str) and SHA256.match(meta["sha256"])):
-        raise CheckpointError(f"{meta_file} is damaged: its \"sha256\" is {str(meta['sha256'])[:80]!r}, not a SHA-256")
+        raise CheckpointError(f'{meta_file} is damaged: its "sha256" is {str(meta["sha256"])[:80]!r}, not a SHA-256')
     state_file = path / "state.pt"
     if not state_file.is_file():
         raise CheckpointError(f"{path} is incomplete: state.pt is missing")
@@ -117,7 +125,9 @@ def _set_aside(bad: Path) -> None:
     try:
         os.rename(bad, aside)
     except OSError as e:  # left as step_X it would count as a checkpoint when good ones are pruned
-        raise CheckpointError(f"Could not rename the damaged checkpoint {bad} to {aside.name} ({e}); move it away and resume again") from e
+        raise CheckpointError(
+            f"Could not rename the damaged checkpoint {bad} to {aside.name} ({e}); move it away and resume again"
+        ) from e
     log.warning("Renamed the damaged checkpoint %s to %s", bad.name, aside.name)
 
 

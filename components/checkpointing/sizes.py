@@ -19,7 +19,11 @@ from components.errors import CheckpointError
 MAX_LAYERS = 10_000
 MAX_PARAMETERS = 10**11
 # builder argument -> the config.json key transformers uses for it (the others are the same)
-_HF_KEYS = {"num_layers": "num_hidden_layers", "num_iterations": "num_hidden_layers", "num_heads": "num_attention_heads"}
+_HF_KEYS = {
+    "num_layers": "num_hidden_layers",
+    "num_iterations": "num_hidden_layers",
+    "num_heads": "num_attention_heads",
+}
 # builder arguments that size tensors or count modules (of every family), with their least value
 _SIZE_ARGS = {
     "vocab_size": 1,
@@ -97,7 +101,9 @@ def check_config_sizes(
             continue
         value = kwargs[arg]
         if isinstance(value, bool) or not isinstance(value, int) or value < least:
-            raise CheckpointError(f"{config_file}: {config_key(arg, family)} must be a whole number >= {least}, got {value!r}")
+            raise CheckpointError(
+                f"{config_file}: {config_key(arg, family)} must be a whole number >= {least}, got {value!r}"
+            )
 
     if shapes is not None:
         width = "embedding_size" if "embedding_size" in kwargs else "hidden_size"
@@ -144,12 +150,12 @@ def _check_layer_count(says: str, n: int, shapes: Mapping[str, Tuple[int, ...]],
     # what the first missing layers would hold, named like the layers that are there
     template = held[min(held)]
     absent = itertools.islice((i for i in range(n) if i not in held), 2)
-    missing = sorted(
-        name[: match.start(1)] + str(i) + name[match.end(1) :] for i in absent for name, match in template
-    )
+    missing = sorted(name[: match.start(1)] + str(i) + name[match.end(1) :] for i in absent for name, match in template)
     extra = sorted(i for i in held if i >= n)
     detail = f": missing {missing[:8]}{'...' if len(missing) > 8 else ''}" if missing else ""
-    detail += f"{';' if detail else ':'} layers {extra[:8]}{'...' if len(extra) > 8 else ''} are beyond it" if extra else ""
+    detail += (
+        f"{';' if detail else ':'} layers {extra[:8]}{'...' if len(extra) > 8 else ''} are beyond it" if extra else ""
+    )
     raise CheckpointError(f"{says} but {weights} holds {len(held)} layers{detail}")
 
 
@@ -169,7 +175,9 @@ def check_shapes(
         if want is None or tuple(want) == tuple(shape):
             continue
         off = set(want) - set(shape)
-        blame = [f"{config_key(a, family)}={kwargs[a]}" for a in _SIZE_ARGS if kwargs.get(a) is not None and kwargs[a] in off]
+        blame = [
+            f"{config_key(a, family)}={kwargs[a]}" for a in _SIZE_ARGS if kwargs.get(a) is not None and kwargs[a] in off
+        ]
         raise CheckpointError(
             f"{where}: {name} has shape {tuple(shape)}, config implies {tuple(want)} "
             f"(in {weights}; {config_file} says {' or '.join(blame) if blame else 'otherwise'})"

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Callable, Dict, Optional
 
 import torch
+import transformers
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -32,7 +33,6 @@ from components.checkpointing.weights import weight_shapes
 from components.errors import CheckpointError
 from components.io import atomic_directory
 from components.models.families import encoder_family, ENCODERS
-import transformers
 
 NATIVE_MODEL_TYPE = "recursive_encoder"  # the recursive family's native model_type
 FORMAT_VERSION = 1
@@ -64,19 +64,32 @@ def _albert_from_hf(state: Dict, kwargs: Dict) -> Dict:
     if kwargs["embedding_size"] == kwargs["hidden_size"]:  # ALBERT keeps a Linear we do not have
         eye = torch.eye(kwargs["hidden_size"])
         if not torch.allclose(state.pop("projector.weight"), eye) or state.pop("projector.bias").any():
-            raise CheckpointError("an ALBERT with E == H and a non-identity embedding projection is not a recursive student")
+            raise CheckpointError(
+                "an ALBERT with E == H and a non-identity embedding projection is not a recursive student"
+            )
     return state
 
 
 FORMATS = {
     "albert": HFFormat(
-        "recursive_encoder", "albert", "AlbertConfig", _albert_fits, albert.albert_config_kwargs,
-        albert.recursive_kwargs_from_albert, albert.native_to_albert, _albert_from_hf,
+        "recursive_encoder",
+        "albert",
+        "AlbertConfig",
+        _albert_fits,
+        albert.albert_config_kwargs,
+        albert.recursive_kwargs_from_albert,
+        albert.native_to_albert,
+        _albert_from_hf,
     ),
     "mobilebert": HFFormat(
-        "bottleneck_encoder", "mobilebert", "MobileBertConfig", mobilebert.is_mobilebert_compatible,
-        mobilebert.mobilebert_config_kwargs, mobilebert.bottleneck_kwargs_from_mobilebert,
-        mobilebert.native_to_mobilebert, mobilebert.mobilebert_to_native,
+        "bottleneck_encoder",
+        "mobilebert",
+        "MobileBertConfig",
+        mobilebert.is_mobilebert_compatible,
+        mobilebert.mobilebert_config_kwargs,
+        mobilebert.bottleneck_kwargs_from_mobilebert,
+        mobilebert.native_to_mobilebert,
+        mobilebert.mobilebert_to_native,
     ),
 }
 
@@ -127,7 +140,9 @@ def save_student(
         if format != "native":
             spec = FORMATS[format]
             extra = {METADATA_KEY: metadata} if metadata else {}
-            getattr(transformers, spec.config_class)(**spec.config_kwargs(model.config), **extra).save_pretrained(str(tmp))
+            getattr(transformers, spec.config_class)(**spec.config_kwargs(model.config), **extra).save_pretrained(
+                str(tmp)
+            )
             save_file(spec.to_hf(state, model.config), str(tmp / "model.safetensors"), {"format": "pt"})
         else:
             config = {
@@ -209,7 +224,7 @@ def load_student(path: str, **overrides) -> nn.Module:
         raise CheckpointError(f"Could not read {weights}: {e}") from e
     if native:
         if state and all(k.startswith("encoder.") for k in state):  # saved by transformers' save_pretrained
-            state = {k[len("encoder."):]: v for k, v in state.items()}
+            state = {k[len("encoder.") :]: v for k, v in state.items()}
     else:
         try:
             state = spec.from_hf(state, kwargs)
@@ -237,7 +252,12 @@ def load_student(path: str, **overrides) -> nn.Module:
     if missing or unexpected:
         raise CheckpointError(f"{weights} does not match its config: missing {missing}, unexpected {unexpected}")
     check_shapes(
-        expected, {k: tuple(v.shape) for k, v in state.items()}, str(folder), config_file, weights, kwargs,
+        expected,
+        {k: tuple(v.shape) for k, v in state.items()},
+        str(folder),
+        config_file,
+        weights,
+        kwargs,
         family=model_type if native else None,
     )
     model = ENCODERS[family](**build)

@@ -2,17 +2,17 @@
 
 from pathlib import Path
 
+from transformers import AutoTokenizer
+
 from components.errors import CheckpointError
 from components.fingerprint import VOCABULARY_FILES
-from transformers import AutoTokenizer
+
 
 def load_tokenizer(folder: Path, vocab_size: int, needs_mask: bool = False):
     """The tokenizer of a model folder, checked against the model's ``vocab_size``."""
     # transformers quietly builds a 5-token tokenizer when a folder has no vocabulary files
     if not any((folder / name).is_file() for name in VOCABULARY_FILES):
-        raise CheckpointError(
-            f"Could not load the tokenizer from {folder}: none of {list(VOCABULARY_FILES)} is there"
-        )
+        raise CheckpointError(f"Could not load the tokenizer from {folder}: none of {list(VOCABULARY_FILES)} is there")
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(folder))
     except Exception as e:

@@ -38,9 +38,7 @@ def find_weights(folder: Path) -> Tuple[str, list, Path]:
             if missing:
                 raise CheckpointError(f"{folder / index} lists shards that are missing: {missing}")
             return kind, [folder / s for s in shards], folder / index
-    raise CheckpointError(
-        f"No weights in {folder}: expected model.safetensors, pytorch_model.bin, or a sharded index"
-    )
+    raise CheckpointError(f"No weights in {folder}: expected model.safetensors, pytorch_model.bin, or a sharded index")
 
 
 def _read_index(folder: Path, index: Path) -> List[str]:
@@ -52,7 +50,9 @@ def _read_index(folder: Path, index: Path) -> List[str]:
     except (KeyError, TypeError):
         raise CheckpointError(f'{index} is not a shard index: it has no "weight_map"') from None
     if not isinstance(weight_map, dict) or not weight_map:
-        raise CheckpointError(f'{index}: "weight_map" must map weight names to shard files, got {type(weight_map).__name__}')
+        raise CheckpointError(
+            f'{index}: "weight_map" must map weight names to shard files, got {type(weight_map).__name__}'
+        )
     bad = next(((k, v) for k, v in weight_map.items() if not isinstance(v, str) or not v), None)
     if bad is not None:
         raise CheckpointError(f'{index}: "weight_map" entry {bad[0]!r} names no shard file: {bad[1]!r}')
@@ -66,7 +66,13 @@ def _check_shard_path(folder: Path, index: Path, shard: str) -> None:
     """A shard must be a file of ``folder`` (or below): a stranger's index naming ``/etc/...``,
     ``../..`` or a link out of the folder would make us read (and report on) any file."""
     pure = PurePosixPath(shard)
-    if pure.is_absolute() or PureWindowsPath(shard).drive or PureWindowsPath(shard).root or ".." in pure.parts or "\0" in shard:
+    if (
+        pure.is_absolute()
+        or PureWindowsPath(shard).drive
+        or PureWindowsPath(shard).root
+        or ".." in pure.parts
+        or "\0" in shard
+    ):
         raise CheckpointError(f"{index} names a shard outside {folder}: {shard!r}; shards must be files in the folder")
     target = (folder / shard).resolve()
     roots = [folder.resolve()]
@@ -115,7 +121,6 @@ def _lazy_tensors(folder: Path) -> Iterator[Tuple[str, Tuple[int, ...], Callable
 def weight_shapes(folder: Path) -> Dict[str, Tuple[int, ...]]:
     """Name -> shape of every tensor of a checkpoint, without reading the tensors."""
     return {name: shape for name, shape, _ in _lazy_tensors(folder)}
-
 
 
 def iter_weights(folder: Path) -> Iterator[Tuple[str, torch.Tensor]]:

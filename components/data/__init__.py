@@ -9,8 +9,8 @@ from components.data.corpus import (
     split_documents,
     tokenize_windows,
 )
-from components.data.store import TokenWindows
 from components.data.mlm import GlobalBatchSampler, MaskNoise, MLMMasker, pad_batch, step_generator
+from components.data.store import TokenWindows
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +53,9 @@ def build_windows(data: Mapping[str, Any], source: Any, tokenizer, seed: int) ->
     train_docs, eval_docs = split_documents(documents, data["eval_fraction"], seed)
 
     def windows(docs, part):
-        return tokenize_windows(docs, tokenizer, data["max_length"], data["stride"], desc=f"Tokenising the {part} documents")
+        return tokenize_windows(
+            docs, tokenizer, data["max_length"], data["stride"], desc=f"Tokenising the {part} documents"
+        )
 
     train = windows(train_docs, "training")
     if len(train) == 0:

@@ -14,26 +14,26 @@ and split paragraphs only at ``"\n\n"``.) A paragraph ends at a blank line: one 
 but spaces, tabs and a carriage return at most, the same rule the one-giant-document guard uses.
 """
 
+import bz2
 import glob
+import gzip
 import hashlib
 import json
 import logging
+import lzma
 import os
 import re
 from pathlib import Path
 from typing import Any, Iterator, List, Optional, Sequence, Tuple, Union
 
 import datasets
+import fsspec
+import pyarrow.parquet as pq
 
-from components.io import looks_like_local_path
 from components.data.store import build_store, store_key, TokenWindows
 from components.errors import CorpusError
 from components.fingerprint import cache_root, file_digest, files_fingerprint
-import bz2
-import gzip
-import lzma
-import fsspec
-import pyarrow.parquet as pq
+from components.io import looks_like_local_path
 
 log = logging.getLogger(__name__)
 
@@ -59,9 +59,7 @@ def local_files(sources: Sequence[str]) -> List[str]:
     for source in sources:
         source = os.path.expanduser(source)
         if os.path.isdir(source):
-            found = sorted(
-                str(p) for p in Path(source).rglob("*") if p.is_file() and _file_kind(str(p))
-            )
+            found = sorted(str(p) for p in Path(source).rglob("*") if p.is_file() and _file_kind(str(p)))
             if not found:
                 raise CorpusError(f"Corpus folder {source} holds no {sorted(BUILDERS)} files")
         else:
@@ -70,9 +68,7 @@ def local_files(sources: Sequence[str]) -> List[str]:
                 raise CorpusError(f"Corpus file not found: {source}")
         unsupported = [f for f in found if _file_kind(f) is None]
         if unsupported:
-            raise CorpusError(
-                f"Unsupported corpus file type: {unsupported[0]} (supported: {sorted(BUILDERS)})"
-            )
+            raise CorpusError(f"Unsupported corpus file type: {unsupported[0]} (supported: {sorted(BUILDERS)})")
         files.extend(found)
     return files
 
@@ -289,8 +285,7 @@ def load_documents(
             ) from e
         if text_column not in ds.column_names:
             raise CorpusError(
-                f"Corpus {described} has no column {text_column!r} (columns: {ds.column_names}); "
-                "set data.text_column"
+                f"Corpus {described} has no column {text_column!r} (columns: {ds.column_names}); set data.text_column"
             )
         ds = ds.select_columns([text_column])
         if text_column != "text":
@@ -309,14 +304,19 @@ def load_documents(
     if len(ds) < total:
         log.info("Dropped %d empty documents of %d in %s", total - len(ds), total, described)
     if encoding_errors == "replace":
-        replaced = sum(ds.map(lambda b: {"n": ["\ufffd" in t for t in b["text"]]}, batched=True, remove_columns=["text"])["n"])
+        replaced = sum(
+            ds.map(lambda b: {"n": ["\ufffd" in t for t in b["text"]]}, batched=True, remove_columns=["text"])["n"]
+        )
         if replaced:
             log.warning("%d documents of %s held bytes that are not UTF-8 (replaced by U+FFFD)", replaced, described)
     return ds
 
 
 def data_fingerprint(
-    source: Union[str, Sequence[str]], documents: datasets.Dataset, hub_config: Optional[str] = None, split: str = "train"
+    source: Union[str, Sequence[str]],
+    documents: datasets.Dataset,
+    hub_config: Optional[str] = None,
+    split: str = "train",
 ) -> dict:
     """What identifies the corpus: each local file's name, size and (sampled) content hash, or
     the Hub dataset's name, configuration, split, revision and ``datasets`` fingerprint."""

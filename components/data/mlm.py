@@ -83,9 +83,7 @@ class MLMMasker:
         labels = torch.where(selected, input_ids, torch.full_like(input_ids, -100))
         to_mask = selected & (noise.action < self.mask_fraction)
         to_random = (
-            selected
-            & (noise.action >= self.mask_fraction)
-            & (noise.action < self.mask_fraction + self.random_fraction)
+            selected & (noise.action >= self.mask_fraction) & (noise.action < self.mask_fraction + self.random_fraction)
         )
         inputs = input_ids.clone()
         inputs[to_mask] = self.mask_token_id
@@ -172,10 +170,7 @@ class GlobalBatchSampler:
         share = self.global_batch // self.world_size
         mine = self._permutation()[start + self.rank * share : start + (self.rank + 1) * share]
         self.step_in_epoch += 1
-        return [
-            mine[i : i + self.micro_batch_size].tolist()
-            for i in range(0, share, self.micro_batch_size)
-        ]
+        return [mine[i : i + self.micro_batch_size].tolist() for i in range(0, share, self.micro_batch_size)]
 
     def row_offset(self) -> int:
         """Row of this rank's first window within the global batch (for the mask noise)."""

@@ -139,9 +139,11 @@ def build_store(
     tmp.mkdir()
     try:
         num_tokens = num_windows = 0
-        with open(tmp / "tokens.bin", "wb") as tokens, open(tmp / "windows.bin", "wb") as windows, tqdm(
-            total=len(documents), desc=desc, unit="doc", dynamic_ncols=True
-        ) as progress:
+        with (
+            open(tmp / "tokens.bin", "wb") as tokens,
+            open(tmp / "windows.bin", "wb") as windows,
+            tqdm(total=len(documents), desc=desc, unit="doc", dynamic_ncols=True) as progress,
+        ):
             for batch in documents.iter(batch_size=DOCS_PER_BATCH):
                 encoded = tokenizer(
                     batch["text"],

@@ -22,13 +22,13 @@ from pathlib import Path
 from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import datasets
+import pyarrow.parquet as pq
 import torch
 
-from components.io import looks_like_local_path
 from components.data.mlm import round_up, step_generator
 from components.errors import TaskDataError
 from components.fingerprint import cache_root, file_digest, files_fingerprint
-import pyarrow.parquet as pq
+from components.io import looks_like_local_path
 
 log = logging.getLogger(__name__)
 
@@ -196,7 +196,10 @@ def _load_source_splits(
                 continue
             path = os.path.expanduser(str(path))
             found[split], where[split] = read_task_file(path, split, data, task_type), path
-        files = [{"name": f"data.source.{s}", "bytes": os.path.getsize(p), "sha256": file_digest(p)} for s, p in where.items()]
+        files = [
+            {"name": f"data.source.{s}", "bytes": os.path.getsize(p), "sha256": file_digest(p)}
+            for s, p in where.items()
+        ]
         return found, where, {"files": files}
     if not isinstance(source, (str, os.PathLike)):
         raise TaskDataError(
@@ -242,7 +245,11 @@ def _load_source_splits(
                 f"({type(e).__name__}: {e})"
             ) from e
         described = f"{source}/{hub_config}" if hub_config else source
-        fingerprint = {"hub": source, "config": hub_config, "fingerprints": {k: d._fingerprint for k, d in loaded.items()}}
+        fingerprint = {
+            "hub": source,
+            "config": hub_config,
+            "fingerprints": {k: d._fingerprint for k, d in loaded.items()},
+        }
 
         def name(split):
             return f"{described} {split}"
@@ -369,9 +376,7 @@ def _flat(values, per_item: bool):
     return (tag for tags in values if tags is not None for tag in tags)
 
 
-def _label_ids(
-    ds: datasets.Dataset, column: str, labels: Optional[LabelSet], task_type: str, where: str
-) -> List[Any]:
+def _label_ids(ds: datasets.Dataset, column: str, labels: Optional[LabelSet], task_type: str, where: str) -> List[Any]:
     """Per row: a class id, a float (regression) or a list of tag ids (NER)."""
     class_label = _class_label(ds, column)
     out: List[Any] = []
@@ -590,7 +595,9 @@ def load_task_data(data: Mapping, task: Mapping, tokenizer) -> TaskData:
     log.info(
         "Task data (%s): %s; labels %s",
         task_type,
-        ", ".join(f"{s} {len(d)} rows ({sources[s]}{'' if labelled[s] else ', unlabelled'})" for s, d in splits.items()),
+        ", ".join(
+            f"{s} {len(d)} rows ({sources[s]}{'' if labelled[s] else ', unlabelled'})" for s, d in splits.items()
+        ),
         label_set.names if label_set is not None else "none (regression)",
     )
     return TaskData(

@@ -32,8 +32,8 @@ from components.checkpointing.finetuned import (
 )
 from components.data.task_data import encode_inputs, TaskData
 from components.errors import CheckpointError
-from components.models.heads import TaskModel
 from components.inference.predict import predict
+from components.models.heads import TaskModel
 
 
 class MultiTaskModel:
@@ -52,7 +52,9 @@ class MultiTaskModel:
         self.encoder.to(self.device).eval()
         # the base's own adapters, restored for every task (or iteration) a set has none for
         self.base_adapters = {
-            f"encoder.{k}": v.detach().clone() for k, v in self.encoder.state_dict().items() if k.startswith("adapters.")
+            f"encoder.{k}": v.detach().clone()
+            for k, v in self.encoder.state_dict().items()
+            if k.startswith("adapters.")
         }
         self.tasks: Dict[str, Dict[str, Any]] = {}
         self._active: Optional[str] = None  # the task whose adapters the encoder holds
@@ -72,7 +74,9 @@ class MultiTaskModel:
                     f"(encoder.adapters.*; {self.base_name} has {len(self.base_adapters)}) and head tensors (head.*)"
                 )
             if tensor.shape != allowed[key].shape:
-                raise CheckpointError(f"{where}: {key} has shape {tuple(tensor.shape)}, the base needs {tuple(allowed[key].shape)}")
+                raise CheckpointError(
+                    f"{where}: {key} has shape {tuple(tensor.shape)}, the base needs {tuple(allowed[key].shape)}"
+                )
         missing = sorted(set(head_state) - set(tensors))
         if missing:
             raise CheckpointError(f"{where} lacks the head tensors {missing}")
@@ -122,9 +126,15 @@ class MultiTaskModel:
             task_type=model.task_type,
             label_names=task["label_names"],
             label_values=task["label_values"],
-            splits={"inputs": encode_inputs(inputs, self.tokenizer, model.task_type, task["input"] == "pair", task["max_length"])},
+            splits={
+                "inputs": encode_inputs(
+                    inputs, self.tokenizer, model.task_type, task["input"] == "pair", task["max_length"]
+                )
+            },
             labelled={"inputs": False},
             sources={"inputs": "MultiTaskModel.predict"},
         )
-        rows, _ = predict(model, data.splits["inputs"], data, batch_size, self.tokenizer.pad_token_id, device=self.device)
+        rows, _ = predict(
+            model, data.splits["inputs"], data, batch_size, self.tokenizer.pad_token_id, device=self.device
+        )
         return [prediction for _, prediction in rows]

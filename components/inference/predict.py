@@ -3,14 +3,14 @@ with the task's metrics when the rows carry labels; and the prediction files run
 
 import contextlib
 import csv
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import torch
 from tqdm import tqdm
 
-from components.data.task_data import num_batches, per_word, TaskData, task_batches
-from components.models.heads import TaskModel
+from components.data.task_data import num_batches, per_word, task_batches, TaskData
 from components.inference.task_metrics import compute_metrics
+from components.models.heads import TaskModel
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 
@@ -27,7 +27,7 @@ def predict(
     batch_size: int,
     pad_token_id: int,
     pad_to_multiple_of: int = 8,
-    device: torch.device = torch.device("cpu"),
+    device: Union[str, torch.device] = "cpu",
     autocast: Optional[Callable] = None,
     progress: bool = False,
 ) -> Tuple[List[Tuple[int, Any]], Optional[Dict[str, float]]]:
@@ -42,7 +42,14 @@ def predict(
     rows: List[Tuple[int, Any]] = []
     predicted, references = [], []
     batches = task_batches(dataset, batch_size, pad_token_id, pad_to_multiple_of, shuffle=False, seed=0, epoch=0)
-    for batch in tqdm(batches, total=num_batches(dataset, batch_size), desc="predict", leave=False, dynamic_ncols=True, disable=not progress):
+    for batch in tqdm(
+        batches,
+        total=num_batches(dataset, batch_size),
+        desc="predict",
+        leave=False,
+        dynamic_ncols=True,
+        disable=not progress,
+    ):
         with autocast() if autocast is not None else contextlib.nullcontext():
             out = model.predict(model(*model_inputs(batch, device))).cpu()
         index = batch["index"].tolist()
@@ -51,7 +58,9 @@ def predict(
             rows += [(i, t + ["O"] * (n - len(t))) for i, t, n in zip(index, tags, batch["num_words"].tolist())]
             predicted += tags
             if "labels" in batch:
-                references += [[task.label_names[i] for i in s] for s in per_word(batch["labels"], batch["word_starts"])]
+                references += [
+                    [task.label_names[i] for i in s] for s in per_word(batch["labels"], batch["word_starts"])
+                ]
         elif task.task_type == "regression":
             rows += list(zip(index, out.tolist()))
             predicted += out.tolist()
@@ -76,5 +85,3 @@ def write_predictions(file, rows: List[Tuple[int, Any]], task_type: str) -> None
         elif task_type == "regression":
             prediction = f"{prediction:.6g}"
         writer.writerow([index, prediction])
-
-

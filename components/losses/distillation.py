@@ -33,7 +33,9 @@ from components.losses.terms import (
 from components.models.output import EncoderOutput, EncoderSpec
 
 TERMS = ("mlm", "output", "hidden", "attention", "embedding", "feature_map", "feature_mean", "feature_variance")
-LossTerm = Literal["mlm", "output", "hidden", "attention", "embedding", "feature_map", "feature_mean", "feature_variance"]
+LossTerm = Literal[
+    "mlm", "output", "hidden", "attention", "embedding", "feature_map", "feature_mean", "feature_variance"
+]
 # terms summed over the (active) layer map
 LAYER_TERMS = ("hidden", "attention", "feature_map", "feature_mean", "feature_variance")
 
@@ -63,9 +65,7 @@ def resolve_layer_map(layer_map: LayerMap, num_student: int, num_teacher: int) -
     else:
         layer_map = list(layer_map)
         if len(layer_map) != num_student:
-            raise ValueError(
-                f"layer_map lists {len(layer_map)} teacher layers for a student with {num_student} layers"
-            )
+            raise ValueError(f"layer_map lists {len(layer_map)} teacher layers for a student with {num_student} layers")
         pairs = [(i, int(t)) for i, t in enumerate(layer_map, start=1) if t is not None]
     for s, t in pairs:
         if not 1 <= s <= num_student:
@@ -234,7 +234,10 @@ class DistillationLoss(nn.Module):
             if term == "attention":
                 pairs = ((student.attentions[s], teacher.attentions[t]) for s, t in self.active_layer_map)
             else:
-                pairs = ((self.project(student.hidden_states[s], s), teacher.hidden_states[t]) for s, t in self.active_layer_map)
+                pairs = (
+                    (self.project(student.hidden_states[s], s), teacher.hidden_states[t])
+                    for s, t in self.active_layer_map
+                )
             sums[term] = sum(loss(s, t, attention_mask, "sum") for s, t in pairs) / max(num_tokens, 1)
         if w["embedding"]:
             sums["embedding"] = self.hidden(

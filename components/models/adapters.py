@@ -36,9 +36,7 @@ class BottleneckAdapter(nn.Module):
     ):
         super().__init__()
         if hidden_size % reduction_factor:
-            raise ValueError(
-                f"adapter reduction_factor {reduction_factor} does not divide hidden_size {hidden_size}"
-            )
+            raise ValueError(f"adapter reduction_factor {reduction_factor} does not divide hidden_size {hidden_size}")
         bottleneck = hidden_size // reduction_factor
         self.down = nn.Linear(hidden_size, bottleneck)
         self.up = nn.Linear(bottleneck, hidden_size)
@@ -50,19 +48,12 @@ class BottleneckAdapter(nn.Module):
         return self.norm(x) if self.norm is not None else x
 
 
-def adapter_set(
-    placement: str, hidden_size: int, reduction_factor: int, activation: str = "gelu"
-) -> nn.ModuleDict:
+def adapter_set(placement: str, hidden_size: int, reduction_factor: int, activation: str = "gelu") -> nn.ModuleDict:
     """The adapters of one layer application, keyed by their ``TransformerLayer`` site."""
     try:
         sites, layer_norm = PLACEMENTS[placement]
     except KeyError:
-        raise ValueError(
-            f"Unknown adapter placement {placement!r}; choose one of {sorted(PLACEMENTS)}"
-        ) from None
+        raise ValueError(f"Unknown adapter placement {placement!r}; choose one of {sorted(PLACEMENTS)}") from None
     return nn.ModuleDict(
-        {
-            site: BottleneckAdapter(hidden_size, reduction_factor, activation, layer_norm)
-            for site in sites
-        }
+        {site: BottleneckAdapter(hidden_size, reduction_factor, activation, layer_norm) for site in sites}
     )

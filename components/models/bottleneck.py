@@ -27,9 +27,9 @@ from components.models.layers import (
     apply_mlm_head,
     attend,
     attention_bias,
-    segment_positions,
     get_activation,
     init_weights,
+    segment_positions,
 )
 from components.models.output import EncoderOutput, EncoderSpec
 from components.models.presets import preset
@@ -94,9 +94,7 @@ class BottleneckEmbeddings(nn.Module):
         self.word_embeddings = nn.Embedding(vocab_size, embedding_size, padding_idx=pad_token_id)
         in_size = 3 * embedding_size if trigram_input else embedding_size
         self.projection = (
-            nn.Linear(in_size, hidden_size)
-            if trigram_input or embedding_size != hidden_size
-            else nn.Identity()
+            nn.Linear(in_size, hidden_size) if trigram_input or embedding_size != hidden_size else nn.Identity()
         )
         self.position_embeddings = nn.Embedding(max_position_embeddings, hidden_size)
         self.token_type_embeddings = nn.Embedding(type_vocab_size, hidden_size)
@@ -138,9 +136,7 @@ class BottleneckAttention(nn.Module):
     """Multi-head attention whose queries/keys and values may come from different inputs and
     widths; everything inside is ``size`` (the intra-block width) wide."""
 
-    def __init__(
-        self, query_key_in: int, value_in: int, size: int, num_heads: int, dropout: float
-    ):
+    def __init__(self, query_key_in: int, value_in: int, size: int, num_heads: int, dropout: float):
         super().__init__()
         self.query = nn.Linear(query_key_in, size)
         self.key = nn.Linear(query_key_in, size)
@@ -350,14 +346,10 @@ class BottleneckEncoder(nn.Module):
     ):
         super().__init__()
         if normalization not in NORMALIZATIONS:
-            raise ValueError(
-                f"Unknown normalization {normalization!r}; choose one of {list(NORMALIZATIONS)}"
-            )
+            raise ValueError(f"Unknown normalization {normalization!r}; choose one of {list(NORMALIZATIONS)}")
         get_activation(activation)  # raises for an unknown name
         if intra_bottleneck_size % num_heads:
-            raise ValueError(
-                f"intra_bottleneck_size {intra_bottleneck_size} is not divisible by num_heads {num_heads}"
-            )
+            raise ValueError(f"intra_bottleneck_size {intra_bottleneck_size} is not divisible by num_heads {num_heads}")
         for name, value in dict(
             num_layers=num_layers,
             num_feedforward_networks=num_feedforward_networks,
@@ -366,9 +358,7 @@ class BottleneckEncoder(nn.Module):
             if value < 1:
                 raise ValueError(f"{name} must be at least 1, got {value}")
         if mlm_head and embedding_size > hidden_size:
-            raise ValueError(
-                f"The MLM head needs embedding_size <= hidden_size, got {embedding_size} > {hidden_size}"
-            )
+            raise ValueError(f"The MLM head needs embedding_size <= hidden_size, got {embedding_size} > {hidden_size}")
         # Everything needed to rebuild this model; saved next to exported weights.
         self.config = dict(
             vocab_size=vocab_size,
@@ -422,9 +412,7 @@ class BottleneckEncoder(nn.Module):
             for _ in range(num_layers)
         )
         self.mlm_head = (
-            BottleneckMLMHead(hidden_size, embedding_size, vocab_size, activation, layer_norm_eps)
-            if mlm_head
-            else None
+            BottleneckMLMHead(hidden_size, embedding_size, vocab_size, activation, layer_norm_eps) if mlm_head else None
         )
         self.activation_checkpointing = False
         self.reset_parameters()

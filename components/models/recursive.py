@@ -108,9 +108,7 @@ class RecursiveEncoder(nn.Module):
             layer_norm_eps=layer_norm_eps,
             dropout=dropout,
         )
-        self.projector = (
-            nn.Linear(embedding_size, hidden_size) if embedding_size != hidden_size else nn.Identity()
-        )
+        self.projector = nn.Linear(embedding_size, hidden_size) if embedding_size != hidden_size else nn.Identity()
         self.layer = TransformerLayer(
             hidden_size,
             num_heads,
@@ -122,16 +120,13 @@ class RecursiveEncoder(nn.Module):
         )
         self.adapters = (
             nn.ModuleList(
-                adapter_set(adapter_placement, hidden_size, adapter_reduction_factor)
-                for _ in range(num_iterations)
+                adapter_set(adapter_placement, hidden_size, adapter_reduction_factor) for _ in range(num_iterations)
             )
             if adapter_placement
             else None
         )
         self.mlm_head = (
-            MLMHead(hidden_size, mlm_head_size, vocab_size, activation, layer_norm_eps)
-            if mlm_head
-            else None
+            MLMHead(hidden_size, mlm_head_size, vocab_size, activation, layer_norm_eps) if mlm_head else None
         )
         self.num_iterations = num_iterations
         self.activation_checkpointing = False
@@ -192,9 +187,7 @@ class RecursiveEncoder(nn.Module):
             adapters = self.adapters[i - 1] if self.adapters is not None else None
             need_probs = i in attention_layers
             if self.activation_checkpointing and self.training:
-                x, probs = checkpoint(
-                    self.layer, x, bias, adapters, need_probs, use_reentrant=False
-                )
+                x, probs = checkpoint(self.layer, x, bias, adapters, need_probs, use_reentrant=False)
             else:
                 x, probs = self.layer(x, bias, adapters, need_probs)
             hidden_states.append(x)

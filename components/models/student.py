@@ -7,6 +7,7 @@ Both families shipped implement it: :class:`~components.models.recursive.Recursi
 (MiniALBERT) and :class:`~components.models.bottleneck.BottleneckEncoder` (MobileBERT).
 """
 
+import logging
 from typing import Any, Collection, Dict, List, Optional, Protocol, runtime_checkable
 
 import torch
@@ -14,7 +15,6 @@ from torch import nn
 
 from components.errors import ConfigError
 from components.models.output import EncoderOutput, EncoderSpec
-import logging
 
 
 @runtime_checkable
@@ -62,7 +62,11 @@ class Student(Protocol):
 
 def check_student(model: Any, where: str = "student") -> None:
     """A clear error when a builder returned something that is not a :class:`Student`."""
-    missing = [name for name in ("config", "spec", "activation_checkpointing", "adapter_parameters") if not hasattr(model, name)]
+    missing = [
+        name
+        for name in ("config", "spec", "activation_checkpointing", "adapter_parameters")
+        if not hasattr(model, name)
+    ]
     if not isinstance(model, nn.Module) or missing:
         raise ConfigError(
             f"{where}: {type(model).__name__} is not a student (an nn.Module with config, spec, "
@@ -91,13 +95,17 @@ def copy_teacher_embeddings(student: nn.Module, teacher: nn.Module) -> List[str]
                 tensor.copy_(source.to(tensor.dtype))
                 copied.append(name)
             else:
-                skipped.append(f"{name} {tuple(tensor.shape)} (teacher: {tuple(source.shape) if source is not None else 'none'})")
+                skipped.append(
+                    f"{name} {tuple(tensor.shape)} (teacher: {tuple(source.shape) if source is not None else 'none'})"
+                )
     if not copied:
         raise ConfigError(
             "copy_teacher_embeddings: no embedding of the student has the teacher's name and shape: "
             + "; ".join(skipped)
         )
     logging.getLogger(__name__).info(
-        "Copied the teacher's %s into the student%s", ", ".join(copied), f"; not {', '.join(skipped)}" if skipped else ""
+        "Copied the teacher's %s into the student%s",
+        ", ".join(copied),
+        f"; not {', '.join(skipped)}" if skipped else "",
     )
     return copied

@@ -1,4 +1,5 @@
 """Quantisation: the schemes' numerics, quantisation-aware training, and the int8 export."""
+
 from components.quantization.qat import convert_qat, is_prepared, prepare_qat, set_fake_quantize
 from components.quantization.schemes import get_scheme, Scheme, SCHEME_NAMES, SCHEMES
 

@@ -62,7 +62,9 @@ def _run_onnx(path: Path, names: Sequence[str], inputs) -> List[np.ndarray]:
     return session.run(None, {name: t.numpy() for name, t in zip(names, inputs)})
 
 
-def _differences(outputs: List[np.ndarray], reference: List[np.ndarray], names: Sequence[str], mask: np.ndarray) -> Dict:
+def _differences(
+    outputs: List[np.ndarray], reference: List[np.ndarray], names: Sequence[str], mask: np.ndarray
+) -> Dict:
     """Max |difference| per output at real tokens, and the mean cosine of the hidden states."""
     report = {name: float(np.abs(a - b)[mask].max()) for name, a, b in zip(names, outputs, reference)}
     a, b = outputs[0][mask], reference[0][mask]
@@ -71,9 +73,7 @@ def _differences(outputs: List[np.ndarray], reference: List[np.ndarray], names: 
     return report
 
 
-def export_quantized(
-    student: torch.nn.Module, folder: Path, scheme: Scheme, batch: Dict[str, torch.Tensor]
-) -> Dict:
+def export_quantized(student: torch.nn.Module, folder: Path, scheme: Scheme, batch: Dict[str, torch.Tensor]) -> Dict:
     """Write ``model.onnx`` and ``model.pt2`` for ``student`` under ``folder``; return the
     measurements (max differences at non-padding tokens) for ``export.json``."""
     folder = Path(folder)

@@ -162,7 +162,9 @@ def quantize_embedding_gather(model, table_name: str) -> None:
         new = [
             helper.make_node("Gather", [table_name + "_int8", ids], [out + "_int8"], name=node.name + "_int8", axis=0),
             helper.make_node("Cast", [out + "_int8"], [out + "_rows"], name=node.name + "_cast", to=TensorProto.FLOAT),
-            helper.make_node("Gather", [table_name + "_scale", ids], [out + "_scales"], name=node.name + "_scales", axis=0),
+            helper.make_node(
+                "Gather", [table_name + "_scale", ids], [out + "_scales"], name=node.name + "_scales", axis=0
+            ),
             helper.make_node("Mul", [out + "_rows", out + "_scales"], [out], name=node.name + "_dequantize"),
         ]
         for offset, n in enumerate(new):

@@ -20,9 +20,9 @@ from torch import nn
 
 from components.quantization.schemes import (
     EMBEDDING_BITS,
-    group_for,
     fake_quantize_activation,
     fake_quantize_weight,
+    group_for,
     Scheme,
 )
 

@@ -18,13 +18,13 @@ from pathlib import Path
 from typing import Iterator, List
 
 import torch
-
-from components.io import atomic_directory, atomic_file, check_write_path
 from tokenizers import BertWordPieceTokenizer
 from transformers import BertConfig, BertForMaskedLM, BertTokenizerFast
+
 from components.checkpointing.teacher import hf_teacher
 from components.data.corpus import special_tokens_template, window_starts
 from components.data.mlm import MLMMasker, pad_batch, step_generator
+from components.io import atomic_directory, atomic_file, check_write_path
 
 log = logging.getLogger(__name__)
 
@@ -97,10 +97,7 @@ def _pretrain_teacher(model, tokenizer, documents: List[str], steps: int, seed: 
     body = 62
     windows = []
     for ids in tokenizer(documents, add_special_tokens=False, verbose=False)["input_ids"]:
-        windows += [
-            prefix + ids[s : s + body] + suffix
-            for s in window_starts(len(ids), body, body)
-        ]
+        windows += [prefix + ids[s : s + body] + suffix for s in window_starts(len(ids), body, body)]
     masker = MLMMasker(tokenizer)
     optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.01)
     model.train()
@@ -120,9 +117,7 @@ def _pretrain_teacher(model, tokenizer, documents: List[str], steps: int, seed: 
     model.eval()
 
 
-def ensure_smoke_assets(
-    assets_dir: str, vocab_size: int = 2000, pretrain_steps: int = 300, seed: int = 0
-) -> Path:
+def ensure_smoke_assets(assets_dir: str, vocab_size: int = 2000, pretrain_steps: int = 300, seed: int = 0) -> Path:
     """Build the corpus and the tiny teacher under ``assets_dir`` unless they exist."""
     root = Path(assets_dir)
     corpus, teacher = root / "corpus.jsonl", root / "teacher"

@@ -54,9 +54,25 @@ POSITIVE = ("valid", "correct", "success", "successful", "safe", "allowed", "sup
 NEGATIVE = ("invalid", "error", "failure", "fail", "deprecated", "unsafe", "disabled", "warning", "exception")
 # Planted entities: module names (some two words long, giving B-/I- tags) and builtin functions.
 MODULES = (
-    "os", "sys", "json", "socket", "pickle", "logging", "subprocess", "datetime", "decimal",
-    "threading", "hashlib", "asyncio", "os path", "http client", "email parser", "unittest mock",
-    "logging handlers", "xml etree", "concurrent futures",
+    "os",
+    "sys",
+    "json",
+    "socket",
+    "pickle",
+    "logging",
+    "subprocess",
+    "datetime",
+    "decimal",
+    "threading",
+    "hashlib",
+    "asyncio",
+    "os path",
+    "http client",
+    "email parser",
+    "unittest mock",
+    "logging handlers",
+    "xml etree",
+    "concurrent futures",
 )
 FUNCTIONS = ("getattr", "isinstance", "hasattr", "repr", "len", "sorted", "enumerate")
 
@@ -222,9 +238,7 @@ def _build(kind: str, paths: Dict[str, Path], seed: int) -> None:
             _write_conll(paths[split], _ner_rows(rng, sentences))
 
 
-def smoke_task(
-    assets_dir: str, kind: Literal["sst2", "mrpc", "stsb", "ner"] = "sst2", seed: int = 0
-) -> Dict[str, str]:
+def smoke_task(assets_dir: str, kind: Literal["sst2", "mrpc", "stsb", "ner"] = "sst2", seed: int = 0) -> Dict[str, str]:
     """SMOKE RUN: {"train", "validation", "test"} -> file of a tiny synthetic task, built once.
 
     ``sst2``: sentence + 0/1 label from one inserted positive/negative word (.tsv; the test file

@@ -43,17 +43,31 @@ class ReferenceLoop:
         loss: ``"minialbert"`` or ``"layers"`` (see the module docstring).
     """
 
-    def __init__(self, teacher_dir: str, student_dir: str, batch, loss: str, lr: float = 5e-4,
-                 weight_decay: float = 1e-4, clip: float = 1.0):
+    def __init__(
+        self,
+        teacher_dir: str,
+        student_dir: str,
+        batch,
+        loss: str,
+        lr: float = 5e-4,
+        weight_decay: float = 1e-4,
+        clip: float = 1.0,
+    ):
         if loss not in (MINIALBERT, LAYERS):
             raise ValueError(f"loss must be {MINIALBERT!r} or {LAYERS!r}, got {loss!r}")
         heads = loss == MINIALBERT
         no_pooler = {} if heads else {"add_pooling_layer": False}  # a pooler is not distilled
-        self.teacher = (BertForMaskedLM if heads else BertModel).from_pretrained(
-            teacher_dir, attn_implementation="eager", **no_pooler).eval()
+        self.teacher = (
+            (BertForMaskedLM if heads else BertModel)
+            .from_pretrained(teacher_dir, attn_implementation="eager", **no_pooler)
+            .eval()
+        )
         self.teacher.requires_grad_(False)
-        self.student = (AlbertForMaskedLM if heads else AlbertModel).from_pretrained(
-            student_dir, attn_implementation="eager", **no_pooler).train()
+        self.student = (
+            (AlbertForMaskedLM if heads else AlbertModel)
+            .from_pretrained(student_dir, attn_implementation="eager", **no_pooler)
+            .train()
+        )
         assert self.student.config.num_hidden_groups == 1
         self.batch, self.kind, self.clip = batch, loss, clip
         n_t, n_s = self.teacher.config.num_hidden_layers, self.student.config.num_hidden_layers
@@ -64,13 +78,15 @@ class ReferenceLoop:
         no_decay = [p for n, p in named if p.ndim <= 1]
         self.params = decay + no_decay
         self.optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=lr)
+            [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=lr
+        )
 
     def loss(self) -> Dict[str, torch.Tensor]:
         """``{"total": ..., term: ...}`` on the batch."""
         b = self.batch
-        kwargs = dict(input_ids=b.input_ids, attention_mask=b.attention_mask, output_hidden_states=True,
-                      output_attentions=True)
+        kwargs = dict(
+            input_ids=b.input_ids, attention_mask=b.attention_mask, output_hidden_states=True, output_attentions=True
+        )
         s_out = self.student(**kwargs, **({"labels": b.labels} if self.kind == MINIALBERT else {}))
         with torch.no_grad():
             t_out = self.teacher(**kwargs)

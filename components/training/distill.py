@@ -97,7 +97,9 @@ def step_batches(
     for indices in sampler.next_step():
         padded = pad_batch(windows[indices]["input_ids"], pad_token_id, pad_to_multiple_of, max_length)
         length = padded["input_ids"].shape[1]
-        inputs, labels = masker(padded["input_ids"], padded["attention_mask"], noise.rows(row, row + len(indices), length))
+        inputs, labels = masker(
+            padded["input_ids"], padded["attention_mask"], noise.rows(row, row + len(indices), length)
+        )
         batch = MaskedBatch(inputs, padded["attention_mask"], labels)
         batches.append(pack_batch(batch, pad_token_id) if pack else batch)
         row += len(indices)

@@ -25,7 +25,9 @@ class TensorBoardSink:
     def __init__(self, log_dir: Path, purge_step: Optional[int] = None):
         from torch.utils.tensorboard import SummaryWriter
 
-        self.writer = SummaryWriter(log_dir=str(check_write_path(Path(log_dir), "TensorBoard logs")), purge_step=purge_step)
+        self.writer = SummaryWriter(
+            log_dir=str(check_write_path(Path(log_dir), "TensorBoard logs")), purge_step=purge_step
+        )
 
     def log_dict(self, payload: Mapping[str, float], step: int) -> None:
         for name, value in payload.items():

@@ -35,8 +35,8 @@ from datetime import timedelta
 from typing import Any, Iterator, List, Optional, Sequence
 
 import torch
-from torch import nn
 import torch.distributed as dist
+from torch import nn
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 from torch.distributed.checkpoint.state_dict import (
     get_model_state_dict,
@@ -48,6 +48,7 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
+
 from components.errors import ConfigError
 
 

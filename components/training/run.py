@@ -39,7 +39,6 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from components.io import atomic_file, lock_output_dir, recover_interrupted_writes, set_write_root
 from components.checkpointing.resume import (
     checkpoint_path,
     checkpoints_dir,
@@ -48,9 +47,10 @@ from components.checkpointing.resume import (
     load_latest_checkpoint,
     save_checkpoint,
 )
+from components.config import config_differences, instantiate
 from components.errors import CheckpointError, ConfigError, MissingDependencyError, RunInterrupted, UserError
 from components.fingerprint import fingerprint_differences
-from components.config import config_differences, instantiate
+from components.io import atomic_file, lock_output_dir, recover_interrupted_writes, set_write_root
 from components.training.metrics import MetricLogger, peak_memory_stats
 
 log = logging.getLogger(__name__)
@@ -169,7 +169,9 @@ class Run:
             left.append("metrics.jsonl")
         if (out / "tensorboard").is_dir() and any((out / "tensorboard").iterdir()):
             left.append("tensorboard/")
-        damaged = sorted(p.name for p in checkpoints_dir(out).glob("damaged-*")) if checkpoints_dir(out).is_dir() else []
+        damaged = (
+            sorted(p.name for p in checkpoints_dir(out).glob("damaged-*")) if checkpoints_dir(out).is_dir() else []
+        )
         left += [f"checkpoints/{name} (damaged)" for name in damaged]
         return left
 
@@ -250,7 +252,9 @@ class Run:
             raise ConfigError(
                 "The ranks disagree before step 1: "
                 + "; ".join(f"rank {rank} differs from rank 0 in {', '.join(keys)}" for rank, keys in reports)
-                + "." + mine + " Every rank must see the same config, corpus and teacher (shared files, same versions)"
+                + "."
+                + mine
+                + " Every rank must see the same config, corpus and teacher (shared files, same versions)"
             )
 
     def resumed(self, path: Path, state: Dict[str, Any]) -> int:
@@ -326,7 +330,9 @@ class Run:
             "world_size": self.parallel.world_size,
             "config": OmegaConf.to_container(self.cfg),
             "fingerprints": self.fingerprints,
-            "rng": [{k: v.cpu() if v is not None else None for k, v in r.items()} for r in self.parallel.gather_objects(rng)],
+            "rng": [
+                {k: v.cpu() if v is not None else None for k, v in r.items()} for r in self.parallel.gather_objects(rng)
+            ],
         }
         keep = self.cfg.keep_last_n_checkpoints
         self.on_main(lambda: save_checkpoint(self.output_dir, step, state, keep))

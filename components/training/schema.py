@@ -4,8 +4,8 @@ this file). Checked by :func:`components.config.check_config` before a run start
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Literal, Optional
 
-from components.quantization.schemes import SCHEME_NAMES
 from components.config import bounded, Component, component_field
+from components.quantization.schemes import SCHEME_NAMES
 from components.training.stages import StageConfig
 
 

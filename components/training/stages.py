@@ -16,14 +16,13 @@ import fnmatch
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
+from omegaconf import OmegaConf
 from torch import nn
 
-from components.losses.distillation import LossTerm
-from components.config import bounded
-from omegaconf import OmegaConf
-from components.config import config_section, instantiate
+from components.config import bounded, config_section, instantiate
 from components.errors import ConfigError
-from components.losses.distillation import MOBILEBERT_WEIGHTS
+from components.losses.distillation import LossTerm, MOBILEBERT_WEIGHTS
+
 
 @dataclass
 class StageConfig:
@@ -110,8 +109,7 @@ def check_stage_patterns(configs: Optional[Sequence[Mapping]], names: Sequence[s
                 if not any(fnmatch.fnmatchcase(n, pattern) for n in names):
                     prefixes = sorted({n.split(".")[0] + "." + n.split(".")[1] for n in names if n.count(".") > 1})
                     raise ValueError(
-                        f"stages[{i}].{key}: {pattern!r} matches no parameter "
-                        f"(names start with {prefixes})"
+                        f"stages[{i}].{key}: {pattern!r} matches no parameter (names start with {prefixes})"
                     )
 
 
@@ -151,7 +149,9 @@ def progressive_stages(
         during, after: learning-rate multipliers of layer k during and after its phase.
     """
     if num_layers < 1 or steps_per_layer < 1:
-        raise ValueError(f"progressive_stages needs num_layers >= 1 and steps_per_layer >= 1, got {num_layers}, {steps_per_layer}")
+        raise ValueError(
+            f"progressive_stages needs num_layers >= 1 and steps_per_layer >= 1, got {num_layers}, {steps_per_layer}"
+        )
     if "{index}" not in layer_parameters:
         raise ValueError(f"layer_parameters must contain '{{index}}' (the 0-based layer), got {layer_parameters!r}")
     layer_weights = dict(MOBILEBERT_WEIGHTS if layer_weights is None else layer_weights)
