@@ -193,7 +193,7 @@ def test_parameter_counts(builder, body, with_head):
         hf_config = MobileBertConfig(**mobilebert_config_kwargs(student.config))
         hf_body = MobileBertModel(hf_config, add_pooling_layer=False)
         hf_full = MobileBertForMaskedLM(hf_config)
-    assert count(student) == body  # MOBILEBERT-HF.md's hand counts
+    assert count(student) == body  # counted by hand: embeddings + 24 blocks (the builders' docstrings)
     assert count(student) == sum(p.numel() for p in hf_body.parameters())
     assert count(student, with_head=True) == with_head == sum(p.numel() for p in hf_full.parameters())
     assert count(student.embeddings) == 4_368_128

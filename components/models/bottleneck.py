@@ -497,7 +497,7 @@ def mobilebert():
     transformers' ``MobileBertModel`` without its pooler; 36,596,538 with the head (the tied
     decoder counted once; the head's ``[384, 30522]`` decoder is 11.7M of it). The paper's
     25.3M is 0.72M (about 3%) above the body and far below body + head; it is a rounded figure
-    counted some other way, so MOBILEBERT-HF.md's hand count is the check, not the paper's.
+    counted some other way, so transformers' own count is the check (tests/test_mobilebert.py).
     """
 
 
@@ -515,7 +515,7 @@ def mobilebert_tiny():
     15,485,696 parameters without the MLM head (embeddings 4,368,128 + 24 x 463,232), exactly
     transformers' ``MobileBertModel`` with these flags; 27,500,346 with the head. The paper's
     15.1M is 0.39M (about 2.5%) below the body (while its 25.3M for MobileBERT is above it):
-    the paper counts differently, the hand count in MOBILEBERT-HF.md is the check.
+    the paper counts differently; transformers' own count is the check (tests/test_mobilebert.py).
     """
 
 
