@@ -266,6 +266,18 @@ def instantiate_target(node) -> Callable:
     return _locate(node["_component_"], str(node["_component_"]))
 
 
+def accepts(node, argument: str) -> bool:
+    """Whether the ``_component_`` of a config section takes ``argument``."""
+    return argument in inspect.signature(instantiate_target(node)).parameters
+
+
+def missing_arguments(node, values: Mapping[str, Any]) -> Dict[str, Any]:
+    """The entries of ``values`` that the ``_component_`` of a config section takes and the
+    section leaves out: what a recipe provides unless the config says otherwise (a student
+    builder's ``vocab_size`` from the teacher, say; a loaded student brings its own)."""
+    return {key: value for key, value in values.items() if accepts(node, key) and key not in node}
+
+
 def instantiate(node, *args, **kwargs):
     """Call the ``_component_`` of a config section with its arguments, plus ``args`` and
     ``kwargs`` from the recipe (which take precedence). Values are plain Python objects, so

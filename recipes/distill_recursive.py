@@ -9,7 +9,6 @@ and reproduces the losses of an uninterrupted run. The student lands in
 ``<output_dir>/student/``, TensorBoard events in ``<output_dir>/tensorboard/``.
 """
 
-import inspect
 import logging
 import sys
 import time
@@ -23,7 +22,7 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from components.checkpointing import save_student
-from components.config import check_config, config_section, instantiate, instantiate_target, parse
+from components.config import accepts, check_config, config_section, instantiate, missing_arguments, parse
 from components.data import build_windows, GlobalBatchSampler, MLMMasker
 from components.errors import CheckpointError, ConfigError, NonFiniteLossError
 from components.models.student import check_student, copy_teacher_embeddings
@@ -31,10 +30,9 @@ from components.quantization import get_scheme, prepare_qat, set_fake_quantize
 from components.training.distill import distill_step, Evaluator, step_batches
 from components.training.parallel import bf16_cpu_warning, resolve_device, SingleDevice
 from components.training.run import configure_logging, execute, Run
-from components.training.schema import DistillConfig
+from components.training.schema import check_distill_setup, DistillConfig
 from components.training.stages import (
     apply_trainable,
-    check_stage_patterns,
     expand_stages,
     group_lambdas,
     param_groups,
@@ -66,6 +64,7 @@ class DistillRecursiveRecipe:
             raise ConfigError(f"dtype=bf16 but {torch.cuda.get_device_name(self.device)} does not support bf16")
         self.seed = self.cfg.seed
         self.step = 0  # optimizer steps completed
+        self.stop_agreed = False  # every rank stops after the current step
         self.run = Run(self.cfg, self.parallel, MUST_MATCH_ON_RESUME, MAY_CHANGE_ON_RESUME, outputs=("student",))
 
     def make_parallel(self) -> SingleDevice:
@@ -79,10 +78,6 @@ class DistillRecursiveRecipe:
     def setup(self) -> None:
         cfg = self.cfg
         resume = self.run.start()
-        # (steps, epochs) the resumed run began with: an epochs-based schedule keeps its length
-        self.began_with = (
-            None if resume is None else (resume[1].get("max_steps"), (resume[1].get("config") or {}).get("epochs"))
-        )
         torch.manual_seed(self.seed)  # the same student on every rank
 
         with self.parallel.main_first():  # rank 0, then each node's first rank, build any files (smoke assets)
@@ -102,31 +97,8 @@ class DistillRecursiveRecipe:
         # what trains, under the names stages and checkpoints use: student.*, loss.*
         self.trainable = torch.nn.ModuleDict({"student": self.student, "loss": self.loss_fn})
         stage_configs = OmegaConf.to_container(cfg.stages) if cfg.stages else None
-        with config_section("stages"):
-            check_stage_patterns(stage_configs, [n for n, _ in self.trainable_named_parameters()])
-            for stage in stage_configs or []:  # fail now, not hours in, on a stage that cannot work
-                self.loss_fn.check_weights(stage.get("loss_weights") or self.default_weights)
-                self.loss_fn.check_layers(stage.get("layers"))
-        if cfg.data.mlm_probability == 0:
-            for stage in stage_configs or [{"name": "the run", "loss_weights": None}]:
-                weights = stage.get("loss_weights") or self.default_weights
-                needs_masks = [term for term in ("mlm", "output") if weights.get(term)]
-                if needs_masks:
-                    raise ConfigError(
-                        f"data.mlm_probability=0 masks no token, but {stage['name']!r} weights the {' and '.join(needs_masks)} "
-                        "term, which is computed at masked positions. Set those weights to 0 (hidden-state and attention "
-                        "distillation need no masks) or mask tokens"
-                    )
-        if cfg.data.pack and self.loss_fn.attention.reduction_over == "element":
-            raise ConfigError(
-                "data.pack=true with loss.attention_reduction=element: that reduction divides by the padded row "
-                "length, which packing changes. Use attention_reduction=distribution or data.pack=false"
-            )
-        if cfg.data.pack and self.student.config.get("trigram_input"):
-            raise ConfigError(
-                "data.pack=true with a trigram-input student: its first and last tokens would read the neighbouring "
-                "windows' tokens. Set data.pack=false or student.trigram_input=false"
-            )
+        names = [n for n, _ in self.trainable_named_parameters()]
+        check_distill_setup(cfg, stage_configs, names, self.loss_fn, self.student)
         log.info(
             "Teacher %s: %d layers, hidden %d. Student: %s, %.2fM parameters (%.2fM without the MLM head)",
             self.teacher.name,
@@ -173,7 +145,7 @@ class DistillRecursiveRecipe:
     def _build_teacher(self) -> torch.nn.Module:
         if self.parallel.shard_teacher is None:
             return instantiate(self.cfg.teacher)
-        if "shard" not in inspect.signature(instantiate_target(self.cfg.teacher)).parameters:
+        if not accepts(self.cfg.teacher, "shard"):
             raise ConfigError(
                 f"teacher: {self.cfg.teacher._component_} cannot be sharded (it takes no 'shard' argument)"
             )
@@ -182,15 +154,8 @@ class DistillRecursiveRecipe:
     def _build_student(self) -> torch.nn.Module:
         given = self.cfg.student
         teacher_vocab = self.teacher.spec.vocab_size
-        # Fill in what the builder takes and the config leaves out (a saved student, loaded by
-        # load_student, brings its own).
-        accepts = inspect.signature(instantiate_target(given)).parameters
-        extra = {
-            key: value
-            for key, value in (("vocab_size", teacher_vocab), ("pad_token_id", self.tokenizer.pad_token_id))
-            if key in accepts and key not in given
-        }
-        student = instantiate(given, **extra)
+        provided = {"vocab_size": teacher_vocab, "pad_token_id": self.tokenizer.pad_token_id}
+        student = instantiate(given, **missing_arguments(given, provided))
         check_student(student)
         if student.spec.vocab_size != teacher_vocab:
             raise ConfigError(
@@ -222,7 +187,7 @@ class DistillRecursiveRecipe:
             self.sampler = GlobalBatchSampler(
                 len(self.windows), data.batch_size, cfg.gradient_accumulation_steps, world, rank, self.seed
             )
-        self.max_steps = cfg.max_steps or self._epoch_steps()
+        self.max_steps = self.run.plan_steps(cfg.max_steps, cfg.epochs, self.sampler.steps_per_epoch)
         self.evaluator = (
             Evaluator(
                 held_out,
@@ -249,23 +214,6 @@ class DistillRecursiveRecipe:
             pad_to_multiple_of=data.pad_to_multiple_of,
             pack=data.pack,
         )
-
-    def _epoch_steps(self) -> int:
-        """``epochs`` in steps; a resumed run keeps the count it started with (its schedule and
-        stages were laid out over it), even if an accepted data change moved the window count."""
-        steps = self.cfg.epochs * self.sampler.steps_per_epoch
-        if self.began_with is not None:
-            saved, epochs = self.began_with
-            if saved is not None and epochs == self.cfg.epochs and saved != steps:
-                log.warning(
-                    "epochs=%d now means %d steps, %d when the run began: keeping %d",
-                    self.cfg.epochs,
-                    steps,
-                    saved,
-                    saved,
-                )
-                return saved
-        return steps
 
     def trainable_named_parameters(self):
         return self.trainable.named_parameters()
@@ -330,7 +278,7 @@ class DistillRecursiveRecipe:
                 self._evaluate()
             if cfg.save_every_n_steps and self.step % cfg.save_every_n_steps == 0 and self.step < self.max_steps:
                 self.save_checkpoint()
-            if self.run.stop_requested and self.step < self.max_steps:
+            if self.run.poll_stop(agreed=self.stop_agreed) and self.step < self.max_steps:
                 progress.close()
                 self.run.interrupt(self.step, self.max_steps, self.save_checkpoint)
         progress.close()
@@ -375,7 +323,7 @@ class DistillRecursiveRecipe:
                 "stage": float(self.stages.index(stage_at(self.stages, self.step))),
             }
         )
-        self.run.stop_requested = result.stop  # all ranks stop after the same step
+        self.stop_agreed = result.stop  # whether every rank stops after this step (see Run.poll_stop)
         return metrics
 
     def _evaluate(self) -> Optional[Dict[str, float]]:
@@ -402,7 +350,6 @@ class DistillRecursiveRecipe:
             "model": model_state,  # student.* and loss.* (the hidden-state projection)
             "optimizer": optimizer_state,
             "scheduler": self.scheduler.state_dict(),
-            "max_steps": self.max_steps,
         }
         return self.run.save_checkpoint(self.step, state)
 

@@ -3,7 +3,8 @@
     tune run recipes/export_student.py --config configs/export_int8.yaml \
         checkpoint_dir=outputs/tiny_qat/student output_dir=outputs/tiny_qat/int8 [scheme=int8_weight requantize=true]
 
-Writes, atomically (the folder appears whole or not at all):
+Writes, atomically (the folder appears whole or not at all), holding the output folder as every
+recipe does (``components.training.run.claim_output_dir``: locked, writes confined to it):
 
     model.onnx     the quantised student for ONNX Runtime CPU serving
     model.pt2      a torch.export program of the quantised student (needs only torch)
@@ -32,11 +33,11 @@ from components.checkpointing.student import METADATA_KEY
 from components.config import check_config, config_section, parse
 from components.data import load_documents
 from components.errors import CheckpointError, ConfigError, ExportError, require
-from components.io import atomic_directory, recover_interrupted_writes
+from components.io import atomic_directory, recover_interrupted_writes, set_write_root
 from components.quantization import get_scheme, Scheme
 from components.quantization.export import export_quantized, fp32_weight_bytes, heldout_batch
 from components.smoke import stdlib_docstrings
-from components.training.run import configure_logging
+from components.training.run import claim_output_dir, configure_logging
 from components.training.schema import ExportConfig
 
 log = logging.getLogger("export_student")
@@ -44,7 +45,6 @@ DEFAULT_SCHEME = "int8_dynamic"
 
 
 def _check_output_dir(output_dir: Path, overwrite: bool) -> None:
-    recover_interrupted_writes(output_dir.parent)
     if not output_dir.exists():
         return
     if not output_dir.is_dir():
@@ -52,7 +52,7 @@ def _check_output_dir(output_dir: Path, overwrite: bool) -> None:
     if (output_dir / "export.json").is_file():
         if not overwrite:
             raise ExportError(f"output_dir {output_dir} already holds an export: pass overwrite=True to replace it")
-    elif any(output_dir.iterdir()):
+    elif any(p.name != ".lock" for p in output_dir.iterdir()):
         raise ExportError(f"output_dir {output_dir} holds other files; choose a new or empty folder")
 
 
@@ -111,6 +111,7 @@ def export(cfg: DictConfig) -> dict:
         require(module)
     source, output_dir = Path(cfg.checkpoint_dir), Path(cfg.output_dir)
     scheme, trained = _choose_scheme(cfg, source)  # refusals first: nothing is written before them
+    recover_interrupted_writes(output_dir.parent)  # what a killed export left beside output_dir
     _check_output_dir(output_dir, cfg.overwrite)
     student = load_student(str(source))
     try:
@@ -127,22 +128,30 @@ def export(cfg: DictConfig) -> dict:
         tokenizer, texts, cfg.eval_batch_size, min(cfg.eval_max_length, student.config["max_position_embeddings"])
     )
 
-    with atomic_directory(output_dir, "export") as tmp:
-        report = export_quantized(student, tmp, scheme, batch)
-        tokenizer.save_pretrained(str(tmp))
-        fp32_bytes = fp32_weight_bytes(student)
-        sizes = {f: (tmp / f).stat().st_size for f in ("model.onnx", "model.pt2")}
-        report = {
-            "student": str(source),
-            "scheme": scheme.name,
-            "group_size": scheme.group_size,
-            "runtime": scheme.runtime,
-            "quantization_aware": trained,  # null: post-training quantisation
-            **report,
-            "bytes": {"fp32_weights": fp32_bytes, **sizes},
-            "size_vs_fp32": {f: round(b / fp32_bytes, 4) for f, b in sizes.items()},
-        }
-        (tmp / "export.json").write_text(json.dumps(report, indent=2) + "\n")
+    # the folder is ours (a run's rules: locked, writes confined, leftovers cleaned) until the
+    # new export replaces it whole
+    lock = claim_output_dir(output_dir)
+    try:
+        _check_output_dir(output_dir, cfg.overwrite)  # again, now that no other process can write it
+        with atomic_directory(output_dir, "export") as tmp:
+            report = export_quantized(student, tmp, scheme, batch)
+            tokenizer.save_pretrained(str(tmp))
+            fp32_bytes = fp32_weight_bytes(student)
+            sizes = {f: (tmp / f).stat().st_size for f in ("model.onnx", "model.pt2")}
+            report = {
+                "student": str(source),
+                "scheme": scheme.name,
+                "group_size": scheme.group_size,
+                "runtime": scheme.runtime,
+                "quantization_aware": trained,  # null: post-training quantisation
+                **report,
+                "bytes": {"fp32_weights": fp32_bytes, **sizes},
+                "size_vs_fp32": {f: round(b / fp32_bytes, 4) for f, b in sizes.items()},
+            }
+            (tmp / "export.json").write_text(json.dumps(report, indent=2) + "\n")
+    finally:
+        lock.close()
+        set_write_root(None)
     diffs = report["max_abs_diff_vs_fp32"]
     log.info(
         "Exported to %s: model.onnx %.2f MB (%.0f%% of fp32), model.pt2 %.2f MB; hidden-state cosine with fp32 %.4f (onnx)",

@@ -17,41 +17,41 @@ Checkpoints, resume, signals, the lock on output_dir and the metric logs work ex
 distillation (components/training/run.py).
 """
 
-import json
 import logging
 import sys
 import time
+from functools import partial
 from pathlib import Path
 from typing import Dict
 
 import torch
 from omegaconf import DictConfig, OmegaConf
-from safetensors.torch import load_file
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from components.checkpointing.finetuned import (
-    base_fingerprint,
-    load_adapter_set,
-    load_encoder,
-    save_adapter_set,
-    save_task_model,
-)
+from components.checkpointing.finetuned import base_fingerprint, load_encoder
 from components.checkpointing.hub import resolve_checkpoint_dir
 from components.checkpointing.weights import weight_files
 from components.config import check_config, config_section, instantiate, parse
 from components.data.task_data import load_task_data, task_batches
-from components.errors import CheckpointError, ConfigError
+from components.errors import CheckpointError
 from components.fingerprint import model_folder_fingerprint
-from components.inference import predict, write_predictions
+from components.inference import predict
 from components.inference.task_metrics import is_better, resolve_metric
-from components.io import atomic_file
 from components.models.heads import TaskModel, tuning_patterns
 from components.training.distill import check_finite
-from components.training.finetune import finetune_loss, steps_per_epoch
+from components.training.finetune import (
+    finetune_loss,
+    load_best,
+    OUTPUTS,
+    save_best,
+    steps_per_epoch,
+    write_results,
+    write_split_predictions,
+)
 from components.training.parallel import clip_gradients, resolve_device, SingleDevice
 from components.training.run import configure_logging, execute, Run
-from components.training.schema import FinetuneConfig
+from components.training.schema import check_finetune_setup, FinetuneConfig
 from components.training.stages import apply_trainable, group_lambdas, param_groups, resolve_stages
 
 log = logging.getLogger("finetune")
@@ -62,7 +62,6 @@ MAY_CHANGE_ON_RESUME = (
     "data.num_proc",
     "data.eval_batch_size",
 )  # (a moved data.source or checkpoint_dir: by fingerprint)
-OUTPUTS = ("model", "adapter_set", "predictions", "results.json")
 
 
 class FinetuneRecipe:
@@ -96,17 +95,13 @@ class FinetuneRecipe:
             self.task = load_task_data(data, OmegaConf.to_container(cfg.task), self.tokenizer)
         self.run.identify(data=self.task.fingerprint, model=model_folder_fingerprint(folder, weight_files(folder)[1]))
         self.metric = resolve_metric(self.task.task_type, cfg.task.metric)
-        if cfg.tuning == "adapters" and getattr(encoder, "adapters", None) is None:
-            raise ConfigError(
-                f"tuning=adapters but {cfg.checkpoint_dir} has no adapters (an adapter-free student or a BERT "
-                "checkpoint): use tuning=full or tuning=head, or distil a student with adapters"
-            )
+        check_finetune_setup(cfg, encoder)
         self.model = TaskModel(encoder, self.task.task_type, self.task.num_labels, cfg.classifier_dropout).to(
             self.device
         )
 
         self.steps_per_epoch = steps_per_epoch(self.task, cfg.data.batch_size)
-        self.max_steps = cfg.max_steps or cfg.epochs * self.steps_per_epoch
+        self.max_steps = self.run.plan_steps(cfg.max_steps, cfg.epochs, self.steps_per_epoch)
         # the tuning mode is one stage: its globs say what trains
         (stage,) = resolve_stages([{"name": cfg.tuning, "trainable": tuning_patterns(cfg.tuning)}], self.max_steps)
         apply_trainable(self.model.named_parameters(), stage)
@@ -234,14 +229,12 @@ class FinetuneRecipe:
             self.run.on_main(self._save_best)
 
     def _save_best(self) -> None:
-        task = self._task_description()
-        if self.cfg.tuning == "full":
-            save_task_model(self.model, self.output_dir / "model", task, self.tokenizer)
-            return
-        names = {n for n, _ in self.trained}
-        trained = {n: p for n, p in self.model.state_dict().items() if n in names}
-        manifest = save_adapter_set(self.model, self.output_dir / "adapter_set", trained, task, self.base)
-        if not getattr(self, "_size_logged", False):
+        trained = [n for n, _ in self.trained]
+        base = getattr(self, "base", None)
+        manifest = save_best(
+            self.output_dir, self.model, self.cfg.tuning, trained, self._task_description(), self.tokenizer, base
+        )
+        if manifest is not None and not getattr(self, "_size_logged", False):
             self._size_logged = True
             log.info(
                 "Adapter set: %.1f KB, %.2f%% of the base's %.1f MB (%d tensors)",
@@ -276,21 +269,11 @@ class FinetuneRecipe:
     # ------------------------------------------------------------------ finish
     def _finish(self) -> None:
         """The best model's predictions and the results."""
-        if self.cfg.tuning == "full":
-            self.model.load_state_dict(load_file(str(self.output_dir / "model" / "model.safetensors")))
-        else:
-            _, tensors = load_adapter_set(str(self.output_dir / "adapter_set"))
-            self.model.load_state_dict(tensors, strict=False)
+        load_best(self.output_dir, self.model, self.cfg.tuning)
         for split in ("validation", "test"):
-            if split not in self.task.splits:
-                continue
-            rows, _ = self._predict(split)
-
-            def write(split=split, rows=rows):
-                with atomic_file(self.output_dir / "predictions" / f"{split}.tsv", "predictions") as f:
-                    write_predictions(f, rows, self.task.task_type)
-
-            self.run.on_main(write)
+            if split in self.task.splits:
+                rows, _ = self._predict(split)
+                self.run.on_main(partial(write_split_predictions, self.output_dir, split, rows, self.task.task_type))
         results = {
             "metric": self.metric,
             "best": self.best,
@@ -298,12 +281,7 @@ class FinetuneRecipe:
             "trained_parameters": sum(p.numel() for p in self.params),
             "saved": "model" if self.cfg.tuning == "full" else "adapter_set",
         }
-
-        def write_results():
-            with atomic_file(self.output_dir / "results.json", "results") as f:
-                f.write(json.dumps(results, indent=2) + "\n")
-
-        self.run.on_main(write_results)
+        self.run.on_main(partial(write_results, self.output_dir, results))
         log.info(
             "Best validation %s: %.4f at step %d; saved under %s",
             self.metric,

@@ -121,3 +121,22 @@ def test_a_plain_student_exports_at_any_settings_without_a_word(qat_student, tmp
         report = export(plain, tmp_path / "w4", scheme="int4_weight", group_size=32)
     assert (report["scheme"], report["group_size"], report["quantization_aware"]) == ("int4_weight", 32, None)
     assert not [r for r in caplog.records if r.levelname == "WARNING" and r.name == "export_student"]
+
+
+def test_an_export_holds_its_output_dir_as_every_run_does(qat_student, tmp_path):
+    """The output folder is locked while the export writes (components.training.run's rules):
+    an export into a folder another run holds stops at once and writes nothing."""
+    from components.errors import OutputDirBusy
+    from components.io import lock_output_dir
+
+    out = tmp_path / "busy"
+    out.mkdir()
+    held = lock_output_dir(out)  # another process's run, writing there
+    try:
+        with pytest.raises(OutputDirBusy, match="in use by another run"):
+            export(qat_student, out)
+        assert [p.name for p in out.iterdir()] == [".lock"]
+    finally:
+        held.close()
+    export(qat_student, out)  # free again: the export takes it
+    assert (out / "export.json").is_file() and (out / "model.onnx").is_file()

@@ -14,10 +14,13 @@ A :class:`Run` owns a recipe's ``output_dir``:
 * **Checkpoints.** The recipe hands over its own state (model, optimizer, schedule, ...); the
   run adds the step, the config and every rank's random state, and the main rank writes it
   atomically, keeping the newest ``keep_last`` checkpoints.
+* **Length.** :meth:`Run.plan_steps`: ``max_steps``, else ``epochs`` epochs; a resumed run
+  counted in epochs keeps the step count it began with.
 * **Signals.** SIGTERM (a scheduler's preemption) or Ctrl-C asks the run to stop after the
-  current step; the recipe checkpoints and :meth:`Run.interrupt` raises
-  :class:`~components.errors.RunInterrupted` (exit status 128 + signal). A second Ctrl-C stops
-  at once. Every rank stops after the same step: the request travels in a collective.
+  current step: :meth:`Run.poll_stop` tells the recipe's loop, the recipe checkpoints and
+  :meth:`Run.interrupt` raises :class:`~components.errors.RunInterrupted` (exit status 128 +
+  signal). A second Ctrl-C stops at once. Every rank stops after the same step: the request
+  travels in a collective.
 * **Main-rank writes.** :meth:`Run.on_main` runs a write on the main rank (checkpoints, the
   student, metric lines through :meth:`Run.log`); if it fails, even by Ctrl-C, every rank
   raises with its error (none waits forever in the next collective).
@@ -94,7 +97,8 @@ class Run:
         self.saved_step: Optional[int] = None  # step of the newest checkpoint on disk
         self.saved_path: Optional[Path] = None
         self.stop_signal: Optional[int] = None  # SIGTERM / SIGINT received by this rank
-        self.stop_requested = False  # by any rank (set by the recipe from a collective)
+        self.max_steps: Optional[int] = None  # the run's length (plan_steps)
+        self._began_with: Optional[Tuple[Optional[int], Optional[int]]] = None  # a resumed run's (max_steps, epochs)
         self.metrics: Optional[MetricLogger] = None
         self.fingerprints: Dict[str, Any] = {}  # what the run trains on (see identify)
         self._moved: Dict[str, Tuple[Any, Any]] = {}  # MOVABLE keys a resume changed
@@ -131,15 +135,11 @@ class Run:
                 f"Another rank could not read {path}: output_dir must be on a filesystem every rank can read"
             )
         self._check_resumed_config(path, state)
+        self._began_with = (state.get("max_steps"), (state.get("config") or {}).get("epochs"))
         return path, state
 
     def _choose_checkpoint(self) -> Optional[str]:
-        self.output_dir.mkdir(parents=True, exist_ok=True)
-        self._lock = lock_output_dir(self.output_dir)
-        set_write_root(self.output_dir)
-        for folder in (self.output_dir, checkpoints_dir(self.output_dir)):
-            for note in recover_interrupted_writes(folder):
-                log.warning("Cleaning up after an interrupted run: %s", note)
+        self._lock = claim_output_dir(self.output_dir, checkpoints_dir(self.output_dir))
         if not self.cfg.resume_from_checkpoint:
             if list_checkpoints(self.output_dir) or any((self.output_dir / name).exists() for name in self.outputs):
                 raise ConfigError(
@@ -201,6 +201,23 @@ class Run:
         for key, (old, new) in changed.items():
             if key not in self._moved:
                 log.warning("Resuming with %s changed: %r in the checkpoint, %r now", key, old, new)
+
+    def plan_steps(self, max_steps: Optional[int], epochs: int, steps_per_epoch: int) -> int:
+        """The run's length in optimizer steps (also :attr:`max_steps`, saved with every
+        checkpoint): ``max_steps``, else ``epochs`` epochs of ``steps_per_epoch``. A resumed run
+        counted in epochs keeps the count it began with: its schedule and stages were laid out
+        over it, and an accepted data change (``allow_changes_on_resume``) may have moved the
+        steps per epoch."""
+        steps = max_steps or epochs * steps_per_epoch
+        if not max_steps and self._began_with is not None:
+            saved, saved_epochs = self._began_with
+            if saved is not None and saved_epochs == epochs and saved != steps:
+                log.warning(
+                    "epochs=%d now means %d steps, %d when the run began: keeping %d", epochs, steps, saved, saved
+                )
+                steps = saved
+        self.max_steps = steps
+        return steps
 
     def identify(self, **fingerprints: Any) -> None:
         """Record what the run trains on (``data=``, and ``teacher=`` or ``model=``, the checkpoint
@@ -327,6 +344,7 @@ class Run:
         state = {
             **state,
             "step": step,
+            "max_steps": self.max_steps,
             "world_size": self.parallel.world_size,
             "config": OmegaConf.to_container(self.cfg),
             "fingerprints": self.fingerprints,
@@ -363,10 +381,12 @@ class Run:
         """Log scalars (the main rank writes them; a failed write stops every rank)."""
         self.on_main(lambda: self.metrics.log(metrics, step))
 
-    def poll_stop(self) -> bool:
-        """Whether any rank received a stop signal (a collective: call it on every rank)."""
-        self.stop_requested = self.parallel.any(self.stop_signal is not None)
-        return self.stop_requested
+    def poll_stop(self, agreed: Optional[bool] = None) -> bool:
+        """Whether the run stops after this step: whether any rank received a stop signal. Call
+        it after every step, on every rank: it is a collective, unless the step already agreed
+        on it in its own (``agreed``: ``distill_step`` folds the ranks' stop flags into the
+        reduction of its losses)."""
+        return bool(agreed) if agreed is not None else self.parallel.any(self.stop_signal is not None)
 
     def interrupt(self, step: int, total: int, checkpoint: Callable[[], Path]) -> None:
         """Stop after ``step``: ``checkpoint()`` (unless this step is saved) and raise
@@ -410,6 +430,19 @@ class Run:
         if self._lock is not None:
             self._lock.close()
             self._lock = None
+
+
+def claim_output_dir(folder: Path, *inner: Path):
+    """Make ``folder`` this process's: create it, lock it (``.lock``, held until the returned
+    lock is closed), confine writes to it, and clean up what interrupted writes left in it (and
+    in the ``inner`` folders). Every recipe's output folder goes through here."""
+    folder.mkdir(parents=True, exist_ok=True)
+    lock = lock_output_dir(folder)
+    set_write_root(folder)
+    for where in (folder, *inner):
+        for note in recover_interrupted_writes(where):
+            log.warning("Cleaning up after an interrupted run: %s", note)
+    return lock
 
 
 def _short(value: Any, limit: int = 300) -> str:

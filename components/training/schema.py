@@ -1,12 +1,14 @@
-"""Every key of each recipe's config, its type and default (the README's key tables mirror
-this file). Checked by :func:`components.config.check_config` before a run starts."""
+"""Every key of each recipe's config, its type, default and meaning (the docs' config reference
+is generated from this file), checked by :func:`components.config.check_config` before a run
+starts; and, at the end, the checks across keys that need the built models."""
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Literal, Optional
+from typing import Any, Dict, List, Literal, Optional, Sequence
 
-from components.config import bounded, Component, component_field
+from components.config import bounded, Component, component_field, config_section
+from components.errors import ConfigError
 from components.quantization.schemes import SCHEME_NAMES
-from components.training.stages import StageConfig
+from components.training.stages import check_stage_patterns, StageConfig
 
 
 @dataclass
@@ -194,3 +196,47 @@ class FinetuneConfig:
     # warmup_steps, active_steps, ...); traces go to <output_dir>/profiling unless output_dir is set
     profiler: Optional[Component] = None
     log_peak_memory_stats: bool = True  # peak CUDA memory at every logged step (CUDA only)
+
+
+# ------------------------------------------------------------------ checks across keys
+# What no single key can say, checked as soon as the objects the keys describe are built, so
+# that a run fails before its first step rather than hours in.
+
+
+def check_distill_setup(cfg, stages: Optional[List[Dict]], parameter_names: Sequence[str], loss, student) -> None:
+    """The stages against the built student and loss (``parameter_names``: what trains, named
+    ``student.*`` / ``loss.*``), and the data keys against the loss and the student."""
+    with config_section("stages"):
+        check_stage_patterns(stages, parameter_names)
+        for stage in stages or []:
+            loss.check_weights(stage.get("loss_weights") or loss.weights)
+            loss.check_layers(stage.get("layers"))
+    if cfg.data.mlm_probability == 0:
+        for stage in stages or [{"name": "the run", "loss_weights": None}]:
+            weights = stage.get("loss_weights") or loss.weights
+            needs_masks = [term for term in ("mlm", "output") if weights.get(term)]
+            if needs_masks:
+                raise ConfigError(
+                    f"data.mlm_probability=0 masks no token, but {stage['name']!r} weights the "
+                    f"{' and '.join(needs_masks)} term, which is computed at masked positions. Set those weights to 0 "
+                    "(hidden-state and attention distillation need no masks) or mask tokens"
+                )
+    if cfg.data.pack and loss.attention.reduction_over == "element":
+        raise ConfigError(
+            "data.pack=true with loss.attention_reduction=element: that reduction divides by the padded row "
+            "length, which packing changes. Use attention_reduction=distribution or data.pack=false"
+        )
+    if cfg.data.pack and student.config.get("trigram_input"):
+        raise ConfigError(
+            "data.pack=true with a trigram-input student: its first and last tokens would read the neighbouring "
+            "windows' tokens. Set data.pack=false or student.trigram_input=false"
+        )
+
+
+def check_finetune_setup(cfg, encoder) -> None:
+    """The tuning mode against the model fine-tuning starts from."""
+    if cfg.tuning == "adapters" and getattr(encoder, "adapters", None) is None:
+        raise ConfigError(
+            f"tuning=adapters but {cfg.checkpoint_dir} has no adapters (an adapter-free student or a BERT "
+            "checkpoint): use tuning=full or tuning=head, or distil a student with adapters"
+        )
