@@ -42,9 +42,10 @@ sys.path.insert(0, str(HERE))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-import bench_lib as B  # noqa: E402
+import measure  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+import workloads  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
 from components.checkpointing import load_student  # noqa: E402
@@ -235,7 +236,7 @@ def section_speed(schemes: List[str], seq: int, batches: List[int], warmup: int,
         names = list(runners)
         for r in range(reps):
             for k in names[r % len(names) :] + names[: r % len(names)]:  # rotate the order
-                times[k].append(B.timed(runners[k]))
+                times[k].append(measure.timed(runners[k]))
         median = {k: statistics.median(v) for k, v in times.items()}
         latency[f"{b}x{seq}"] = {
             "median_ms": {k: round(v * 1000, 2) for k, v in median.items()},
@@ -292,14 +293,14 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     warnings.filterwarnings("ignore")
-    B.quiet_transformers()
+    workloads.quiet_transformers()
     torch.manual_seed(0)
     if args.quick:
         steps, extra, quality_schemes, schemes, reps = 150, 50, ["int8_dynamic"], ["int8_dynamic"], 7
     else:
         schemes = ["int8_dynamic", "int8_weight", "int4_weight"]
         steps, extra, quality_schemes, reps = 600, 200, ["int8_dynamic", "int4_weight"], 15
-    res = {"environment": B.environment(), "args": vars(args) | {"out": str(args.out)}}
+    res = {"environment": measure.environment(), "args": vars(args) | {"out": str(args.out)}}
     res["quality"] = section_quality(steps, extra, quality_schemes)
     res["speed"] = section_speed(schemes, seq=128, batches=[1, 8], warmup=2, reps=reps)
     print(table(res))

@@ -6,7 +6,7 @@
     python benchmarks/run.py --workload embedding --profile
     python benchmarks/run.py --out benchmarks/results/x.json
 
-Workloads (bench_lib.WORKLOADS): "bert-base" / "quick" (MiniALBERT: a teacher with an MLM head,
+Workloads (workloads.WORKLOADS): "bert-base" / "quick" (MiniALBERT: a teacher with an MLM head,
 long windows, every loss term) and "embedding" (a sentence-embedding teacher without an MLM
 head: 32 short sentences, hidden + attention terms, data.pack). "Ours" is the recipe's own
 train_step(); the reference is components/testing/reference_loop.py, the loop the tests check our losses
@@ -21,7 +21,7 @@ the machine is shared and absolute figures are noisy. Sections, per workload:
   3. peak memory of one step (fresh subprocess per measurement), ours vs reference
 then once: inference latency, student (minialbert_128) vs teacher (BERT-base), vs their FLOP ratio.
 
-See benchmarks/README.md and the docstring of benchmarks/bench_lib.py (FLOP formulas).
+See benchmarks/README.md and benchmarks/flops.py (the FLOP formulas), workloads.py (the two sides), measure.py.
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Dict, List
 
@@ -47,8 +48,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-import bench_lib as B  # noqa: E402
+import measure  # noqa: E402
 import torch  # noqa: E402
+import workloads  # noqa: E402
+from flops import distill_flops, encoder_forward_flops  # noqa: E402
 
 SCRATCH = Path(os.environ.get("BENCH_SCRATCH", "/tmp/bench_scratch"))
 
@@ -63,7 +66,7 @@ def log(msg: str) -> None:
 
 
 def section_distill(
-    ours, ref, shapes: B.Shapes, warmup: int, reps: int, probe_n: int = 2048, probe_dtype=torch.float32
+    ours, ref, shapes: workloads.Shapes, warmup: int, reps: int, probe_n: int = 2048, probe_dtype=torch.float32
 ) -> Dict:
     runners = {"ours": ours, "reference": ref}
     batch, padded = ours.batches[0], ours.padded[0]
@@ -81,9 +84,9 @@ def section_distill(
     peak_probe: List[float] = []
     for i in range(reps):
         order = ("ours", "reference") if i % 2 == 0 else ("reference", "ours")
-        peak_probe.append(B.matmul_probe(probe_n, dtype=probe_dtype))
+        peak_probe.append(measure.matmul_probe(probe_n, dtype=probe_dtype))
         for k in order:
-            m = B.Measured(runners[k].step)
+            m = measure.Measured(runners[k].step)
             times[k].append(m.seconds)
             others[k].append(m.other_cores)
             own[k].append(m.own_cores)
@@ -95,8 +98,8 @@ def section_distill(
         load.append(os.getloadavg()[0])
     per_rep_ratio = [r / o for o, r in zip(times["ours"], times["reference"])]
     flops = {
-        "ours": B.distill_flops(shapes, *batch.input_ids.shape, masked, "ours"),
-        "reference": B.distill_flops(shapes, *padded.input_ids.shape, masked, "reference"),
+        "ours": distill_flops(shapes, *batch.input_ids.shape, masked, "ours"),
+        "reference": distill_flops(shapes, *padded.input_ids.shape, masked, "reference"),
     }
     out = {
         "batch": shapes.batch,
@@ -111,7 +114,9 @@ def section_distill(
         "order": "interleaved, alternating (ours, ref), (ref, ours), ...",
         "loadavg_1min_during": load,
         "losses_after_each_rep": losses,
-        "loss_trajectory_max_rel_diff": max(B._rel(a, b) for a, b in zip(losses["ours"], losses["reference"])),
+        "loss_trajectory_max_rel_diff": max(
+            workloads.rel_diff(a, b) for a, b in zip(losses["ours"], losses["reference"])
+        ),
         "flops_per_step": flops,
         "peak_probe_flops_per_s_per_rep": peak_probe,
         "peak_probe": f"best of 2 {probe_n}^3 {str(probe_dtype)[6:]} matmuls just before each pair",
@@ -126,7 +131,7 @@ def section_distill(
             "step_times_s": times[k],
             "other_cores_busy_per_rep": others[k],
             "own_cores_per_rep": own[k],
-            "step_time": B.summary(times[k]),
+            "step_time": measure.summary(times[k]),
             "tokens_per_s_median": tokens / med,
             "tokens_per_s_per_rep": [tokens / t for t in times[k]],
             "achieved_flops_per_s_median": flops[k]["total"] / med,
@@ -153,7 +158,7 @@ def section_saved_tensors(ours, ref) -> Dict:
     out = {}
     for k, r in (("ours", ours), ("reference", ref)):
         params = list(r.student.parameters()) + list(r.teacher.parameters())
-        out[k + "_mib"] = B.saved_tensor_bytes(r.forward, params) / 2**20
+        out[k + "_mib"] = measure.saved_tensor_bytes(r.forward, params) / 2**20
     out["method"] = (
         "sum of distinct storages autograd saves for backward during the loss forward "
         "(torch.autograd.graph.saved_tensors_hooks), parameters excluded"
@@ -161,7 +166,7 @@ def section_saved_tensors(ours, ref) -> Dict:
     return out
 
 
-def section_memory(assets, shapes: B.Shapes, seed: int, threads: int, reps: int, bf16: bool = False) -> Dict:
+def section_memory(assets, shapes: workloads.Shapes, seed: int, threads: int, reps: int, bf16: bool = False) -> Dict:
     results: Dict[str, List[Dict]] = {"ours": [], "reference": []}
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
     for i in range(reps):
@@ -175,7 +180,7 @@ def section_memory(assets, shapes: B.Shapes, seed: int, threads: int, reps: int,
                 "--_assets",
                 json.dumps(assets),
                 "--_shapes",
-                json.dumps(B.asdict(shapes)),
+                json.dumps(asdict(shapes)),
                 "--seed",
                 str(seed),
                 "--threads",
@@ -231,7 +236,7 @@ def section_inference(batches: List[int], seq: int, warmup: int, reps: int, seed
     g = torch.Generator().manual_seed(seed)
     for b in batches:
         ids = torch.randint(999, 30522, (b, seq), generator=g)
-        ids[:, 0], ids[:, -1] = B.CLS, B.SEP
+        ids[:, 0], ids[:, -1] = workloads.CLS, workloads.SEP
         mask = torch.ones_like(ids)
         fns = {k: (lambda m=m, ids=ids, mask=mask: m(ids, mask, return_logits=False)) for k, m in models.items()}
         times: Dict[str, List[float]] = {"teacher": [], "student": []}
@@ -242,12 +247,12 @@ def section_inference(batches: List[int], seq: int, warmup: int, reps: int, seed
                     f()
             for i in range(reps):
                 for k in ("student", "teacher") if i % 2 == 0 else ("teacher", "student"):
-                    m = B.Measured(fns[k])
+                    m = measure.Measured(fns[k])
                     times[k].append(m.seconds)
                     others[k].append(m.other_cores)
         flops = {
-            "teacher": B.encoder_forward_flops(b, seq, 12, 768, 3072),
-            "student": B.encoder_forward_flops(b, seq, 6, 768, 3072, embed=128, adapter_reduction=16),
+            "teacher": encoder_forward_flops(b, seq, 12, 768, 3072),
+            "student": encoder_forward_flops(b, seq, 6, 768, 3072, embed=128, adapter_reduction=16),
         }
         ratios = [t / s for s, t in zip(times["student"], times["teacher"])]
         out["batches"][str(b)] = {
@@ -274,19 +279,23 @@ def section_inference(batches: List[int], seq: int, warmup: int, reps: int, seed
 # ---------------------------------------------------------------------------------------------
 
 
-def section_variants(assets, shapes: B.Shapes, warmup: int, reps: int, compile_too: bool) -> Dict:
+def section_variants(assets, shapes: workloads.Shapes, warmup: int, reps: int, compile_too: bool) -> Dict:
     """Variants of our step (config overrides), each timed interleaved against our plain fp32 step."""
     makers = {
-        "teacher bf16": lambda: B.RecipeSide(assets, shapes, SCRATCH, **{"teacher.dtype": "bf16"}),
-        "cached teacher outputs (bound)": lambda: B.cached_teacher(B.RecipeSide(assets, shapes, SCRATCH)),
+        "teacher bf16": lambda: workloads.RecipeSide(assets, shapes, SCRATCH, **{"teacher.dtype": "bf16"}),
+        "cached teacher outputs (bound)": lambda: workloads.cached_teacher(
+            workloads.RecipeSide(assets, shapes, SCRATCH)
+        ),
     }
     if shapes.name == "embedding":
-        makers["padded rows (data.pack=false)"] = lambda: B.RecipeSide(assets, shapes, SCRATCH, **{"data.pack": False})
+        makers["padded rows (data.pack=false)"] = lambda: workloads.RecipeSide(
+            assets, shapes, SCRATCH, **{"data.pack": False}
+        )
     if compile_too:
-        makers["torch.compile"] = lambda: B.RecipeSide(assets, shapes, SCRATCH, compile=True)
+        makers["torch.compile"] = lambda: workloads.RecipeSide(assets, shapes, SCRATCH, compile=True)
     out: Dict = {}
     for name, make in makers.items():
-        base, variant = B.RecipeSide(assets, shapes, SCRATCH), make()
+        base, variant = workloads.RecipeSide(assets, shapes, SCRATCH), make()
         a, b = (float(side.forward()["total"].detach()) for side in (base, variant))
         log(f"variant {name!r}: warm-up")
         started = time.perf_counter()
@@ -298,7 +307,7 @@ def section_variants(assets, shapes: B.Shapes, warmup: int, reps: int, compile_t
         times = {"base": [], "variant": []}
         for i in range(reps):
             for key in ("base", "variant") if i % 2 == 0 else ("variant", "base"):
-                times[key].append(B.timed((base if key == "base" else variant).step))
+                times[key].append(measure.timed((base if key == "base" else variant).step))
         ratios = [x / y for x, y in zip(times["base"], times["variant"])]
         out[name] = {
             "loss_rel_diff_before_training": abs(a - b) / abs(a),
@@ -311,7 +320,7 @@ def section_variants(assets, shapes: B.Shapes, warmup: int, reps: int, compile_t
         variant.close()
         del base, variant
     masked = 0.15 * shapes.seq if shapes.mlm_head else 0
-    per_window = B.cache_bytes_per_window(shapes, masked)
+    per_window = workloads.cache_bytes_per_window(shapes, masked)
     out["cache_disk"] = {
         "bytes_per_window": per_window,
         "windows_assumed": 40_000_000,
@@ -511,7 +520,7 @@ def parse_args(argv=None):
     p.add_argument(
         "--workload",
         nargs="*",
-        choices=sorted(B.WORKLOADS),
+        choices=sorted(workloads.WORKLOADS),
         help="workloads to run (default: quick or bert-base, then embedding)",
     )
     p.add_argument("--out", type=Path, help="JSON path (default benchmarks/results/<time>_<workloads>.json)")
@@ -520,7 +529,7 @@ def parse_args(argv=None):
     p.add_argument("--reps", type=int, help="timed repetitions per side (default 20 quick, 6 full)")
     p.add_argument("--warmup", type=int, help="warm-up steps per side (default 2 quick, 1 full)")
     p.add_argument("--mem-reps", type=int, default=2, help="fresh-process memory probes per side")
-    p.add_argument("--threads", type=int, default=B.available_cores(), help="torch threads (default: all cores)")
+    p.add_argument("--threads", type=int, default=measure.available_cores(), help="torch threads (default: all cores)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--skip",
@@ -544,23 +553,23 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def run_workload(shapes: B.Shapes, args, reps: int, warmup: int, peak_dtype) -> Dict:
-    res: Dict = {"shapes": B.asdict(shapes), "loss": shapes.loss}
+def run_workload(shapes: workloads.Shapes, args, reps: int, warmup: int, peak_dtype) -> Dict:
+    res: Dict = {"shapes": asdict(shapes), "loss": shapes.loss}
     SCRATCH.mkdir(parents=True, exist_ok=True)
     asset_dir = Path(tempfile.mkdtemp(prefix=f"assets-{shapes.name}-", dir=SCRATCH))
     try:
         log(f"{shapes.name}: building a random teacher, student and corpus under {asset_dir}")
-        assets = B.make_assets(shapes, asset_dir, args.seed)
+        assets = workloads.make_assets(shapes, asset_dir, args.seed)
         if "distill" not in args.skip:
             torch.manual_seed(args.seed)
-            ours, ref = B.make_sides(assets, shapes, SCRATCH, args.bf16)
-            res["equivalence"] = B.loss_agreement(ours, ref)
+            ours, ref = workloads.make_sides(assets, shapes, SCRATCH, args.bf16)
+            res["equivalence"] = workloads.loss_agreement(ours, ref)
             log(f"losses: total rel diff {res['equivalence']['terms']['total']['rel_diff']:.2e}")
             res["saved_tensors"] = section_saved_tensors(ours, ref)
             res["distill"] = section_distill(ours, ref, shapes, warmup, reps, probe_dtype=peak_dtype)
             if args.profile:
                 log("profiling")
-                res["profile"] = {k: B.profile_step(r) for k, r in (("ours", ours), ("reference", ref))}
+                res["profile"] = {k: workloads.profile_step(r) for k, r in (("ours", ours), ("reference", ref))}
             ours.close()
             del ours, ref
             if "variants" not in args.skip:
@@ -577,18 +586,18 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.memory_probe:
-        shapes = B.Shapes(**json.loads(args.shapes))
-        B.quiet_transformers()
-        result = B.memory_probe(
+        shapes = workloads.Shapes(**json.loads(args.shapes))
+        workloads.quiet_transformers()
+        result = workloads.memory_probe(
             args.memory_probe, json.loads(args.assets), shapes, args.seed, args.threads, args.bf16, SCRATCH
         )
         print(json.dumps(result))
         return 0
 
-    B.quiet_transformers()
+    workloads.quiet_transformers()
     started = time.time()
     names = args.workload or ["quick" if args.quick else "bert-base", "embedding"]
-    workloads = [B.WORKLOADS[n] for n in names]
+    workloads = [workloads.WORKLOADS[n] for n in names]
     if args.batch or args.seq:
         workloads = [w.replace(batch=args.batch or w.batch, seq=args.seq or w.seq) for w in workloads]
     reps = args.reps or (20 if args.quick else 6)
@@ -598,15 +607,15 @@ def main(argv=None) -> int:
     res: Dict = {
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "started": dt.datetime.now().isoformat(timespec="seconds"),
-        "environment": B.environment(),
+        "environment": measure.environment(),
         "settings": {
             "bf16_autocast": args.bf16,
             "reps": reps,
             "warmup": warmup,
             "mem_reps": args.mem_reps,
             "seed": args.seed,
-            "optimizer": f"AdamW lr {B.LR} wd {B.WEIGHT_DECAY} (not on biases and norms)",
-            "clip_grad_norm": B.CLIP,
+            "optimizer": f"AdamW lr {workloads.LR} wd {workloads.WEIGHT_DECAY} (not on biases and norms)",
+            "clip_grad_norm": workloads.CLIP,
         },
         "workloads": {},
     }
@@ -616,7 +625,7 @@ def main(argv=None) -> int:
     peak_dtype = torch.bfloat16 if args.bf16 else torch.float32
     if "peak" not in args.skip:
         log("peak matmul (start)")
-        peaks.append(B.peak_matmul(dtype=peak_dtype))
+        peaks.append(measure.peak_matmul(dtype=peak_dtype))
     for shapes in workloads:
         res["workloads"][shapes.name] = run_workload(shapes, args, reps, warmup, peak_dtype)
 
@@ -627,7 +636,7 @@ def main(argv=None) -> int:
 
     if "peak" not in args.skip:
         log("peak matmul (end)")
-        peaks.append(B.peak_matmul(dtype=peak_dtype))
+        peaks.append(measure.peak_matmul(dtype=peak_dtype))
         best = max(p["best_flops_per_s"] for p in peaks)
         res["flops"] = {
             "peak_dtype": str(peak_dtype),
