@@ -2,7 +2,7 @@
 """The corpus store at scale: bytes on disk per corpus token, build time and peak memory.
 
     python benchmarks/corpus.py --quick     # a 20 MB corpus, about a minute on 2 cores
-    python benchmarks/corpus.py             # a 1 GB corpus (the figure the README extrapolates)
+    python benchmarks/corpus.py             # a 1 GB corpus (the figure docs/performance.md extrapolates)
     python benchmarks/corpus.py --mb 200    # any size
 
 A plain-text corpus of the given size is generated (standard-library docstrings, repeated,

@@ -1,7 +1,7 @@
 """Components of the recursive-distill recipes: models, losses, data, training, checkpointing.
 
 Importing this package registers the model types this library writes with transformers'
-Auto classes (see :mod:`components.checkpointing.auto`), so that
+Auto classes (see ``components.checkpointing.auto``), so that
 
     import components, transformers
     transformers.AutoModelForMaskedLM.from_pretrained("<run>/student")

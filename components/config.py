@@ -1,7 +1,7 @@
 """Config checking and parsing for the recipes.
 
 A recipe declares its config as dataclasses (the schema documents every key and its default).
-:func:`check_config` walks a parsed YAML + CLI config against it before anything is built:
+``check_config`` walks a parsed YAML + CLI config against it before anything is built:
 
 * an unknown or misspelt key is an error naming it (with the closest known key);
 * a value of the wrong type is an error naming the key, the expected and the given type;
@@ -293,7 +293,7 @@ def instantiate(node, *args, **kwargs):
 @contextlib.contextmanager
 def config_section(name: str) -> Iterator[None]:
     """Turn a builder's ValueError into a ConfigError naming the config section (errors that
-    already say what is wrong, :class:`UserError`s, pass unchanged)."""
+    already say what is wrong, ``UserError``s, pass unchanged)."""
     try:
         yield
     except UserError:
@@ -321,7 +321,7 @@ def parse(recipe_main: Callable[[DictConfig], Any]) -> Callable[..., Any]:
     """Like ``torchtune.config.parse``: ``--config file.yaml key=value ...`` -> ``DictConfig``.
 
     Bad input (a missing or malformed config file, a malformed override, any
-    :class:`~components.errors.UserError` raised by the recipe) exits with status 2 (or the
+    ``UserError`` raised by the recipe) exits with status 2 (or the
     error's ``exit_code``) and one line naming what is wrong.
     """
 

@@ -1,6 +1,6 @@
 """Every error that means "the input is wrong" (or the run was stopped on purpose), in one place.
 
-Recipes print a :class:`UserError` as one line and exit with status 2 (or ``exit_code``)
+Recipes print a ``UserError`` as one line and exit with status 2 (or ``exit_code``)
 instead of a traceback; anything else is a bug and keeps its traceback. Each class also keeps
 the built-in base it always had, so ``except ValueError`` around a builder still works.
 """

@@ -3,7 +3,7 @@ continue on other data or another teacher; and the content keys of the caches bu
 
 A fingerprint is a small JSON-able dict. For files: each file's name, size and SHA-256 of its
 whole content. Hashing is paid once per version of a file: the digest is cached under
-:func:`cache_root` by the file's (device, inode, size, mtime, ctime). ctime is set by the
+``cache_root`` by the file's (device, inode, size, mtime, ctime). ctime is set by the
 kernel on every write and cannot be set back, so a file rewritten in place with its old mtime
 restored (``cp -p``, ``rsync -t``, ``touch -d``) gets a new key and is hashed again. SHA-256
 runs at about 1.7 GB/s on one core with SHA instructions (x86 SHA-NI, ARMv8 SHA2) and about

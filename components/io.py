@@ -1,6 +1,6 @@
 """Crash-safe writes: a file or folder appears complete under its final name, or not at all.
 
-A run also confines its writes: once :func:`set_write_root` names the run's ``output_dir``,
+A run also confines its writes: once ``set_write_root`` names the run's ``output_dir``,
 every write made through this module (checkpoints, the student, smoke assets, logs) must land
 inside it, so no path in a config can make a recipe write elsewhere.
 """
@@ -40,7 +40,7 @@ def set_write_root(root: Optional[os.PathLike]) -> None:
 
 
 def check_write_path(path: os.PathLike, what: str = "output") -> Path:
-    """``path`` resolved, if it lies inside the write root; else :class:`UnsafePathError`."""
+    """``path`` resolved, if it lies inside the write root; else ``UnsafePathError``."""
     resolved = Path(path).resolve()
     if _write_root is not None and resolved != _write_root and _write_root not in resolved.parents:
         raise UnsafePathError(f"Refusing to write the {what} to {path}: it is outside output_dir {_write_root}")
@@ -91,7 +91,7 @@ def atomic_directory(final: os.PathLike, what: str = "folder") -> Iterator[Path]
     The files are fsynced before the rename, so after a crash ``final`` holds either the old
     complete contents or the new complete contents (a crash between the two renames of a
     replacement leaves the old contents under a hidden name, which
-    :func:`recover_interrupted_writes` puts back). On any error the temporary folder is removed
+    ``recover_interrupted_writes`` puts back). On any error the temporary folder is removed
     and ``final`` is left as it was.
     """
     final = check_write_path(final, what)
@@ -206,7 +206,7 @@ def _why_kept(host: Optional[str], pid: int) -> Optional[str]:
 
 
 def recover_interrupted_writes(folder: os.PathLike) -> list:
-    """Clean up after a process killed inside :func:`atomic_directory` / :func:`atomic_file`.
+    """Clean up after a process killed inside ``atomic_directory`` / ``atomic_file``.
 
     A temporary ``.NAME.tmp-HOST-PID`` leftover is deleted; an ``.NAME.old-HOST-PID`` whose
     ``NAME`` is missing (killed between the two renames) is renamed back, otherwise deleted.

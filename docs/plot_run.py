@@ -3,7 +3,7 @@
     pip install matplotlib
     python docs/plot_run.py <output_dir> [--out run.png] [--title "..."]
 
-The README's "Watching a run" picture is this script on a tiny run (see its caption).
+The picture in docs/watching.md ("Watching a run") is this script on a tiny run (see its caption).
 """
 
 import argparse

@@ -1,4 +1,4 @@
-"""Weight names between an adapter-free :class:`RecursiveEncoder` and transformers' ALBERT.
+"""Weight names between an adapter-free ``RecursiveEncoder`` and transformers' ALBERT.
 
 An adapter-free recursive student *is* ``AlbertForMaskedLM`` with one hidden group and one
 inner layer, so conversion is a renaming (plus an identity projector when E == H).

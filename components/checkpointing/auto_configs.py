@@ -1,7 +1,7 @@
 """The transformers config classes of what this library writes (``recursive_encoder``,
 ``bottleneck_encoder``, ``finetuned_encoder``) and the table of model classes each one gets:
-read by :mod:`~components.checkpointing.auto` (registration) and
-:mod:`~components.checkpointing.auto_models` (the classes themselves)."""
+read by ``auto`` (registration) and
+``auto_models`` (the classes themselves)."""
 
 from typing import Any, Dict, Optional, Tuple
 

@@ -1,8 +1,8 @@
-"""The transformers model classes of :mod:`components.checkpointing.auto` (imported on first
+"""The transformers model classes of ``components.checkpointing.auto`` (imported on first
 use: transformers' ``modeling_utils`` takes seconds to import).
 
 Folders may come from strangers, so these classes make the check every loader of this library
-makes (:func:`~components.checkpointing.sizes.check_config_sizes`), in two places:
+makes (``check_config_sizes``), in two places:
 
 * ``_build_encoder``, on every path (``from_pretrained`` of a folder or a Hub id, ``from_config``):
   the builder arguments from the config alone, before anything is built, even on the meta device
@@ -11,7 +11,7 @@ makes (:func:`~components.checkpointing.sizes.check_config_sizes`), in two place
   a Hub id's snapshot) and laid the model out on the meta device: the same check against the
   weights' header, then shape by shape, before a tensor is read or allocated.
 
-Either refusal is a :class:`~components.errors.CheckpointError` naming ``config.json`` and the key.
+Either refusal is a ``CheckpointError`` naming ``config.json`` and the key.
 """
 
 from pathlib import Path
@@ -88,7 +88,7 @@ class _EncoderPreTrainedModel(PreTrainedModel):
 
     def _check_weights(self, state_dict: Optional[Mapping[str, torch.Tensor]], files: Optional[Iterable[str]]) -> None:
         """The config's sizes against the weights about to be loaded (``files``' headers, or a
-        ``state_dict`` passed in), as :func:`~components.checkpointing.student.load_student`
+        ``state_dict`` passed in), as ``load_student``
         checks them: the model is on the meta device, nothing is read or allocated yet."""
         if files:
             files = [Path(f) for f in files]

@@ -105,11 +105,11 @@ def save_task_model(model: TaskModel, folder: Path, task: Dict[str, Any], tokeni
 
 
 def load_task_model(path: str) -> Tuple[TaskModel, Dict[str, Any]]:
-    """(model, task description) from a folder written by :func:`save_task_model`.
+    """(model, task description) from a folder written by ``save_task_model``.
 
-    Folders may come from strangers: as in :func:`~components.checkpointing.student.load_student`,
+    Folders may come from strangers: as in ``load_student``,
     the encoder's builder arguments (``encoder.config``) are checked against the weights' header
-    (:func:`~components.checkpointing.sizes.check_config_sizes`) and the model is laid out on
+    (``check_config_sizes``) and the model is laid out on
     the meta device and compared name by name and shape by shape before anything is allocated;
     every refusal names ``config.json`` and the key."""
     folder = Path(path)
@@ -166,7 +166,7 @@ MAX_LABELS = 10**6  # beyond this a head is a mistake or an attack (its label na
 
 
 def check_label_count(config_file: Any, num_labels: Any, label_names: Optional[list]) -> None:
-    """A fine-tuned model's ``head.num_labels`` is a whole number up to :data:`MAX_LABELS` and, when
+    """A fine-tuned model's ``head.num_labels`` is a whole number up to ``MAX_LABELS`` and, when
     the config names its labels (``task.label_names``), their count."""
     if isinstance(num_labels, bool) or not isinstance(num_labels, int) or not 1 <= num_labels <= MAX_LABELS:
         raise CheckpointError(
@@ -198,7 +198,7 @@ def save_adapter_set(
     model: TaskModel, folder: Path, trained: Dict[str, torch.Tensor], task: Dict[str, Any], base: Dict[str, Any]
 ) -> Dict[str, Any]:
     """Write the ``trained`` tensors (``encoder.adapters.*``, ``head.*``) and a manifest naming the
-    base (``base["sha256"]``: :func:`base_fingerprint` of the base, less the adapter tensors the
+    base (``base["sha256"]``: ``base_fingerprint`` of the base, less the adapter tensors the
     set holds); returns the manifest."""
     state = {k: v.detach().cpu().contiguous() for k, v in trained.items()}
     base_state = {k: v for k, v in model.encoder.state_dict().items() if not k.startswith("mlm_head.")}

@@ -1,11 +1,11 @@
 """Load Hugging Face BERT-family checkpoints (BERT, BioBERT, RoBERTa, XLM-R, CamemBERT)
-into :class:`components.models.bert.BertEncoder`.
+into ``components.models.bert.BertEncoder``.
 
 The config goes through ``AutoConfig``; weights are read with safetensors, or
-``torch.load(weights_only=True)`` for ``.bin`` files (:mod:`~components.checkpointing.weights`),
+``torch.load(weights_only=True)`` for ``.bin`` files (``weights``),
 and their names mapped onto ours. Nothing here runs code from a checkpoint, and nothing is built
 from a ``config.json`` before its sizes have been checked against the weight files
-(:mod:`~components.checkpointing.sizes`).
+(``sizes``).
 """
 
 import re
@@ -110,7 +110,7 @@ def load_hf_encoder(
     applies FSDP2's ``fully_shard`` to the meta encoder), each full tensor is read, cut to this
     rank's shard and dropped, so no rank ever holds more than its shard plus one tensor. Before
     anything is built, the config's sizes are checked against the weights' shapes
-    (:func:`check_config_sizes`), and every shape before any tensor is read.
+    (``check_config_sizes``), and every shape before any tensor is read.
     """
     config_file = folder / "config.json"
     if not config_file.is_file():

@@ -1,4 +1,4 @@
-"""Weight names between a :class:`BottleneckEncoder` and transformers' MobileBERT.
+"""Weight names between a ``BottleneckEncoder`` and transformers' MobileBERT.
 
 A bottleneck student *is* ``MobileBertForMaskedLM`` (``MobileBertModel`` without a head), so
 conversion is a renaming, per block, plus three things transformers builds but never uses:

@@ -36,7 +36,7 @@ def checkpoint_path(output_dir: Path, step: int) -> Path:
 
 
 def list_checkpoints(output_dir: Path) -> List[Path]:
-    """Checkpoint folders, oldest first (complete or not: see :func:`load_latest_checkpoint`)."""
+    """Checkpoint folders, oldest first (complete or not: see ``load_latest_checkpoint``)."""
     root = checkpoints_dir(output_dir)
     if not root.is_dir():
         return []
@@ -55,7 +55,7 @@ def _sha256(path: Path) -> str:
 def save_checkpoint(output_dir: Path, step: int, state: Dict[str, Any], keep_last: int = 2) -> Path:
     """Write the state for ``step`` and keep only the newest ``keep_last`` checkpoints.
 
-    Raises :class:`CheckpointError` if the write fails (a full disk, say); the checkpoints
+    Raises ``CheckpointError`` if the write fails (a full disk, say); the checkpoints
     already on disk are left as they were.
     """
     final = checkpoint_path(output_dir, step)
@@ -81,7 +81,7 @@ def save_checkpoint(output_dir: Path, step: int, state: Dict[str, Any], keep_las
 
 
 def load_checkpoint(path: Path) -> Dict[str, Any]:
-    """The state of one checkpoint, verified; raises :class:`CheckpointError` naming the problem."""
+    """The state of one checkpoint, verified; raises ``CheckpointError`` naming the problem."""
     path = Path(path)
     meta_file = path / "meta.json"
     try:

@@ -2,8 +2,8 @@
 fine-tuned models, transformers' Auto classes) before anything is allocated.
 
 A ``config.json`` says how big a model is; the weights' headers say what it holds. A config
-whose sizes the weights do not back, or that would build more than :data:`MAX_LAYERS` layers or
-:data:`MAX_PARAMETERS` parameters whatever the weights, is a one-line :class:`CheckpointError`
+whose sizes the weights do not back, or that would build more than ``MAX_LAYERS`` layers or
+``MAX_PARAMETERS`` parameters whatever the weights, is a one-line ``CheckpointError``
 naming the file and the key, not a hang or an out-of-memory kill.
 """
 
@@ -88,9 +88,9 @@ def check_config_sizes(
     embeddings have ``vocab_size`` rows and ``embedding_size`` (else ``hidden_size``) columns;
     position and token-type embeddings have ``max_position_embeddings`` and ``type_vocab_size``
     rows; the stacked layers held are exactly ``num_hidden_layers``; and, whatever the weights,
-    at most :data:`MAX_LAYERS` layers and :data:`MAX_PARAMETERS` parameters. Sizes the weights
+    at most ``MAX_LAYERS`` layers and ``MAX_PARAMETERS`` parameters. Sizes the weights
     name no tensor for (``intermediate_size``...) are compared shape by shape once the model is
-    laid out on the meta device (:func:`check_shapes`).
+    laid out on the meta device (``check_shapes``).
     """
 
     def says(arg: str) -> str:

@@ -1,7 +1,7 @@
 """Export a student to a Hugging Face-style folder, and load one back.
 
 Every student family has a transformers format it is written in whenever it fits (the
-:data:`FORMATS` table; a new family is one entry):
+``FORMATS`` table; a new family is one entry):
 
 * an adapter-free recursive student with an ALBERT-shaped MLM head is an ALBERT checkpoint
   (``AlbertForMaskedLM.from_pretrained`` loads it and reproduces our logits); one without an
@@ -120,7 +120,7 @@ def save_student(
         format: ``"auto"`` (the family's transformers format whenever the student fits it),
             ``"native"``, or a transformers format by name (``"albert"``, ``"mobilebert"``).
         metadata: how the student was made (e.g. ``{"quantization_aware": {...}}``), saved in
-            ``config.json`` under ``"recursive_distill"``; see :func:`student_metadata`.
+            ``config.json`` under ``"recursive_distill"``; see ``student_metadata``.
     """
     family = encoder_family(model)
     fits = hf_format(model)
@@ -172,7 +172,7 @@ def _auto_class_name(family: str, mlm_head: bool) -> str:
 
 
 def student_metadata(path: str) -> dict:
-    """What :func:`save_student` recorded about how the student in ``path`` was made."""
+    """What ``save_student`` recorded about how the student in ``path`` was made."""
     try:
         return json.loads((Path(path) / "config.json").read_text()).get(METADATA_KEY) or {}
     except (OSError, ValueError):
@@ -180,13 +180,13 @@ def student_metadata(path: str) -> dict:
 
 
 def load_student(path: str, **overrides) -> nn.Module:
-    """Rebuild a student from a folder written by :func:`save_student`, or from a published
+    """Rebuild a student from a folder written by ``save_student``, or from a published
     checkpoint of a family's transformers format (ALBERT with one shared layer, MobileBERT).
     ``overrides`` change builder arguments that do not touch the saved weights' shapes:
     dropout, say, or ``adapter_placement`` to add fresh adapters to an adapter-free student.
 
     Folders may come from strangers: the config's sizes are checked against the weights' header
-    (:func:`~components.checkpointing.sizes.check_config_sizes`, the teacher loader's check)
+    (``check_config_sizes``, the teacher loader's check)
     before the weights are read, and the student is laid out on the meta device and compared
     name by name and shape by shape before it is allocated."""
     folder = Path(path)

@@ -121,7 +121,7 @@ class GlobalBatchSampler:
     Each optimizer step consumes the next ``global_batch = micro_batch_size x accumulation_steps
     x world_size`` windows of a permutation drawn per epoch from ``seed``; rank ``r`` takes the
     ``r``-th contiguous share and cuts it into its micro-batches. The last incomplete global
-    batch of an epoch is dropped. The position follows from the steps taken (:meth:`seek`).
+    batch of an epoch is dropped. The position follows from the steps taken (``seek``).
     """
 
     def __init__(

@@ -116,7 +116,7 @@ def _token_classification(predictions, references, label_names) -> Dict[str, flo
 def compute_metrics(
     task_type: str, predictions: Sequence, references: Sequence, label_names: Optional[Sequence[str]] = None
 ) -> Dict[str, float]:
-    """Every metric of :data:`METRICS` for ``task_type``, as plain floats.
+    """Every metric of ``METRICS`` for ``task_type``, as plain floats.
 
     Args:
         predictions, references: class ids (classification), numbers (regression), or one list

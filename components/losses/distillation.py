@@ -7,7 +7,7 @@
 Layer-wise terms: ``hidden`` (cosine or MSE, MiniALBERT/TinyBERT), ``attention`` (per-head KL),
 ``feature_map`` (MobileBERT's LayerNorm-then-MSE), ``feature_mean`` and ``feature_variance``
 (MobileBERT's released mean/variance transfer). Each mapped layer has weight 1. The *active*
-map is the whole layer map unless a stage selects some student layers (:meth:`set_layers`):
+map is the whole layer map unless a stage selects some student layers (``set_layers``):
 MobileBERT's progressive transfer trains layer k with layer k's losses only. Pre-training
 distillation, ``a * MLM + (1 - a) * KD``, is the weights ``{mlm: a, output: 1 - a}``.
 
@@ -85,10 +85,10 @@ class DistillationLoss(nn.Module):
     """Holds the weights, layer map and hidden-state projection; returns every term.
 
     Args:
-        student, teacher: the two encoders' :class:`EncoderSpec`.
+        student, teacher: the two encoders' ``EncoderSpec``.
         weights: weight of each term in ``TERMS``; missing terms weigh 0.
         temperature: temperature of the output KL (scaled by ``T**2``).
-        layer_map: see :func:`resolve_layer_map`.
+        layer_map: see ``resolve_layer_map``.
         hidden_metric: ``"cosine"`` or ``"mse"``.
         attention_reduction: ``"distribution"`` averages the KL of each attention
             distribution; ``"element"`` also divides by the sequence length, as MiniALBERT's

@@ -145,7 +145,7 @@ class AttentionKLLoss(nn.Module):
     averaged over heads, at non-padding query positions: MobileBERT's per-head attention
     transfer, and MiniALBERT's attention loss.
 
-    When the head counts differ, :func:`match_heads` pairs them (groups of teacher heads when
+    When the head counts differ, ``match_heads`` pairs them (groups of teacher heads when
     the counts divide, else the head means). Padded keys carry zero probability on both sides
     and contribute nothing.
 

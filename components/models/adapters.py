@@ -24,7 +24,8 @@ PLACEMENTS: Dict[str, Tuple[Tuple[str, ...], bool]] = {
 
 
 class BottleneckAdapter(nn.Module):
-    """x -> [LayerNorm](x + up(act(down(x)))), with ``hidden_size // reduction_factor`` inside."""
+    """``x -> LayerNorm(x + up(act(down(x))))`` (the LayerNorm only in MiniALBERT's variant), with
+    ``hidden_size // reduction_factor`` inside."""
 
     def __init__(
         self,

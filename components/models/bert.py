@@ -120,7 +120,7 @@ class BertEncoder(nn.Module):
         return_logits: bool = True,
         segment_ids: Optional[torch.Tensor] = None,
     ) -> EncoderOutput:
-        """Same arguments and record as :meth:`RecursiveEncoder.forward` (packed rows included)."""
+        """Same arguments and record as ``RecursiveEncoder.forward`` (packed rows included)."""
         positions = None if segment_ids is None else segment_positions(segment_ids)
         x = self.embeddings(input_ids, token_type_ids, positions)
         bias = attention_bias(attention_mask, x.dtype, segment_ids)

@@ -307,7 +307,7 @@ class BottleneckEncoder(nn.Module):
             Ignored under ``use_bottleneck_attention``; transformers still builds that unused
             bottleneck, the converter fills it in.
         trigram_input: embed each position as its (next, own, previous) tokens' embeddings.
-        normalization: ``"no_norm"`` (:class:`NoNorm`) or ``"layer_norm"``, for every norm but
+        normalization: ``"no_norm"`` (``NoNorm``) or ``"layer_norm"``, for every norm but
             the MLM head's (always a LayerNorm).
         activation: of the FFNs and the MLM transform.
         dropout: hidden dropout: after the embedding norm and on each block's widening
@@ -509,7 +509,7 @@ def mobilebert():
     key_query_shared_bottleneck=False,
 )
 def mobilebert_tiny():
-    """MobileBERT-tiny (Google's ``mobilebert-tiny`` json): as :func:`mobilebert` but 2 FFNs per
+    """MobileBERT-tiny (Google's ``mobilebert-tiny`` json): as ``mobilebert`` but 2 FFNs per
     block and queries, keys and values all from the 128-wide input bottleneck.
 
     15,485,696 parameters without the MLM head (embeddings 4,368,128 + 24 x 463,232), exactly

@@ -4,7 +4,7 @@ classification.
     sentence:  logits = classifier(dropout(tanh(pooler(h[CLS]))))     # BERT's and ALBERT's head
     token:     logits = classifier(dropout(h))                         # at every position
 
-The encoder is any module that returns an :class:`EncoderOutput` (a recursive student or a BERT
+The encoder is any module that returns an ``EncoderOutput`` (a recursive student or a BERT
 teacher); its MLM head is not used. Parameter names are ``encoder.*`` and ``head.*``, so tuning
 modes are globs: ``head.*`` alone, ``encoder.adapters.*`` + ``head.*``, or everything.
 """

@@ -38,7 +38,7 @@ def attention_bias(
     Returns ``None`` when nothing is padded, which lets SDPA take its fastest kernel (eager
     mode only: under ``torch.compile`` that data-dependent check would break the graph).
 
-    With ``segment_ids`` (packed rows, see :func:`segment_positions`) the bias is
+    With ``segment_ids`` (packed rows, see ``segment_positions``) the bias is
     block-diagonal, ``[batch, 1, seq, seq]``: a token attends only to the tokens of its own
     segment, exactly as it would alone in a padded row.
     """

@@ -1,6 +1,6 @@
 """The one record every encoder returns, and the facts about an encoder that losses need.
 
-Teachers and students alike return an :class:`EncoderOutput`; losses read only this record
+Teachers and students alike return an ``EncoderOutput``; losses read only this record
 and the batch, so any encoder that fills it plugs into every loss and recipe.
 """
 

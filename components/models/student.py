@@ -3,8 +3,8 @@ rely on, and nothing more. A new student family implements it and adds one entry
 ``components.models.families.ENCODERS`` (and, to be written in a transformers format, one to
 ``components.checkpointing.student.FORMATS``).
 
-Both families shipped implement it: :class:`~components.models.recursive.RecursiveEncoder`
-(MiniALBERT) and :class:`~components.models.bottleneck.BottleneckEncoder` (MobileBERT).
+Both families shipped implement it: ``RecursiveEncoder``
+(MiniALBERT) and ``BottleneckEncoder`` (MobileBERT).
 """
 
 import logging
@@ -61,7 +61,7 @@ class Student(Protocol):
 
 
 def check_student(model: Any, where: str = "student") -> None:
-    """A clear error when a builder returned something that is not a :class:`Student`."""
+    """A clear error when a builder returned something that is not a ``Student``."""
     missing = [
         name
         for name in ("config", "spec", "activation_checkpointing", "adapter_parameters")

@@ -10,7 +10,7 @@ from components.models.output import EncoderOutput, EncoderSpec
 
 
 class FrozenTeacher(nn.Module):
-    """Wraps any encoder that returns an :class:`EncoderOutput` and never lets it train.
+    """Wraps any encoder that returns an ``EncoderOutput`` and never lets it train.
 
     The encoder stays in eval mode (no dropout: the original MiniALBERT code left it on), its
     parameters need no gradient, and it runs under ``torch.no_grad``. (``torch.inference_mode``

@@ -1,6 +1,6 @@
 """The student as an int8 (or int4) ONNX model for ONNX Runtime on CPU.
 
-1. ``torch.onnx.export`` (dynamo) of the fp32 :class:`ServingEncoder`, with dynamic batch and
+1. ``torch.onnx.export`` (dynamo) of the fp32 ``ServingEncoder``, with dynamic batch and
    sequence axes.
 2. Weights as constants, each written once: the exporter transposes large weights at run time
    (a ``Transpose`` node per use: six per shared weight for miniALBERT) and small ones into a
@@ -11,7 +11,7 @@
      per-channel symmetric weights in ONNX Runtime's reduced range [-64, 64] (exact on CPUs
      without VNNI too). It computes the same integers as
      ``components.quantization.schemes.quantize_weight`` with the scheme's ``weight_qmax``; the
-     file stores them negated, with negated scales (:func:`negate_integer_weights`: the same
+     file stores them negated, with negated scales (``negate_integer_weights``: the same
      products bit for bit, and no per-row int8 kernel on ARM CPUs with SME).
    * ``int8_weight`` / ``int4_weight``: each such MatMul becomes ONNX Runtime's ``MatMulNBits``
      holding our integers and scales, computing in fp32.

@@ -1,7 +1,7 @@
 """The quantised student as a plain-torch module, and the serving signature both exports share.
 
-``quantize_modules`` swaps every ``nn.Linear`` for a :class:`QuantizedLinear` and the word
-embeddings for a :class:`QuantizedEmbedding`. They store the integers of the scheme (int8; int4
+``quantize_modules`` swaps every ``nn.Linear`` for a ``QuantizedLinear`` and the word
+embeddings for a ``QuantizedEmbedding``. They store the integers of the scheme (int8; int4
 packed two to a byte) with their fp32 scales, and compute with them: weights are dequantised on
 the fly and, for ``int8_dynamic``, every Linear input is rounded to uint8 with one dynamic scale,
 exactly as ONNX Runtime does. Traced by ``torch.export``, this is a program that needs nothing

@@ -73,7 +73,7 @@ def is_prepared(model: nn.Module) -> bool:
 
 def prepare_qat(model: nn.Module, scheme: Scheme) -> nn.Module:
     """Make every Linear of ``model`` and its word embeddings fake-quantisable (off until
-    :func:`set_fake_quantize`). Call once, before ``torch.compile`` and FSDP sharding."""
+    ``set_fake_quantize``). Call once, before ``torch.compile`` and FSDP sharding."""
     from torchao.quantization import quantize_
     from torchao.quantization.qat import FakeQuantizedEmbedding, FakeQuantizedLinear, IntxFakeQuantizeConfig, QATConfig
 

@@ -62,7 +62,7 @@ class Scheme:
     weight_qmax: int  # weights take values in [-weight_qmax, weight_qmax]
     group_size: Optional[int]  # None: one scale per output channel
     dynamic_activations: bool  # uint8 per-tensor dynamic activations (ORT DynamicQuantizeLinear)
-    runtime: str  # what the scheme targets, in words (README, export.json)
+    runtime: str  # what the scheme targets, in words (docs, export.json)
 
 
 SCHEMES: Dict[str, Scheme] = {

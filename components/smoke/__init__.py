@@ -1,6 +1,6 @@
 """SMOKE RUN: the embedded default, built on the fly with no download. A tiny teacher and a corpus
-of this Python's standard-library docstrings (:mod:`~components.smoke.assets`), and small
-synthetic downstream tasks (:mod:`~components.smoke.tasks`). They prove that every part of the
+of this Python's standard-library docstrings (``assets``), and small
+synthetic downstream tasks (``tasks``). They prove that every part of the
 pipeline runs; they say nothing about the quality of a real distillation."""
 
 from components.smoke.assets import (

@@ -246,7 +246,7 @@ def smoke_task(assets_dir: str, kind: Literal["sst2", "mrpc", "stsb", "ner"] = "
     word dropped or two words swapped, 0 when it is another sentence edited alike (.tsv).
     ``stsb``: pairs scored 0-5 by the share of the first sentence's words kept in the second
     (.jsonl). ``ner``: CoNLL files tagging planted module (``MOD``) and function (``FUNC``)
-    names. Read them with :data:`SMOKE_TASK_CONFIGS`.
+    names. Read them with ``SMOKE_TASK_CONFIGS``.
 
     Files already there are returned as they are, whatever ``seed`` built them.
     """

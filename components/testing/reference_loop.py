@@ -39,7 +39,7 @@ class ReferenceLoop:
     Args:
         teacher_dir: a transformers BERT folder; student_dir: an ALBERT folder (our student
             written with ``save_student``, so both sides start from the same weights).
-        batch: a padded :class:`~components.training.distill.MaskedBatch`.
+        batch: a padded ``MaskedBatch``.
         loss: ``"minialbert"`` or ``"layers"`` (see the module docstring).
     """
 

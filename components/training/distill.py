@@ -90,7 +90,7 @@ def step_batches(
     pack: bool = False,
 ) -> List[MaskedBatch]:
     """This rank's masked micro-batches for optimizer step ``step`` (see ``components.data.mlm``),
-    each packed (:func:`pack_batch`) when ``pack``; masking happens before packing, so both
+    each packed (``pack_batch``) when ``pack``; masking happens before packing, so both
     layouts hold the same masked tokens."""
     noise = masker.noise(sampler.global_batch, round_up(max_length, pad_to_multiple_of), step_generator(seed, step))
     batches, row = [], sampler.row_offset()
@@ -161,7 +161,7 @@ def distill_step(
 ) -> StepResult:
     """One optimizer step over this rank's micro-batches: what the recipes, the tests and the
     benchmarks all run. Gradients synchronise on the last micro-batch; the loss terms are summed
-    over ranks and checked before anything is applied (:class:`NonFiniteLossError` names the
+    over ranks and checked before anything is applied (``NonFiniteLossError`` names the
     1-based ``step + 1``); then clipping at ``max_norm`` (none when ``None``) and the optimizer
     step. ``stop`` (this rank wants to stop) rides along with the loss reduction, so that every
     rank learns whether any asked. ``parallel`` is a SingleDevice or DataParallel."""

@@ -1,6 +1,6 @@
 """What fine-tuning does besides its loop: the loss of a batch, and what a run leaves in its
 ``output_dir`` (the best model or adapter set, prediction files, ``results.json``).
-Predictions themselves: :mod:`components.inference.predict`."""
+Predictions themselves: ``components.inference.predict``."""
 
 import json
 import logging
@@ -52,7 +52,7 @@ def save_best(
 
 
 def load_best(output_dir: Path, model: TaskModel, tuning: str) -> None:
-    """Put the best model :func:`save_best` wrote back into ``model``."""
+    """Put the best model ``save_best`` wrote back into ``model``."""
     if tuning == "full":
         model.load_state_dict(load_file(str(output_dir / "model" / "model.safetensors")))
     else:

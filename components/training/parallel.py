@@ -1,6 +1,6 @@
 """How a distillation run spreads over processes; both recipes talk to one of these.
 
-:class:`SingleDevice` makes every collective the identity. :class:`DataParallel` (one process
+``SingleDevice`` makes every collective the identity. ``DataParallel`` (one process
 per device, launched by torchrun / ``tune run --nproc_per_node N``):
 
 * the **teacher** is sharded with FSDP2: ``fully_shard`` on every layer, then on the root,
@@ -14,9 +14,9 @@ per device, launched by torchrun / ``tune run --nproc_per_node N``):
   unfreeze parameters. The loss module's projection (when widths differ) stays replicated.
   Each rank's loss is its share of the global mean (token sums over global token counts), and
   FSDP averages gradients over ranks, so each rank back-propagates its loss times the number
-  of ranks (:attr:`loss_scale`): the result is exactly the gradient of one large batch.
+  of ranks (``loss_scale``): the result is exactly the gradient of one large batch.
 * **data**: each rank takes its share of every global batch (components.data.mlm).
-* **preparing files** (:meth:`~DataParallel.main_first`: the teacher download, the ``datasets``
+* **preparing files** (``main_first``: the teacher download, the ``datasets``
   cache, the tokenised store under ``$RECURSIVE_DISTILL_CACHE``) runs in three waves: global
   rank 0, then the first rank of every other node (``LOCAL_RANK`` 0), then everyone else, with
   a barrier between waves. A cache may be shared by all nodes or local to each, and nothing

@@ -1,6 +1,6 @@
 """The bookkeeping every recipe shares, so that a recipe keeps only its own loop.
 
-A :class:`Run` owns a recipe's ``output_dir``:
+A ``Run`` owns a recipe's ``output_dir``:
 
 * **The folder.** The main rank locks it (``.lock``) for the run's lifetime, cleans up what an
   interrupted write left, and refuses a folder that already holds a run unless the run resumes.
@@ -8,25 +8,25 @@ A :class:`Run` owns a recipe's ``output_dir``:
 * **Resume.** The main rank chooses the newest checkpoint that verifies (size + SHA-256; damaged
   ones are set aside) and every rank loads that one. The saved config is compared with the new
   one: keys that decide the model or the data order must match. So are the fingerprints of the
-  corpus and the teacher (:meth:`Run.identify`), unless ``allow_changes_on_resume`` names them.
-* **Ranks agree.** :meth:`Run.check_ranks_agree` compares every rank's config, data and
+  corpus and the teacher (``Run.identify``), unless ``allow_changes_on_resume`` names them.
+* **Ranks agree.** ``Run.check_ranks_agree`` compares every rank's config, data and
   teacher with rank 0's before step 1.
 * **Checkpoints.** The recipe hands over its own state (model, optimizer, schedule, ...); the
   run adds the step, the config and every rank's random state, and the main rank writes it
   atomically, keeping the newest ``keep_last`` checkpoints.
-* **Length.** :meth:`Run.plan_steps`: ``max_steps``, else ``epochs`` epochs; a resumed run
+* **Length.** ``Run.plan_steps``: ``max_steps``, else ``epochs`` epochs; a resumed run
   counted in epochs keeps the step count it began with.
 * **Signals.** SIGTERM (a scheduler's preemption) or Ctrl-C asks the run to stop after the
-  current step: :meth:`Run.poll_stop` tells the recipe's loop, the recipe checkpoints and
-  :meth:`Run.interrupt` raises :class:`~components.errors.RunInterrupted` (exit status 128 +
+  current step: ``Run.poll_stop`` tells the recipe's loop, the recipe checkpoints and
+  ``Run.interrupt`` raises ``RunInterrupted`` (exit status 128 +
   signal). A second Ctrl-C stops at once. Every rank stops after the same step: the request
   travels in a collective.
-* **Main-rank writes.** :meth:`Run.on_main` runs a write on the main rank (checkpoints, the
-  student, metric lines through :meth:`Run.log`); if it fails, even by Ctrl-C, every rank
+* **Main-rank writes.** ``Run.on_main`` runs a write on the main rank (checkpoints, the
+  student, metric lines through ``Run.log``); if it fails, even by Ctrl-C, every rank
   raises with its error (none waits forever in the next collective).
-* **Metrics.** :meth:`Run.open_metrics` opens the metric logger (``metrics.jsonl`` plus
+* **Metrics.** ``Run.open_metrics`` opens the metric logger (``metrics.jsonl`` plus
   TensorBoard or the config's ``metric_logger``), dropping whatever an interrupted run logged
-  after its last checkpoint; :meth:`Run.profiler` and :meth:`Run.memory_stats` serve the
+  after its last checkpoint; ``Run.profiler`` and ``Run.memory_stats`` serve the
   config's ``profiler`` and ``log_peak_memory_stats``.
 """
 
@@ -203,7 +203,7 @@ class Run:
                 log.warning("Resuming with %s changed: %r in the checkpoint, %r now", key, old, new)
 
     def plan_steps(self, max_steps: Optional[int], epochs: int, steps_per_epoch: int) -> int:
-        """The run's length in optimizer steps (also :attr:`max_steps`, saved with every
+        """The run's length in optimizer steps (also ``max_steps``, saved with every
         checkpoint): ``max_steps``, else ``epochs`` epochs of ``steps_per_epoch``. A resumed run
         counted in epochs keeps the count it began with: its schedule and stages were laid out
         over it, and an accepted data change (``allow_changes_on_resume``) may have moved the
@@ -222,7 +222,7 @@ class Run:
     def identify(self, **fingerprints: Any) -> None:
         """Record what the run trains on (``data=``, and ``teacher=`` or ``model=``, the checkpoint
         fine-tuning starts from: see ``components.fingerprint``). Every checkpoint keeps them;
-        :meth:`resumed` refuses a checkpoint written on others, unless ``allow_changes_on_resume``
+        ``resumed`` refuses a checkpoint written on others, unless ``allow_changes_on_resume``
         names them."""
         self.fingerprints.update({k: v for k, v in fingerprints.items() if v is not None})
 
@@ -275,7 +275,7 @@ class Run:
             )
 
     def resumed(self, path: Path, state: Dict[str, Any]) -> int:
-        """Check the checkpoint's fingerprints against :meth:`identify`'s, restore this rank's
+        """Check the checkpoint's fingerprints against ``identify``'s, restore this rank's
         random state; returns its step."""
         self._check_fingerprints(path, state)
         self.saved_step, self.saved_path = int(state["step"]), path
@@ -390,7 +390,7 @@ class Run:
 
     def interrupt(self, step: int, total: int, checkpoint: Callable[[], Path]) -> None:
         """Stop after ``step``: ``checkpoint()`` (unless this step is saved) and raise
-        :class:`RunInterrupted`. Every rank calls it after the same step."""
+        ``RunInterrupted``. Every rank calls it after the same step."""
         path = checkpoint() if self.saved_step != step else self.saved_path
         signum = self.stop_signal or signal.SIGTERM  # another rank got the signal
         raise RunInterrupted(

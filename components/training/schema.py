@@ -1,5 +1,5 @@
 """Every key of each recipe's config, its type, default and meaning (the docs' config reference
-is generated from this file), checked by :func:`components.config.check_config` before a run
+is generated from this file), checked by ``components.config.check_config`` before a run
 starts; and, at the end, the checks across keys that need the built models."""
 
 from dataclasses import dataclass, field
@@ -29,8 +29,8 @@ class DataConfig:
     mlm_probability: float = bounded(0.15, low=0.0, high=1.0, high_open=True)
     batch_size: int = bounded(32, low=1)  # windows per micro-batch (per device)
     eval_fraction: float = bounded(0.01, low=0.0, high=1.0, high_open=True)  # share of documents held out (0: none)
-    max_eval_windows: int = bounded(1024, low=0)
-    pad_to_multiple_of: int = bounded(8, low=1)
+    max_eval_windows: int = bounded(1024, low=0)  # cap on held-out windows
+    pad_to_multiple_of: int = bounded(8, low=1)  # pad each batch's length to a multiple of this
     # several windows per row with block-diagonal attention (same losses, less padding: for
     # short sentences); not with attention_reduction=element or a trigram-input student
     pack: bool = False
@@ -39,24 +39,33 @@ class DataConfig:
 
 @dataclass
 class QuantizationConfig:
-    # The deployed scheme that stages with fake_quantize: true train for (see the README's
-    # quantisation section): int8_dynamic (ONNX Runtime dynamic int8), int8_weight, int4_weight.
+    # The deployed scheme that stages with fake_quantize: true train for (docs: quantisation and
+    # export): int8_dynamic (ONNX Runtime dynamic int8), int8_weight, int4_weight.
     scheme: Literal[SCHEME_NAMES] = "int8_dynamic"
     group_size: int = bounded(32, low=2)  # int4_weight: inputs sharing one scale
 
 
 @dataclass
 class DistillConfig:
-    output_dir: str
+    """recipes/distill_recursive.py (and _distributed.py): a teacher distilled into a student."""
+
+    output_dir: str  # everything the run writes goes here (locked while it runs)
+    # components.checkpointing.hf_teacher with path (a Hub id or a folder), revision, dtype (fp32 or bf16)
     teacher: Component = component_field()
+    # a student builder (components.models.minialbert_128, recursive_tiny, mobilebert, ...) or
+    # components.checkpointing.load_student with path; vocab_size and pad_token_id come from the teacher
     student: Component = component_field(provided=("vocab_size", "pad_token_id"))
-    data: DataConfig
+    data: DataConfig  # the corpus and how it is cut into windows (keys below)
+    # components.losses.DistillationLoss: weights per term, temperature, layer_map, hidden_metric,
+    # attention_reduction, projection (docs: distillation)
     loss: Component = component_field(
         {"_component_": "components.losses.DistillationLoss"}, provided=("student", "teacher")
     )
+    # any torch.optim optimizer with its arguments; biases and norm weights are never decayed
     optimizer: Component = component_field(
         {"_component_": "torch.optim.AdamW", "lr": 5e-4, "weight_decay": 1e-4}, provided=("params",)
     )
+    # the learning-rate multiplier by step: linear_warmup_decay or cosine_warmup_decay (warmup_steps, final_ratio)
     lr_schedule: Component = component_field(
         {"_component_": "components.training.linear_warmup_decay", "warmup_steps": 0},
         provided=("total_steps",),
@@ -66,24 +75,25 @@ class DistillConfig:
     stages: Optional[List[StageConfig]] = None
     # Start the student's embeddings from the teacher's wherever name and shape agree (MobileBERT)
     copy_teacher_embeddings: bool = False
-    quantization: QuantizationConfig = field(default_factory=dict)  # defaults filled in by the checks
-    seed: int = 42
+    quantization: QuantizationConfig = field(default_factory=dict)  # what QAT stages train for (keys below)
+    seed: int = 42  # seeds initialisation, data order and masking
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    dtype: Literal["fp32", "bf16"] = "fp32"  # bf16: autocast where the device supports it
+    # bf16: autocast where the device supports it (losses and attention softmax stay fp32)
+    dtype: Literal["fp32", "bf16"] = "fp32"
     max_steps: Optional[int] = bounded(None, low=1)  # total optimizer steps; overrides epochs
-    epochs: int = bounded(1, low=1)
-    gradient_accumulation_steps: int = bounded(1, low=1)
-    clip_grad_norm: Optional[float] = bounded(1.0, low=0.0)
-    log_every_n_steps: int = bounded(10, low=1)
+    epochs: int = bounded(1, low=1)  # passes over the training windows, when max_steps is null
+    gradient_accumulation_steps: int = bounded(1, low=1)  # micro-batches per optimizer step
+    clip_grad_norm: Optional[float] = bounded(1.0, low=0.0)  # null: log the norm without clipping
+    log_every_n_steps: int = bounded(10, low=1)  # metrics.jsonl and the dashboard
     eval_every_n_steps: Optional[int] = bounded(None, low=1)  # null: evaluate at the end only
     save_every_n_steps: Optional[int] = bounded(None, low=1)  # null: checkpoint at the end only
     keep_last_n_checkpoints: int = bounded(2, low=0)  # 0: keep all
-    resume_from_checkpoint: bool = False
+    resume_from_checkpoint: bool = False  # continue from the newest usable checkpoint in output_dir
     # A checkpoint records the corpus's and the teacher's fingerprints; a resume on changed ones
     # is refused unless named here: [data], [teacher] or both.
     allow_changes_on_resume: List[Literal["data", "teacher"]] = field(default_factory=list)
-    enable_activation_checkpointing: bool = False
-    compile: bool = False
+    enable_activation_checkpointing: bool = False  # recompute each iteration in the backward pass
+    compile: bool = False  # torch.compile the student and the teacher's layers
     # Dashboard for the logged scalars: null is TensorBoard under <output_dir>/tensorboard; or any
     # torchtune metric logger (torchtune.training.metric_logging.DiskLogger, WandBLogger,
     # MLFlowLogger...) with its arguments. metrics.jsonl is written either way.
@@ -112,15 +122,16 @@ class ExportConfig:
     # Text for the held-out batch the files are measured on: local .txt/.jsonl/.parquet files or
     # a Hub dataset (as data.source in distillation); null: this Python's stdlib docstrings.
     eval_source: Optional[Any] = None
-    eval_text_column: str = "text"
-    eval_batch_size: int = bounded(8, low=2)
-    eval_max_length: int = bounded(128, low=8)
+    eval_text_column: str = "text"  # the column holding text in .jsonl/.parquet/Hub data
+    eval_batch_size: int = bounded(8, low=2)  # texts in the held-out batch
+    eval_max_length: int = bounded(128, low=8)  # tokens per text, at most the student's positions
 
 
 @dataclass
 class TaskConfig:
     """recipes/finetune.py's ``task`` section: what is predicted and how it is scored."""
 
+    # classification and regression of sentences (or pairs); token_classification: NER
     type: Literal["classification", "regression", "token_classification"] = "classification"
     input: Literal["single", "pair"] = "single"  # one text column, or sentence pairs
     labels: Optional[List[str]] = None  # label names in id order; null: from the data
@@ -140,15 +151,15 @@ class TaskDataConfig:
     splits: Dict[str, str] = field(
         default_factory=lambda: {"train": "train", "validation": "validation", "test": "test"}
     )
-    text_column: str = "sentence"
+    text_column: str = "sentence"  # the column holding the (first) sentence
     text_pair_column: Optional[str] = None  # second sentence, for task.input: pair
-    label_column: str = "label"
+    label_column: str = "label"  # the column holding the label (a class or a number)
     tokens_column: str = "tokens"  # token_classification: the words of a sentence
     tags_column: str = "ner_tags"  # token_classification: one tag per word
     max_length: int = bounded(128, low=4)  # tokens per row, special tokens included
-    batch_size: int = bounded(32, low=1)
-    eval_batch_size: int = bounded(64, low=1)
-    pad_to_multiple_of: int = bounded(8, low=1)
+    batch_size: int = bounded(32, low=1)  # rows per training step
+    eval_batch_size: int = bounded(64, low=1)  # rows per prediction batch
+    pad_to_multiple_of: int = bounded(8, low=1)  # pad each batch's length to a multiple of this
     num_proc: Optional[int] = bounded(None, low=1)  # processes for tokenisation
 
 
@@ -156,35 +167,37 @@ class TaskDataConfig:
 class FinetuneConfig:
     """recipes/finetune.py: a student (or any BERT-family checkpoint) fine-tuned on one task."""
 
-    output_dir: str
+    output_dir: str  # everything the run writes goes here (locked while it runs)
     # A student folder this library wrote (native or ALBERT format), or a Hugging Face BERT-family
     # checkpoint (folder or Hub id) to compare the teacher on the same task.
     checkpoint_dir: str
-    data: TaskDataConfig
-    task: TaskConfig = field(default_factory=dict)  # defaults filled in by the checks
+    data: TaskDataConfig  # where the task's splits come from and how they are read (keys below)
+    task: TaskConfig = field(default_factory=dict)  # what is predicted and scored (keys below)
     revision: Optional[str] = None  # of a Hub checkpoint_dir
     # full: everything trains; adapters: the per-iteration adapters and the head (MiniALBERT's
     # adapter tuning; the run saves an adapter set); head: the head only
     tuning: Literal["full", "adapters", "head"] = "full"
-    classifier_dropout: float = bounded(0.1, low=0.0, high=1.0, high_open=True)
+    classifier_dropout: float = bounded(0.1, low=0.0, high=1.0, high_open=True)  # before the head's classifier
+    # any torch.optim optimizer with its arguments; biases and norm weights are never decayed
     optimizer: Component = component_field(
         {"_component_": "torch.optim.AdamW", "lr": 5e-5, "weight_decay": 0.01}, provided=("params",)
     )
+    # the learning-rate multiplier by step: linear_warmup_decay or cosine_warmup_decay (warmup_steps, final_ratio)
     lr_schedule: Component = component_field(
         {"_component_": "components.training.linear_warmup_decay", "warmup_steps": 0},
         provided=("total_steps",),
     )
-    seed: int = 42
-    device: str = "auto"
-    dtype: Literal["fp32", "bf16"] = "fp32"
-    epochs: int = bounded(3, low=1)
+    seed: int = 42  # seeds the head, dropout and the data order
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    dtype: Literal["fp32", "bf16"] = "fp32"  # bf16: autocast where the device supports it
+    epochs: int = bounded(3, low=1)  # passes over the train split, when max_steps is null
     max_steps: Optional[int] = bounded(None, low=1)  # overrides epochs
-    clip_grad_norm: Optional[float] = bounded(1.0, low=0.0)
-    log_every_n_steps: int = bounded(10, low=1)
+    clip_grad_norm: Optional[float] = bounded(1.0, low=0.0)  # null: log the norm without clipping
+    log_every_n_steps: int = bounded(10, low=1)  # metrics.jsonl and the dashboard
     # null: at the end of every epoch. Each evaluation keeps the best model and writes a checkpoint.
     eval_every_n_steps: Optional[int] = bounded(None, low=1)
-    keep_last_n_checkpoints: int = bounded(1, low=0)
-    resume_from_checkpoint: bool = False
+    keep_last_n_checkpoints: int = bounded(1, low=0)  # 0: keep all
+    resume_from_checkpoint: bool = False  # continue from the newest usable checkpoint in output_dir
     # A checkpoint records the task data's and the starting model's fingerprints; a resume on
     # changed ones is refused unless named here: [data], [model] or both.
     allow_changes_on_resume: List[Literal["data", "model"]] = field(default_factory=list)

@@ -28,7 +28,7 @@ from components.losses.distillation import LossTerm, MOBILEBERT_WEIGHTS
 class StageConfig:
     """One stage of a run, as written in the config."""
 
-    name: str = "distill"
+    name: str = "distill"  # in logs and messages (metrics log the stage's index as "stage")
     # Optimizer steps in this stage; at most one stage may leave it out to take the rest.
     steps: Optional[int] = bounded(None, low=1)
     # Loss weights for this stage (missing terms weigh 0); null: the loss section's weights.
@@ -177,7 +177,7 @@ def progressive_stages(
 
 def expand_stages(cfg):
     """A ``stages`` section given as a ``_component_`` (a stage-list builder such as
-    :func:`progressive_stages`) becomes the list it builds, before the config is checked."""
+    ``progressive_stages``) becomes the list it builds, before the config is checked."""
     node = cfg.get("stages") if hasattr(cfg, "get") else None
     if node is None or not OmegaConf.is_dict(node) or "_component_" not in node:
         return cfg
