@@ -597,9 +597,9 @@ def main(argv=None) -> int:
     workloads.quiet_transformers()
     started = time.time()
     names = args.workload or ["quick" if args.quick else "bert-base", "embedding"]
-    workloads = [workloads.WORKLOADS[n] for n in names]
+    chosen = [workloads.WORKLOADS[n] for n in names]
     if args.batch or args.seq:
-        workloads = [w.replace(batch=args.batch or w.batch, seq=args.seq or w.seq) for w in workloads]
+        chosen = [w.replace(batch=args.batch or w.batch, seq=args.seq or w.seq) for w in chosen]
     reps = args.reps or (20 if args.quick else 6)
     warmup = args.warmup if args.warmup is not None else (2 if args.quick else 1)
     out_path = args.out or HERE / "results" / f"{dt.datetime.now():%Y%m%d-%H%M%S}_{'+'.join(names)}.json"
@@ -626,7 +626,7 @@ def main(argv=None) -> int:
     if "peak" not in args.skip:
         log("peak matmul (start)")
         peaks.append(measure.peak_matmul(dtype=peak_dtype))
-    for shapes in workloads:
+    for shapes in chosen:
         res["workloads"][shapes.name] = run_workload(shapes, args, reps, warmup, peak_dtype)
 
     if "inference" not in args.skip:
