@@ -1,4 +1,5 @@
-"""Distil a BERT-family teacher into a recursive (MiniALBERT-style) student on one device.
+"""Distil a BERT-family teacher into a compact student on one device: a recursive
+(MiniALBERT-style) student or a bottleneck (MobileBERT-style) one, whichever ``student`` builds.
 
     tune run recipes/distill_recursive.py --config configs/tiny.yaml [key=value ...]
 
