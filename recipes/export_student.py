@@ -19,6 +19,7 @@ naming both, before anything is written, unless ``requantize=true`` asks for pos
 re-quantisation (then it exports with a warning).
 """
 
+import itertools
 import json
 import logging
 import sys
@@ -98,8 +99,8 @@ def _choose_scheme(cfg: DictConfig, source: Path) -> Tuple[Scheme, Optional[dict
 
 def _heldout_texts(cfg: DictConfig, count: int) -> List[str]:
     if cfg.eval_source is None:
-        # the end of the stream: the smoke corpus stops 1.5M characters in
-        return list(stdlib_docstrings(max_chars=10**9))[-count:]
+        # the end of the stream (the smoke corpus stops 1.5M characters in), read from the end
+        return list(itertools.islice(stdlib_docstrings(max_chars=10**9, reverse=True), count))[::-1]
     with config_section("eval_source"):
         documents = load_documents(cfg.eval_source, text_column=cfg.eval_text_column)
     return documents.select(range(min(count, len(documents))))["text"]

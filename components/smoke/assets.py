@@ -31,15 +31,15 @@ log = logging.getLogger(__name__)
 SKIP_DIRS = {"test", "tests", "idlelib", "site-packages", "lib2to3", "__pycache__", "turtledemo"}
 
 
-def stdlib_docstrings(max_chars: int = 1_500_000) -> Iterator[str]:
+def stdlib_docstrings(max_chars: int = 1_500_000, reverse: bool = False) -> Iterator[str]:
     """One document per standard-library module: its module, class and function docstrings.
 
-    Read with ``ast`` (nothing is imported or executed), in sorted path order, so the corpus is
-    the same on every run of the same Python version.
+    Read with ``ast`` (nothing is imported or executed), in sorted path order (``reverse``: from
+    the last module back), so the corpus is the same on every run of the same Python version.
     """
     root = Path(sysconfig.get_paths()["stdlib"])
     total = 0
-    for path in sorted(root.rglob("*.py")):
+    for path in sorted(root.rglob("*.py"), reverse=reverse):
         if SKIP_DIRS.intersection(path.relative_to(root).parts):
             continue
         try:
