@@ -1,8 +1,39 @@
-"""Helpers for tests that build their own tiny checkpoints."""
+"""Helpers for tests: where the repository and ``tune`` are, launching a recipe the README's way,
+and building tiny checkpoints."""
 
+import subprocess
+import sys
 from pathlib import Path
+from typing import List, Optional
 
 import torch
+
+REPO = Path(__file__).resolve().parents[1]
+"""The repository root: the working directory of every ``tune run`` (configs/ and recipes/ are relative to it)."""
+TUNE = Path(sys.executable).with_name("tune")
+"""The ``tune`` of this environment (next to its python), not whichever one is first on PATH."""
+
+
+def tune_command(recipe: str, *args, nproc: Optional[int] = None) -> List[str]:
+    """``tune run [--nproc_per_node N] recipes/<recipe>.py args...``, the README's command."""
+    launcher = ["--nproc_per_node", str(nproc)] if nproc else []
+    return [str(TUNE), "run", *launcher, f"recipes/{recipe}.py", *map(str, args)]
+
+
+def torchrun_command(recipe: str, *args, nproc: int) -> List[str]:
+    """What ``tune run --nproc_per_node N recipes/<recipe>.py args...`` launches (torchrun,
+    standalone, the recipe as a module), without tune's own start-up: for the distributed launches
+    that are not there to prove the command line."""
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
+    return [*launcher, "-m", f"recipes.{recipe}", *map(str, args)]
+
+
+def tune_run(recipe: str, *args, nproc: Optional[int] = None, timeout: float = 600, **kwargs):
+    """Run :func:`tune_command` from the repository root and wait: a ``subprocess.CompletedProcess``
+    with text output (stdout and stderr captured separately unless ``kwargs`` say otherwise)."""
+    if "stdout" not in kwargs and "stderr" not in kwargs:
+        kwargs["capture_output"] = True
+    return subprocess.run(tune_command(recipe, *args, nproc=nproc), cwd=REPO, text=True, timeout=timeout, **kwargs)
 
 
 def make_hf_teacher(folder: Path, tokenizer, kind: str = "bert", layers: int = 4, hidden: int = 32, seed: int = 0):

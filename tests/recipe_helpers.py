@@ -8,6 +8,9 @@ from omegaconf import OmegaConf
 
 from components.config import override
 
+DISTILLED = {"max_steps": 4, "save_every_n_steps": None}
+"""The session's shared run (conftest's ``distilled_run``): ``tiny_config(out, teacher_dir, corpus_file, **DISTILLED)``."""
+
 
 def tiny_config(output_dir: Path, teacher_dir: Path, corpus: Path, **overrides) -> Dict:
     cfg = {

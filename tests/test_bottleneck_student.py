@@ -11,7 +11,6 @@ import components  # noqa: F401  (registers the native formats with transformers
 from components.checkpointing import load_student, save_student
 from components.models import bottleneck_tiny, BottleneckEncoder, recursive_tiny, RecursiveEncoder
 from components.models.student import check_student, Student
-from tests.test_tune_run import tune_run
 
 ATOL = 1e-5
 
@@ -79,11 +78,14 @@ def test_recursive_students_keep_their_formats(tokenizer, tmp_path):
         save_student(with_adapters, tmp_path / "c", format="mobilebert")
 
 
-def test_mobilebert_tiny_config_end_to_end(tmp_path, smoke_assets):
+@pytest.mark.slow  # the smoke assets (a pre-trained teacher, the stdlib corpus)
+def test_mobilebert_tiny_config_end_to_end(tmp_path, smoke_assets, run_main):
     """The shipped progressive smoke config, shortened: 4 layer phases of 2 steps, then 4 steps of
-    pre-training distillation; the student loads as a transformers MobileBERT."""
+    pre-training distillation; the student loads as a transformers MobileBERT. (Through the
+    recipe's main in this process: tests/test_tune_run.py launches this recipe with tune run.)"""
     out = tmp_path / "mobilebert"
-    result = tune_run(
+    result = run_main(
+        "distill_recursive",
         "--config",
         "configs/mobilebert_tiny.yaml",
         f"output_dir={out}",
@@ -95,10 +97,10 @@ def test_mobilebert_tiny_config_end_to_end(tmp_path, smoke_assets):
         f"teacher.assets_dir={smoke_assets}",
         f"data.source.assets_dir={smoke_assets}",
     )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert result.code == 0, result.stdout[-3000:] + result.stderr[-3000:]
     saved = OmegaConf.load(out / "config.yaml")
     assert [s.name for s in saved.stages] == ["layer_1", "layer_2", "layer_3", "layer_4", "pretrain_distill"]
-    assert "Copied the teacher's embeddings.position_embeddings.weight" in result.stdout
+    assert "Copied the teacher's embeddings.position_embeddings.weight" in result.log
     student = load_student(str(out / "student")).eval()
     theirs = MobileBertForMaskedLM.from_pretrained(out / "student", attn_implementation="eager").eval()
     ids = torch.randint(5, student.spec.vocab_size, (2, 16))

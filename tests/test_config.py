@@ -67,12 +67,11 @@ def test_missing_required_sections():
 
 
 def test_every_shipped_config_is_valid():
-    from pathlib import Path
-
     from components.training.schema import ExportConfig, FinetuneConfig
     from components.training.stages import expand_stages
+    from tests.helpers import REPO
 
-    configs = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+    configs = sorted((REPO / "configs").glob("*.yaml"))
     assert {p.name for p in configs} >= {
         "tiny.yaml",
         "tiny_qat.yaml",

@@ -1,10 +1,10 @@
 """The distributed recipe on 2 CPU processes (gloo) against the single-device one."""
 
 import json
+import os
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -13,21 +13,21 @@ from omegaconf import OmegaConf
 from components.checkpointing import load_student
 from components.checkpointing.resume import list_checkpoints, load_checkpoint
 from components.config import ConfigError
+from tests.helpers import REPO, torchrun_command, tune_run
 from tests.recipe_helpers import logged, run_recipe, tiny_config
 
-REPO = Path(__file__).resolve().parents[1]
-TUNE = Path(sys.executable).with_name("tune")
+pytestmark = pytest.mark.slow  # every test launches several processes (tune run --nproc_per_node, torchrun)
 STEPS = 6
 
 
-def tune_distributed(*args, nproc=2):
-    result = subprocess.run(
-        [str(TUNE), "run", "--nproc_per_node", str(nproc), "recipes/distill_recursive_distributed.py", *args],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+def launch_distributed(*args, nproc=2, tune=False):
+    """A distributed run expected to succeed: with ``tune`` through ``tune run --nproc_per_node``
+    (the one launch of this recipe that proves the command line), else the same torchrun."""
+    if tune:
+        result = tune_run("distill_recursive_distributed", *args, nproc=nproc)
+    else:
+        command = torchrun_command("distill_recursive_distributed", *args, nproc=nproc)
+        result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result
 
@@ -56,7 +56,7 @@ def runs(tmp_path_factory, teacher_dir, corpus_file):
         config,
     )
     distributed = root / "distributed"
-    tune_distributed("--config", str(config), f"output_dir={distributed}")
+    launch_distributed("--config", str(config), f"output_dir={distributed}", tune=True)
     return single, distributed, config
 
 
@@ -96,7 +96,7 @@ def test_two_ranks_resume_with_the_same_losses(runs, tmp_path):
     _, distributed, config = runs
     resumed = tmp_path / "resumed"
     shutil.copytree(distributed / "checkpoints" / "step_00000003", resumed / "checkpoints" / "step_00000003")
-    tune_distributed("--config", str(config), f"output_dir={resumed}", "resume_from_checkpoint=True")
+    launch_distributed("--config", str(config), f"output_dir={resumed}", "resume_from_checkpoint=True")
     a, b = logged(distributed), logged(resumed)
     assert sorted(b) == [4, 5, 6]
     for step in (4, 5, 6):
@@ -143,22 +143,11 @@ def test_sharded_teacher_and_student_hold_half_the_parameters(teacher_dir):
         assert abs(r["student_local"] - r["student_total"] / 2) <= 64
 
 
-def tune_distributed_failing(config, *args, timeout=300):
+def launch_distributed_failing(config, *args, timeout=300):
     """A distributed run expected to fail: (return code, stdout + stderr). ``tests`` is put
     on the path so that configs can name test helpers."""
-    import os
-
     result = subprocess.run(
-        [
-            str(TUNE),
-            "run",
-            "--nproc_per_node",
-            "2",
-            "recipes/distill_recursive_distributed.py",
-            "--config",
-            str(config),
-            *args,
-        ],
+        torchrun_command("distill_recursive_distributed", "--config", config, *args, nproc=2),
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -175,7 +164,7 @@ def test_ranks_that_see_different_corpora_fail_before_step_1(tmp_path, teacher_d
     config = tmp_path / "dist.yaml"
     cfg = tiny_config(tmp_path / "out", teacher_dir, tmp_path / "corpus_${oc.env:RANK}.jsonl", **{"data.batch_size": 8})
     OmegaConf.save(OmegaConf.create(cfg), config)
-    code, output = tune_distributed_failing(config)
+    code, output = launch_distributed_failing(config)
     assert code != 0
     assert "The ranks disagree before step 1: rank 1 differs from rank 0 in" in output and "data" in output
     assert "distill:" not in output  # no step was taken
@@ -188,7 +177,7 @@ def test_ctrl_c_in_a_write_on_rank_0_ends_every_rank(tmp_path, teacher_dir, corp
     cfg = tiny_config(tmp_path / "out", teacher_dir, corpus_file, **{"data.batch_size": 8})
     cfg["metric_logger"] = {"_component_": "tests.helpers.FailingLogger", "fail_at": 2, "error": "KeyboardInterrupt"}
     OmegaConf.save(OmegaConf.create(cfg), config)
-    code, output = tune_distributed_failing(config)
+    code, output = launch_distributed_failing(config)
     assert code != 0
     # rank 1 stops with rank 0's error instead of waiting in the next collective
     assert "Stopping: rank 0 failed to write (KeyboardInterrupt" in output, output[-3000:]

@@ -101,6 +101,7 @@ def test_other_settings_than_qat_trained_for_are_refused_before_anything_is_writ
     assert contents(qat_student) == student_before
 
 
+@pytest.mark.slow  # an export (torch.onnx, torch.export, ONNX Runtime's quantiser)
 def test_requantize_true_exports_at_the_asked_settings_with_a_warning(qat_student, tmp_path, caplog):
     with caplog.at_level("WARNING", logger="export_student"):
         report = export(qat_student, tmp_path / "g32", group_size=32, requantize=True)
@@ -110,6 +111,7 @@ def test_requantize_true_exports_at_the_asked_settings_with_a_warning(qat_studen
     assert any("int4_weight with group_size=16" in w and "int4_weight with group_size=32" in w for w in warned), warned
 
 
+@pytest.mark.slow  # an export
 def test_a_plain_student_exports_at_any_settings_without_a_word(qat_student, tmp_path, caplog):
     plain = tmp_path / "plain"  # the same weights, without the record of QAT
     shutil.copytree(qat_student, plain)
@@ -123,6 +125,7 @@ def test_a_plain_student_exports_at_any_settings_without_a_word(qat_student, tmp
     assert not [r for r in caplog.records if r.levelname == "WARNING" and r.name == "export_student"]
 
 
+@pytest.mark.slow  # an export
 def test_an_export_holds_its_output_dir_as_every_run_does(qat_student, tmp_path):
     """The output folder is locked while the export writes (components.training.run's rules):
     an export into a folder another run holds stops at once and writes nothing."""

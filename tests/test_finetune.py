@@ -1,5 +1,5 @@
-"""The fine-tuning recipe: tuning modes, every task type through `tune run`, adapter sets on one
-base, resume, bad input."""
+"""The fine-tuning recipe: tuning modes, every task type through the recipe's main (and one
+through `tune run`), adapter sets on one base, resume, bad input."""
 
 import csv
 import itertools
@@ -8,8 +8,6 @@ import os
 import re
 import shutil
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -23,18 +21,15 @@ from components.errors import CheckpointError, ConfigError, RunInterrupted, Task
 from components.inference import MultiTaskModel
 from components.smoke.tasks import smoke_task, SMOKE_TASK_CONFIGS
 from components.training.run import execute
+from tests.helpers import tune_run
 from tests.recipe_helpers import logged, override, run_recipe, tiny_config
-
-REPO = Path(__file__).resolve().parents[1]
-TUNE = Path(sys.executable).with_name("tune")
 
 
 @pytest.fixture(scope="module")
-def base(tmp_path_factory, teacher_dir, corpus_file):
-    """A tiny distilled student with adapters (the base every task starts from)."""
-    out = tmp_path_factory.mktemp("distilled")
-    run_recipe(tiny_config(out, teacher_dir, corpus_file, max_steps=4, save_every_n_steps=None))
-    return out / "student"
+def base(distilled_student):
+    """A tiny distilled student with adapters (the base every task starts from): the session's
+    shared one (conftest's distilled_run: 4 steps, dropout 0.1). Read only."""
+    return distilled_student
 
 
 @pytest.fixture(scope="module")
@@ -116,25 +111,40 @@ def test_head_tuning_trains_the_head_only(base, tasks, tmp_path):
     assert all(n.startswith("head.") for n in load_file(str(out / "adapter_set" / "adapters.safetensors")))
 
 
-@pytest.mark.parametrize("kind", ["sst2", "mrpc", "stsb", "ner"])
-def test_every_task_type_through_tune_run(kind, base, tasks, tmp_path):
-    """Single sentences, pairs, regression and NER, end to end with the README's command."""
+def _task_config_file(kind, base, tasks, tmp_path):
+    """(output_dir, config file) of a fine-tuning run on the smoke task ``kind``."""
     out = tmp_path / kind
     config = tmp_path / "config.yaml"
     tuning = "full" if kind == "stsb" else "adapters"
     OmegaConf.save(OmegaConf.create(finetune_config(out, base, tasks[kind], kind, tuning=tuning)), config)
-    result = subprocess.run(
-        [str(TUNE), "run", "recipes/finetune.py", "--config", str(config)],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    return out, config
+
+
+@pytest.mark.parametrize("kind", ["sst2", "mrpc", "stsb", "ner"])
+def test_every_task_type_through_the_recipes_main(kind, base, tasks, tmp_path, run_main):
+    """Single sentences, pairs, regression and NER, end to end with the README's command line
+    (``recipe_main`` in this process: test_a_task_through_tune_run launches it)."""
+    out, config = _task_config_file(kind, base, tasks, tmp_path)
+    result = run_main("finetune", "--config", config)
+    assert result.code == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    check_task_run(kind, out, tasks, result.log)
+
+
+@pytest.mark.slow  # a tune run launch: the command line and the import hook
+def test_a_task_through_tune_run(base, tasks, tmp_path):
+    out, config = _task_config_file("sst2", base, tasks, tmp_path)
+    result = tune_run("finetune", "--config", config)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    check_task_run("sst2", out, tasks, result.stdout)
+
+
+def check_task_run(kind, out, tasks, log):
+    """What a finished run of ``_task_config_file`` wrote and logged."""
+    tuning = "full" if kind == "stsb" else "adapters"
     results = json.loads((out / "results.json").read_text())
     metric = {"sst2": "accuracy", "mrpc": "accuracy", "stsb": "pearson", "ner": "f1"}[kind]
     assert results["metric"] == metric and results["best"]["step"] in (4, 8)
-    assert f"Best validation {metric}" in result.stdout
+    assert f"Best validation {metric}" in log
     records = logged(out)
     assert f"eval/{metric}" in records[4] and f"eval/{metric}" in records[8]
     assert (out / ("model" if tuning == "full" else "adapter_set")).is_dir()
@@ -362,20 +372,14 @@ def test_every_kind_of_model_and_the_ones_that_cannot_work(base, tasks, tmp_path
         )
 
 
-def test_bad_input_through_tune_run_is_one_line(base, tasks, tmp_path):
+def test_bad_input_through_the_recipes_main_is_one_line(base, tasks, tmp_path, run_main):
     config = tmp_path / "config.yaml"
     OmegaConf.save(
         OmegaConf.create(finetune_config(tmp_path / "out", base, tasks["sst2"], **{"data.label_column": "lable"})),
         config,
     )
-    result = subprocess.run(
-        [str(TUNE), "run", "recipes/finetune.py", "--config", str(config)],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 2
+    result = run_main("finetune", "--config", config)
+    assert result.code == 2
     assert "Traceback" not in result.stderr
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("error:") and "'lable'" in last and "train.tsv" in last

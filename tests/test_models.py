@@ -249,6 +249,7 @@ def test_activation_checkpointing_gives_the_same_gradients():
         assert torch.equal(plain[name], checkpointed[name]), name
 
 
+@pytest.mark.slow  # torch.compile (inductor builds C++ kernels)
 def test_compiled_student_matches_eager():
     torch.manual_seed(0)
     student = recursive_tiny(dropout=0.0, attention_dropout=0.0)

@@ -4,15 +4,13 @@ import importlib.util
 import os
 import re
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import yaml
 
 from components.errors import MissingDependencyError
-from tests.recipe_helpers import logged, run_recipe, tiny_config
-from tests.test_tune_run import REPO
+from tests.helpers import tune_run
+from tests.recipe_helpers import DISTILLED, logged, run_recipe, tiny_config
 
 DISK_LOGGER = "torchtune.training.metric_logging.DiskLogger"
 
@@ -88,15 +86,15 @@ def test_peak_memory_stats_are_empty_off_cuda():
     assert peak_memory_stats(torch.device("cpu")) == {}
 
 
-def test_metrics_jsonl_and_tensorboard_stay_the_default(tmp_path, teacher_dir, corpus_file):
-    out = tmp_path / "run"
-    run_recipe(tiny_config(out, teacher_dir, corpus_file, max_steps=2, save_every_n_steps=None))
+def test_metrics_jsonl_and_tensorboard_stay_the_default(distilled_run):
+    out = distilled_run  # a run of tiny_config with no logger settings: the defaults
     assert list((out / "tensorboard").glob("events.out.tfevents.*"))
-    assert sorted(logged(out)) == [1, 2]
+    assert sorted(logged(out)) == list(range(1, DISTILLED["max_steps"] + 1))
     saved = (out / "config.yaml").read_text()
     assert "metric_logger: null" in saved and "log_peak_memory_stats: true" in saved
 
 
+@pytest.mark.slow  # a tune run launch: a terminal's view of one process's stdout and stderr
 def test_through_tune_run_a_pasted_block_logs_and_lines_do_not_tear_the_bar(tmp_path, teacher_dir, corpus_file):
     """The metric_logger block as torchtune configs write it (``log_dir: ${output_dir}/logs``),
     given as key=value overrides. And on a terminal, where the bar (stderr) and log lines
@@ -105,22 +103,15 @@ def test_through_tune_run_a_pasted_block_logs_and_lines_do_not_tear_the_bar(tmp_
     out = tmp_path / "run"
     config = tmp_path / "config.yaml"
     config.write_text(yaml.safe_dump(tiny_config(out, teacher_dir, corpus_file, eval_every_n_steps=2)))
-    result = subprocess.run(
-        [
-            str(Path(sys.executable).with_name("tune")),
-            "run",
-            "recipes/distill_recursive.py",
-            "--config",
-            str(config),
-            f"metric_logger._component_={DISK_LOGGER}",
-            "metric_logger.log_dir=${output_dir}/logs",
-        ],
-        cwd=REPO,
+    result = tune_run(
+        "distill_recursive",
+        "--config",
+        str(config),
+        f"metric_logger._component_={DISK_LOGGER}",
+        "metric_logger.log_dir=${output_dir}/logs",
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
-        text=True,
-        timeout=600,
     )
     assert result.returncode == 0, result.stdout[-3000:]
     assert sorted(_disk_log(out / "logs")) == [1, 2, 3, 4, 5, 6]

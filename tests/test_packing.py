@@ -1,8 +1,6 @@
 """data.pack: several windows per row with block-diagonal attention must give every token, and
 every loss term, exactly what the padded batch gives."""
 
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -213,15 +211,13 @@ def test_embedding_teacher_config_runs_on_a_headless_teacher(tmp_path, tokenizer
     from omegaconf import OmegaConf
     from transformers import AlbertModel
 
-    from tests.helpers import make_hf_teacher
+    from tests.helpers import make_hf_teacher, REPO
     from tests.recipe_helpers import logged, override, run_recipe
 
     teacher = make_hf_teacher(tmp_path / "teacher", tokenizer, kind="bert-no-head")
     sentences = tmp_path / "sentences.txt"
     sentences.write_text("\n".join(s.strip() for d in documents for s in d.split(". ") if 3 < len(s.split()) < 20))
-    cfg = OmegaConf.to_container(
-        OmegaConf.load(Path(__file__).resolve().parents[1] / "configs" / "embedding_teacher.yaml")
-    )
+    cfg = OmegaConf.to_container(OmegaConf.load(REPO / "configs" / "embedding_teacher.yaml"))
     cfg = override(
         cfg,
         {

@@ -32,9 +32,9 @@ from components.quantization.schemes import (
     round_activation,
     SCHEMES,
 )
+from tests.helpers import tune_run
 from tests.recipe_helpers import logged, run_recipe, tiny_config
 
-REPO = Path(__file__).resolve().parents[1]
 QAT_STAGES = [{"name": "distill", "steps": 3}, {"name": "qat", "fake_quantize": True}]
 U = 2.0**-24  # float32's unit roundoff: one correctly rounded operation is off by at most U * |result|
 
@@ -207,6 +207,10 @@ def test_resume_in_the_middle_of_a_qat_stage(tmp_path, teacher_dir, corpus_file)
 
 
 # ------------------------------------------------------------------ export
+# Every test from here on exports (torch.onnx, torch.export, ONNX Runtime's quantiser): slow tier.
+EXPORTS = pytest.mark.slow
+
+
 @pytest.fixture(scope="module")
 def students(tmp_path_factory, teacher_dir, corpus_file):
     """A plain fp32 student (post-training quantisation) and a QAT-trained one."""
@@ -243,6 +247,7 @@ def exports(students, tmp_path_factory):
     }
 
 
+@EXPORTS
 def test_both_students_export_every_scheme_with_its_files(exports):
     for name, (folder, report) in exports.items():
         assert sorted(p.name for p in folder.iterdir()) == [
@@ -360,6 +365,7 @@ def _checkpoint(name: str, students) -> Path:
     return students["qat" if name.startswith("qat") else "plain"]
 
 
+@EXPORTS
 def test_int8_dynamic_weights_take_an_exact_kernel_on_every_cpu(exports):
     """ONNX Runtime picks its int8 kernel by CPU; two properties of the stored weights make each
     one it may pick compute the scheme's integers (so the check per node below holds on all):
@@ -380,6 +386,7 @@ def test_int8_dynamic_weights_take_an_exact_kernel_on_every_cpu(exports):
         assert (node["scale"] < 0).all(), node["name"]
 
 
+@EXPORTS
 def test_every_quantised_matmul_computes_the_integers_fake_quantisation_rounds_to(exports, students, batch):
     """Each quantised MatMul of each file, on ONNX Runtime's own float input to it (captured by
     making the node's input and output graph outputs of a copy of the file):
@@ -469,6 +476,7 @@ def _outputs(folder: Path, checkpoint: Path, scheme, batch) -> Dict[str, List[np
     return out
 
 
+@EXPORTS
 def test_converted_files_compute_what_fake_quantisation_trained_for(exports, students, batch):
     """End to end, against the fake-quantised student, at real tokens:
 
@@ -517,6 +525,7 @@ def test_converted_files_compute_what_fake_quantisation_trained_for(exports, stu
         assert report["max_abs_diff_vs_fp32"]["model.onnx"]["hidden_cosine"] > (0.99 if "int4" in name else 0.999), name
 
 
+@EXPORTS
 def test_exported_files_run_without_this_project(exports, tmp_path):
     """A fresh `python -I` that cannot import this project loads both files and computes what
     they compute here, bit for bit: the same file, library build, CPU, inputs and thread counts
@@ -570,7 +579,8 @@ def test_exported_files_run_without_this_project(exports, tmp_path):
 
 
 # ------------------------------------------------------------------ bad input
-def test_export_bad_input_fails_with_one_error_and_writes_nothing(students, tmp_path, monkeypatch):
+@EXPORTS
+def test_export_bad_input_fails_with_one_error_and_writes_nothing(students, exports, tmp_path, monkeypatch):
     out = tmp_path / "out"
     not_a_student = tmp_path / "folder"
     not_a_student.mkdir()
@@ -580,7 +590,7 @@ def test_export_bad_input_fails_with_one_error_and_writes_nothing(students, tmp_
         export(students["plain"], out, scheme="int3")
     assert not out.exists()
 
-    export(students["plain"], out, scheme="int8_weight")
+    shutil.copytree(exports["plain_int8_weight"][0], out)  # an export there (the one of the plain student)
     before = (out / "model.onnx").read_bytes()
     with pytest.raises(ExportError, match="already holds an export: pass overwrite=True"):
         export(students["plain"], out)
@@ -602,23 +612,20 @@ def test_export_bad_input_fails_with_one_error_and_writes_nothing(students, tmp_
     assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]
 
 
-def test_export_through_tune_run(students, tmp_path):
-    tune = Path(sys.executable).with_name("tune")
+@EXPORTS  # and a tune run launch: the command line and the import hook
+def test_export_through_tune_run(students, tmp_path, run_main):
     out = tmp_path / "int8"
-    command = [
-        str(tune),
-        "run",
-        "recipes/export_student.py",
+    args = [
         "--config",
         "configs/export_int8.yaml",
         f"checkpoint_dir={students['qat']}",
         f"output_dir={out}",
         "eval_batch_size=2",
     ]
-    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
+    result = tune_run("export_student", *args)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert (out / "model.onnx").is_file() and (out / "model.pt2").is_file()
-    again = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
-    assert again.returncode == 2
+    again = run_main("export_student", *args)  # the same command line again, in this process
+    assert again.code == 2
     assert again.stderr.strip().splitlines()[-1].startswith("error: output_dir")
     assert "Traceback" not in again.stderr

@@ -11,7 +11,7 @@ from components.checkpointing.resume import list_checkpoints, load_checkpoint
 from components.config import ConfigError
 from components.training.distill import NonFiniteLossError
 from tests.helpers import make_hf_teacher
-from tests.recipe_helpers import logged, run_recipe, tiny_config
+from tests.recipe_helpers import DISTILLED, logged, run_recipe, tiny_config
 
 
 def test_resumed_run_reproduces_the_uninterrupted_one(tmp_path, teacher_dir, corpus_file):
@@ -103,9 +103,9 @@ def test_student_vocabulary_must_match_the_teacher(tmp_path, teacher_dir, corpus
         run_recipe(cfg)
 
 
-def test_a_finished_output_dir_is_not_overwritten(tmp_path, teacher_dir, corpus_file):
-    cfg = tiny_config(tmp_path / "run", teacher_dir, corpus_file, max_steps=2)
-    run_recipe(cfg)
+def test_a_finished_output_dir_is_not_overwritten(tmp_path, teacher_dir, corpus_file, distilled_run):
+    shutil.copytree(distilled_run, tmp_path / "run")  # a finished run, and the config that ran it
+    cfg = tiny_config(tmp_path / "run", teacher_dir, corpus_file, **DISTILLED)
     before = (tmp_path / "run" / "student" / "model.safetensors").read_bytes()
     with pytest.raises(ConfigError, match="already holds a run. Continue it with resume_from_checkpoint=True"):
         run_recipe(cfg)
@@ -204,11 +204,9 @@ def test_logged_lr_includes_the_stage_scale(tmp_path, teacher_dir, corpus_file):
     assert records[1]["lr"] == pytest.approx(0.5e-3) and records[3]["lr"] == pytest.approx(1e-3 * 0.5)
 
 
-def test_continuing_from_a_saved_student(tmp_path, teacher_dir, corpus_file):
-    first = tmp_path / "first"
-    run_recipe(tiny_config(first, teacher_dir, corpus_file, max_steps=2))
+def test_continuing_from_a_saved_student(tmp_path, teacher_dir, corpus_file, distilled_student):
     cfg = tiny_config(tmp_path / "second", teacher_dir, corpus_file, max_steps=2)
-    cfg["student"] = {"_component_": "components.checkpointing.load_student", "path": str(first / "student")}
+    cfg["student"] = {"_component_": "components.checkpointing.load_student", "path": str(distilled_student)}
     run_recipe(cfg)  # same vocabulary: fine. A student of another vocabulary is refused:
     from components.checkpointing import save_student
     from components.models import recursive_tiny
@@ -220,9 +218,9 @@ def test_continuing_from_a_saved_student(tmp_path, teacher_dir, corpus_file):
         run_recipe(cfg)
 
 
-def test_resuming_with_other_data_settings_is_refused(tmp_path, teacher_dir, corpus_file, caplog):
+def test_resuming_with_other_data_settings_is_refused(tmp_path, teacher_dir, corpus_file, caplog, distilled_run):
     out = tmp_path / "run"
-    run_recipe(tiny_config(out, teacher_dir, corpus_file, max_steps=3, save_every_n_steps=None))
+    shutil.copytree(distilled_run, out)  # a finished run of 4 steps, checkpoint at step 4
     with pytest.raises(ConfigError, match=r"different data.batch_size \(8, now 4\)"):
         run_recipe(
             tiny_config(

@@ -7,7 +7,6 @@ import random
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -24,17 +23,15 @@ from components.io import (
     set_write_root,
     UnsafePathError,
 )
-from tests.helpers import make_hf_teacher
+from tests.helpers import make_hf_teacher, REPO, tune_command
 from tests.recipe_helpers import logged, run_recipe, tiny_config
 
-REPO = Path(__file__).resolve().parents[1]
 STEPS = 60
 
 
 def start(config_file: Path, *overrides: str) -> subprocess.Popen:
-    tune = Path(sys.executable).with_name("tune")
     return subprocess.Popen(
-        [str(tune), "run", "recipes/distill_recursive.py", "--config", str(config_file), *overrides],
+        tune_command("distill_recursive", "--config", config_file, *overrides),
         cwd=REPO,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -98,6 +95,7 @@ def assert_same_run(a: Path, b: Path) -> None:
         assert torch.allclose(p, q, rtol=1e-6, atol=1e-7), name
 
 
+@pytest.mark.slow  # tune run launches, killed from outside
 def test_sigkill_at_a_random_step_then_resume(tmp_path, run_config, uninterrupted):
     # a random point in the first half: the second half is the margin a loaded machine's
     # polling needs to land the kill before the run ends (which would make the test vacuous)
@@ -116,6 +114,7 @@ def test_sigkill_at_a_random_step_then_resume(tmp_path, run_config, uninterrupte
     assert not [p for p in (out / "checkpoints").iterdir() if p.name.startswith(".")]
 
 
+@pytest.mark.slow  # tune run launches, stopped from outside
 def test_sigterm_stops_after_the_step_with_a_checkpoint(tmp_path, run_config, uninterrupted):
     out = tmp_path / "preempted"
     process = start(run_config, f"output_dir={out}")
@@ -144,12 +143,16 @@ def damage(path: Path, how: str) -> None:
         (path / "meta.json").unlink()
 
 
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory, teacher_dir, corpus_file):
+    """A 6-step run with checkpoints at steps 2, 4 and 6 (read only)."""
+    out = tmp_path_factory.mktemp("straight") / "run"
+    run_recipe(tiny_config(out, teacher_dir, corpus_file, max_steps=6, save_every_n_steps=2, keep_last_n_checkpoints=3))
+    return out
+
+
 @pytest.mark.parametrize("how", ["truncated", "flipped byte", "no meta.json"])
-def test_a_damaged_checkpoint_falls_back_to_the_previous_one(tmp_path, teacher_dir, corpus_file, caplog, how):
-    straight = tmp_path / "straight"
-    run_recipe(
-        tiny_config(straight, teacher_dir, corpus_file, max_steps=6, save_every_n_steps=2, keep_last_n_checkpoints=3)
-    )
+def test_a_damaged_checkpoint_falls_back_to_the_previous_one(tmp_path, teacher_dir, corpus_file, caplog, how, straight):
     out = tmp_path / "resumed"
     for name in ("step_00000002", "step_00000004"):
         (out / "checkpoints").mkdir(parents=True, exist_ok=True)
@@ -203,19 +206,20 @@ def test_two_runs_cannot_share_an_output_dir(tmp_path, teacher_dir, corpus_file)
     run_recipe(tiny_config(out, teacher_dir, corpus_file, max_steps=2))  # free again
 
 
-def test_no_usable_checkpoint_is_an_error_not_a_fresh_start(tmp_path, teacher_dir, corpus_file):
+def test_no_usable_checkpoint_is_an_error_not_a_fresh_start(tmp_path, teacher_dir, corpus_file, distilled_run):
     out = tmp_path / "run"
-    run_recipe(tiny_config(out, teacher_dir, corpus_file, max_steps=3, save_every_n_steps=None))
+    shutil.copytree(distilled_run, out)  # a finished run (its one checkpoint: the last step's)
+    assert len(list_checkpoints(out)) == 1
     damage(list_checkpoints(out)[0], "truncated")
     with pytest.raises(CheckpointError, match="No usable checkpoint to resume from: .*truncated"):
         run_recipe(tiny_config(out, teacher_dir, corpus_file, max_steps=6, resume_from_checkpoint=True))
 
 
-def test_resume_without_a_checkpoint_never_replaces_a_run(tmp_path, teacher_dir, corpus_file):
+def test_resume_without_a_checkpoint_never_replaces_a_run(tmp_path, teacher_dir, corpus_file, distilled_run):
     """A finished run whose checkpoints are gone, or a run killed before its first checkpoint:
     resume_from_checkpoint=True refuses, names what it found, and leaves it all in place."""
     out = tmp_path / "run"
-    run_recipe(tiny_config(out, teacher_dir, corpus_file, max_steps=3, save_every_n_steps=None))
+    shutil.copytree(distilled_run, out)  # a finished run
     shutil.rmtree(out / "checkpoints")
     metrics = (out / "metrics.jsonl").read_bytes()
     with pytest.raises(

@@ -1,27 +1,14 @@
-"""The README's command, exactly: ``tune run recipes/distill_recursive.py --config ...``."""
+"""The README's command, exactly: ``tune run recipes/distill_recursive.py --config ...`` (one real
+launch, slow tier), and its one-line errors through the recipe's main in this process."""
 
 import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.helpers import REPO, tune_run
 
 
-def tune_run(*args, cwd=REPO, timeout=600):
-    tune = Path(sys.executable).with_name("tune")
-    return subprocess.run(
-        [str(tune), "run", "recipes/distill_recursive.py", *args],
-        cwd=cwd,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-
-
+@pytest.mark.slow  # a tune run launch (the command line and the import hook) of the smoke config
 def test_tiny_config_end_to_end(tmp_path, smoke_assets):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -30,6 +17,7 @@ def test_tiny_config_end_to_end(tmp_path, smoke_assets):
 
     out = tmp_path / "tiny"
     result = tune_run(
+        "distill_recursive",
         "--config",
         "configs/tiny.yaml",
         f"output_dir={out}",
@@ -37,6 +25,7 @@ def test_tiny_config_end_to_end(tmp_path, smoke_assets):
         "eval_every_n_steps=60",
         f"teacher.assets_dir={smoke_assets}",
         f"data.source.assets_dir={smoke_assets}",
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
 
@@ -85,14 +74,14 @@ def test_tiny_config_end_to_end(tmp_path, smoke_assets):
         (["output_dir=x", "max_steps=ten"], "'max_steps' must be int or null, got str 'ten'"),
     ],
 )
-def test_bad_overrides_fail_fast_with_one_line(tmp_path, args, message):
-    result = tune_run("--config", "configs/tiny.yaml", *args, cwd=REPO, timeout=120)
-    assert result.returncode == 2
+def test_bad_overrides_fail_fast_with_one_line(run_main, args, message):
+    result = run_main("distill_recursive", "--config", "configs/tiny.yaml", *args)
+    assert result.code == 2
     assert message in result.stderr
-    assert "Traceback" not in result.stderr
+    assert "Traceback" not in result.stderr  # (in this process an exception would fail the test anyway)
     assert not (REPO / "x").exists()
 
 
-def test_missing_config_file():
-    result = tune_run("--config", "configs/nope.yaml", timeout=120)
-    assert result.returncode == 2 and "Config file not found: configs/nope.yaml" in result.stderr
+def test_missing_config_file(run_main):
+    result = run_main("distill_recursive", "--config", "configs/nope.yaml")
+    assert result.code == 2 and "Config file not found: configs/nope.yaml" in result.stderr

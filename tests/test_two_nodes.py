@@ -19,9 +19,10 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
+from tests.helpers import REPO
 from tests.recipe_helpers import logged, run_recipe, tiny_config
 
-REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow  # two torchrun launches of 2 processes each, at once
 STEPS = 4
 NODES, PER_NODE = 2, 2
 OVERRIDES = {
