@@ -51,3 +51,12 @@ def logged(output_dir: Path) -> Dict[int, Dict]:
         record = json.loads(line)
         records.setdefault(record["step"], {}).update(record)
     return records
+
+
+def run_export(checkpoint_dir: Path, output_dir: Path, **overrides) -> Dict:
+    """The export recipe in-process, on a small held-out batch; returns its report."""
+    from recipes.export_student import export
+
+    cfg = {"checkpoint_dir": str(checkpoint_dir), "output_dir": str(output_dir), "eval_batch_size": 4,
+           "eval_max_length": 48, **overrides}  # fmt: skip
+    return export(OmegaConf.create(cfg))

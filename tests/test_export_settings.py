@@ -10,26 +10,13 @@ import shutil
 from pathlib import Path
 
 import pytest
-from omegaconf import OmegaConf
 
 from components.checkpointing import student_metadata
 from components.errors import ConfigError
+from tests.recipe_helpers import run_export as export
 from tests.recipe_helpers import run_recipe, tiny_config
 
 QAT = {"scheme": "int4_weight", "group_size": 16}
-
-
-def export(checkpoint_dir, output_dir, **overrides):
-    from recipes.export_student import export as run_export
-
-    cfg = {
-        "checkpoint_dir": str(checkpoint_dir),
-        "output_dir": str(output_dir),
-        "eval_batch_size": 2,
-        "eval_max_length": 24,
-        **overrides,
-    }
-    return run_export(OmegaConf.create(cfg))
 
 
 def contents(root: Path) -> dict:

@@ -34,6 +34,7 @@ from components.quantization.schemes import (
 )
 from tests.helpers import tune_run
 from tests.recipe_helpers import logged, run_recipe, tiny_config
+from tests.recipe_helpers import run_export as export
 
 QAT_STAGES = [{"name": "distill", "steps": 3}, {"name": "qat", "fake_quantize": True}]
 U = 2.0**-24  # float32's unit roundoff: one correctly rounded operation is off by at most U * |result|
@@ -219,21 +220,6 @@ def students(tmp_path_factory, teacher_dir, corpus_file):
     run_recipe(tiny_config(root / "plain", teacher_dir, corpus_file, **common))
     run_recipe(tiny_config(root / "qat", teacher_dir, corpus_file, **common, stages=QAT_STAGES))
     return {"plain": root / "plain" / "student", "qat": root / "qat" / "student"}
-
-
-def export(checkpoint_dir, output_dir, **overrides):
-    from omegaconf import OmegaConf
-
-    from recipes.export_student import export as run_export
-
-    cfg = {
-        "checkpoint_dir": str(checkpoint_dir),
-        "output_dir": str(output_dir),
-        "eval_batch_size": 4,
-        "eval_max_length": 48,
-        **overrides,
-    }
-    return run_export(OmegaConf.create(cfg))
 
 
 @pytest.fixture(scope="module")
