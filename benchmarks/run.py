@@ -283,6 +283,10 @@ def section_variants(assets, shapes: workloads.Shapes, warmup: int, reps: int, c
     """Variants of our step (config overrides), each timed interleaved against our plain fp32 step."""
     makers = {
         "teacher bf16": lambda: workloads.RecipeSide(assets, shapes, SCRATCH, **{"teacher.dtype": "bf16"}),
+        "dtype=bf16 (autocast, fp32 weights)": lambda: workloads.RecipeSide(assets, shapes, SCRATCH, dtype="bf16"),
+        "dtype=bf16 + teacher bf16": lambda: workloads.RecipeSide(
+            assets, shapes, SCRATCH, dtype="bf16", **{"teacher.dtype": "bf16"}
+        ),
         "cached teacher outputs (bound)": lambda: workloads.cached_teacher(
             workloads.RecipeSide(assets, shapes, SCRATCH)
         ),

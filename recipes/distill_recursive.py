@@ -29,7 +29,7 @@ from components.errors import CheckpointError, ConfigError, NonFiniteLossError
 from components.models.student import check_student, copy_teacher_embeddings
 from components.quantization import get_scheme, prepare_qat, set_fake_quantize
 from components.training.distill import distill_step, Evaluator, step_batches
-from components.training.parallel import bf16_cpu_warning, resolve_device, SingleDevice
+from components.training.parallel import bf16_cpu_warning, resolve_device, resolve_dtype, SingleDevice
 from components.training.run import configure_logging, execute, Run
 from components.training.schema import check_distill_setup, DistillConfig
 from components.training.stages import (
@@ -60,9 +60,7 @@ class DistillRecursiveRecipe:
         self.device = self.parallel.device
         if not self.parallel.is_main:  # rank 0 speaks for all
             logging.getLogger().setLevel(logging.ERROR)
-        self.bf16 = self.cfg.dtype == "bf16"
-        if self.bf16 and self.device.type == "cuda" and not torch.cuda.is_bf16_supported():
-            raise ConfigError(f"dtype=bf16 but {torch.cuda.get_device_name(self.device)} does not support bf16")
+        self.bf16, self.dtype_reason = resolve_dtype(self.cfg.dtype, self.device)
         self.seed = self.cfg.seed
         self.step = 0  # optimizer steps completed
         self.stop_agreed = False  # every rank stops after the current step
@@ -88,6 +86,7 @@ class DistillRecursiveRecipe:
         warning = bf16_cpu_warning(self.device, asks)
         if warning:
             log.warning(warning)
+        log.info("Compute dtype: %s", self.dtype_reason)
         with config_section("student"):
             self.student = self._build_student().to(self.device)
             if cfg.copy_teacher_embeddings:

@@ -49,7 +49,7 @@ from components.training.finetune import (
     write_results,
     write_split_predictions,
 )
-from components.training.parallel import clip_gradients, resolve_device, SingleDevice
+from components.training.parallel import bf16_cpu_warning, clip_gradients, resolve_device, resolve_dtype, SingleDevice
 from components.training.run import configure_logging, execute, Run
 from components.training.schema import check_finetune_setup, FinetuneConfig
 from components.training.stages import apply_trainable, group_lambdas, param_groups, resolve_stages
@@ -72,7 +72,7 @@ class FinetuneRecipe:
         self.output_dir = Path(self.cfg.output_dir)
         self.parallel = SingleDevice(resolve_device(self.cfg.device))
         self.device = self.parallel.device
-        self.bf16 = self.cfg.dtype == "bf16"
+        self.bf16, self.dtype_reason = resolve_dtype(self.cfg.dtype, self.device)
         self.step = 0
         self.best: Dict = {"value": None, "step": None, "metrics": None}
         self.run = Run(self.cfg, self.parallel, MUST_MATCH_ON_RESUME, MAY_CHANGE_ON_RESUME, outputs=OUTPUTS)
@@ -84,6 +84,10 @@ class FinetuneRecipe:
     def setup(self) -> None:
         cfg = self.cfg
         resume = self.run.start()
+        warning = bf16_cpu_warning(self.device, ["dtype=bf16"] if self.bf16 else [])
+        if warning:
+            log.warning(warning)
+        log.info("Compute dtype: %s", self.dtype_reason)
         torch.manual_seed(cfg.seed)
         with config_section("checkpoint_dir"):
             folder = resolve_checkpoint_dir(cfg.checkpoint_dir, cfg.revision)

@@ -39,7 +39,7 @@ def test_defaults_are_filled_in():
         ({"data.batch_size": 2.5}, r"'data.batch_size' must be int, got float 2.5"),
         (
             {"dtype": "fp16"},
-            r"'dtype' must be one of \['fp32', 'bf16'\], got str 'fp16': fp16 is not offered.*use dtype=bf16",
+            r"'dtype' must be one of \['auto', 'fp32', 'bf16'\], got str 'fp16': fp16 is not offered.*use dtype=bf16",
         ),
         ({"student.num_iterations": "six"}, r"'student.num_iterations' must be int, got str 'six'"),
         (

@@ -288,7 +288,10 @@ def test_bf16_on_a_cpu_without_bf16_instructions_is_warned_about():
 
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     message = bf16_cpu_warning(cpu, ["teacher.dtype=bf16"], native=False)
-    assert message.startswith("teacher.dtype=bf16 on a CPU without bf16 instructions") and "Use fp32 here" in message
+    assert (
+        message.startswith("teacher.dtype=bf16 on a CPU without bf16 instructions")
+        and "Use fp32 or dtype=auto here" in message
+    )
     assert bf16_cpu_warning(cpu, ["dtype=bf16", "teacher.dtype=bf16"], native=False).startswith(
         "dtype=bf16 and teacher.dtype=bf16"
     )
@@ -296,6 +299,88 @@ def test_bf16_on_a_cpu_without_bf16_instructions_is_warned_about():
     assert bf16_cpu_warning(cpu, ["teacher.dtype=bf16"], native=None) is None or cpu_has_native_bf16() is False
     assert bf16_cpu_warning(cuda, ["teacher.dtype=bf16"], native=False) is None
     assert bf16_cpu_warning(cpu, [], native=False) is None
+
+
+CPUINFO = {  # the line of /proc/cpuinfo that tells, as each kind of CPU writes it
+    "avx2": "flags\t\t: fpu sse4_2 avx avx2 fma",
+    "avx512-vnni": "flags\t\t: fpu avx2 avx512f avx512bw avx512_vnni",
+    "zen4": "flags\t\t: fpu avx2 avx512f avx512_vnni avx512_bf16",
+    "sapphire-rapids": "flags\t\t: fpu avx512f avx512_bf16 amx_bf16 amx_tile amx_int8",
+    "arm-neoverse-n1": "Features\t: fp asimd evtstrm aes pmull sha1 sha2 crc32 atomics asimddp",
+    "arm-neoverse-v1": "Features\t: fp asimd sve svebf16 i8mm bf16",
+}
+
+
+@pytest.mark.parametrize(
+    "cpu, native",
+    [
+        ("avx2", False),
+        ("avx512-vnni", False),
+        ("zen4", True),
+        ("sapphire-rapids", True),
+        ("arm-neoverse-n1", False),
+        ("arm-neoverse-v1", True),
+        ("no-flags-line", None),
+        ("no-cpuinfo", None),
+    ],
+)
+def test_dtype_auto_is_bf16_exactly_where_the_cpu_computes_it(tmp_path, monkeypatch, cpu, native):
+    import components.training.parallel as parallel
+
+    cpuinfo = tmp_path / "cpuinfo"
+    if cpu != "no-cpuinfo":
+        line = CPUINFO.get(cpu, "model name\t: ?")
+        cpuinfo.write_text(f"processor\t: 0\nvendor_id\t: x\n{line}\n\nprocessor\t: 1\n{line}\n")
+    real = parallel.cpu_has_native_bf16
+    assert real(str(cpuinfo)) is native
+    monkeypatch.setattr(parallel, "cpu_has_native_bf16", lambda: real(str(cpuinfo)))
+    cpu_device = torch.device("cpu")
+    bf16, why = parallel.resolve_dtype("auto", cpu_device)
+    assert bf16 is bool(native)
+    assert why.startswith(f"dtype=auto: {'bf16' if native else 'fp32'}, this CPU")
+    # explicit choices are taken as given, whatever the CPU
+    assert parallel.resolve_dtype("fp32", cpu_device) == (False, "dtype=fp32")
+    assert parallel.resolve_dtype("bf16", cpu_device) == (True, "dtype=bf16")
+
+
+def test_dtype_auto_on_cuda_follows_the_device(monkeypatch):
+    from components.errors import ConfigError
+    from components.training.parallel import resolve_dtype
+
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Fake GPU")
+    for supported in (True, False):
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, s=supported, **k: s)
+        bf16, why = resolve_dtype("auto", cuda, cpu_native=not supported)  # the CPU does not matter
+        assert bf16 is supported and "Fake GPU" in why
+        assert resolve_dtype("fp32", cuda) == (False, "dtype=fp32")
+    with pytest.raises(ConfigError, match="dtype=bf16 but Fake GPU does not support bf16"):
+        resolve_dtype("bf16", cuda)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert resolve_dtype("bf16", cuda) == (True, "dtype=bf16")
+    assert resolve_dtype("auto", torch.device("meta")) == (False, "dtype=auto: fp32 on meta")
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_the_recipes_log_what_dtype_auto_chose(tmp_path, teacher_dir, corpus_file, monkeypatch, caplog, native):
+    from omegaconf import OmegaConf
+
+    import components.training.parallel as parallel
+    from recipes.distill_recursive import DistillRecursiveRecipe
+    from tests.recipe_helpers import tiny_config
+
+    monkeypatch.setattr(parallel, "cpu_has_native_bf16", lambda: native)
+    cfg = tiny_config(tmp_path / "run", teacher_dir, corpus_file, max_steps=1, dtype="auto")
+    recipe = DistillRecursiveRecipe(OmegaConf.create(cfg))
+    with caplog.at_level("INFO"):
+        recipe.setup()
+    try:
+        assert recipe.bf16 is native
+        assert f"Compute dtype: dtype=auto: {'bf16' if native else 'fp32'}, this CPU" in caplog.text
+        with recipe.autocast():  # what every forward of the run is wrapped in
+            assert torch.is_autocast_enabled("cpu") is native
+    finally:
+        recipe.cleanup()
 
 
 def test_the_recipe_warns_about_a_bf16_teacher_on_such_a_cpu(tmp_path, teacher_dir, corpus_file, monkeypatch, caplog):

@@ -32,7 +32,7 @@ The CPU path uses gloo and makes no CUDA call; on CUDA, NCCL carries tensors and
 import contextlib
 import os
 from datetime import timedelta
-from typing import Any, Iterator, List, Optional, Sequence
+from typing import Any, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -62,18 +62,51 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def cpu_has_native_bf16() -> Optional[bool]:
-    """Whether this CPU has bf16 matrix instructions (AVX512_BF16 or AMX-BF16); ``None`` where
-    it cannot be told (no /proc/cpuinfo). Without them bf16 matmuls are emulated: slower than
-    fp32 (``benchmarks/run.py --quick`` measured a bf16 teacher at 0.27x on an AVX2-only CPU)."""
+def cpu_has_native_bf16(cpuinfo: str = "/proc/cpuinfo") -> Optional[bool]:
+    """Whether this CPU has bf16 matrix instructions (x86: AVX512_BF16 or AMX-BF16; ARM: BF16),
+    read from the first ``flags`` / ``Features`` line of ``cpuinfo``; ``None`` where it cannot be
+    told (no such file, as on macOS). Without them bf16 matmuls are emulated: slower than fp32
+    (``benchmarks/run.py --quick`` measured a bf16 teacher at 0.27x on an AVX2-only CPU)."""
     try:
-        with open("/proc/cpuinfo") as f:
+        with open(cpuinfo) as f:
             flags = next((line.split(":", 1)[1].split() for line in f if line.startswith(("flags", "Features"))), None)
     except OSError:
         return None
     if flags is None:
         return None
     return "avx512_bf16" in flags or "amx_bf16" in flags or "bf16" in flags  # (the last: ARM's Features)
+
+
+def resolve_dtype(requested: str, device: torch.device, cpu_native: Optional[bool] = None) -> Tuple[bool, str]:
+    """What a run's ``dtype`` key means on ``device``: ``(bf16, why)``, where ``bf16`` says whether
+    the forward passes run under bf16 autocast and ``why`` is the sentence the run logs.
+
+    ``fp32`` and ``bf16`` are taken as given (bf16 on a CUDA device without it is a ConfigError;
+    on a CPU without bf16 instructions it runs, and the recipe warns). ``auto`` is bf16 where the
+    device computes it natively: CUDA devices that support it, CPUs with AVX512_BF16, AMX-BF16
+    or ARM's BF16 (``cpu_native``, else read by :func:`cpu_has_native_bf16`); fp32 elsewhere.
+    """
+    if requested not in ("auto", "fp32", "bf16"):
+        raise ConfigError(f"dtype must be auto, fp32 or bf16, got {requested!r}")
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        supported = torch.cuda.is_bf16_supported()
+        if requested == "bf16" and not supported:
+            raise ConfigError(f"dtype=bf16 but {name} does not support bf16")
+        if requested == "auto":
+            return (
+                supported,
+                f"dtype=auto: {'bf16' if supported else 'fp32'}, {name} {'supports' if supported else 'does not support'} bf16",
+            )
+    elif requested == "auto":
+        if device.type != "cpu":
+            return False, f"dtype=auto: fp32 on {device.type}"
+        native = cpu_has_native_bf16() if cpu_native is None else cpu_native
+        if native:
+            return True, "dtype=auto: bf16, this CPU has bf16 instructions (AVX512_BF16, AMX or ARM BF16)"
+        told = "has no bf16 instructions" if native is False else "does not say whether it has bf16 instructions"
+        return False, f"dtype=auto: fp32, this CPU {told} (bf16 would be emulated, slower than fp32)"
+    return requested == "bf16", f"dtype={requested}"
 
 
 def bf16_cpu_warning(device: torch.device, what: Sequence[str], native: Optional[bool] = None) -> Optional[str]:
@@ -84,8 +117,8 @@ def bf16_cpu_warning(device: torch.device, what: Sequence[str], native: Optional
         return None
     return (
         f"{' and '.join(what)} on a CPU without bf16 instructions (no AVX512_BF16 or AMX): its bf16 matmuls are "
-        "emulated and slower than fp32 (0.27x measured on an AVX2-only CPU). Use fp32 here; bf16 pays on GPUs and "
-        "on CPUs with those instructions (Intel Cooper Lake, Sapphire Rapids and later; AMD Zen 4 and later)"
+        "emulated and slower than fp32 (0.27x measured on an AVX2-only CPU). Use fp32 or dtype=auto here; bf16 pays "
+        "on GPUs and on CPUs with those instructions (Intel Cooper Lake, Sapphire Rapids and later; AMD Zen 4 and later)"
     )
 
 

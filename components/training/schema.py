@@ -78,8 +78,9 @@ class DistillConfig:
     quantization: QuantizationConfig = field(default_factory=dict)  # what QAT stages train for (keys below)
     seed: int = 42  # seeds initialisation, data order and masking
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    # bf16: autocast where the device supports it (losses and attention softmax stay fp32)
-    dtype: Literal["fp32", "bf16"] = "fp32"
+    # fp32 | bf16: autocast (losses and attention softmax stay fp32) | auto: bf16 where the device
+    # computes it natively (CUDA with bf16, CPUs with AVX512_BF16 / AMX / ARM BF16), fp32 elsewhere
+    dtype: Literal["auto", "fp32", "bf16"] = "fp32"
     max_steps: Optional[int] = bounded(None, low=1)  # total optimizer steps; overrides epochs
     epochs: int = bounded(1, low=1)  # passes over the training windows, when max_steps is null
     gradient_accumulation_steps: int = bounded(1, low=1)  # micro-batches per optimizer step
@@ -189,7 +190,7 @@ class FinetuneConfig:
     )
     seed: int = 42  # seeds the head, dropout and the data order
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    dtype: Literal["fp32", "bf16"] = "fp32"  # bf16: autocast where the device supports it
+    dtype: Literal["auto", "fp32", "bf16"] = "fp32"  # as distillation's: fp32 | bf16 (autocast) | auto
     epochs: int = bounded(3, low=1)  # passes over the train split, when max_steps is null
     max_steps: Optional[int] = bounded(None, low=1)  # overrides epochs
     clip_grad_norm: Optional[float] = bounded(1.0, low=0.0)  # null: log the norm without clipping
