@@ -104,6 +104,8 @@ class FinetuneRecipe:
             self.device
         )
 
+        if cfg.compile:  # in place: the state dict keeps its names
+            self.model.compile(dynamic=True)
         self.steps_per_epoch = steps_per_epoch(self.task, cfg.data.batch_size)
         self.max_steps = self.run.plan_steps(cfg.max_steps, cfg.epochs, self.steps_per_epoch)
         # the tuning mode is one stage: its globs say what trains

@@ -202,6 +202,7 @@ class FinetuneConfig:
     # A checkpoint records the task data's and the starting model's fingerprints; a resume on
     # changed ones is refused unless named here: [data], [model] or both.
     allow_changes_on_resume: List[Literal["data", "model"]] = field(default_factory=list)
+    compile: bool = False  # torch.compile the task model (dynamic shapes: batches differ in length)
     # Dashboard for the logged scalars: null is TensorBoard under <output_dir>/tensorboard; or any
     # torchtune metric logger (torchtune.training.metric_logging.DiskLogger, WandBLogger,
     # MLFlowLogger...) with its arguments. metrics.jsonl is written either way.
