@@ -33,6 +33,27 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
+# Dense bf16 tensor-core peaks from the vendors' data sheets (FLOP/s), for MFU on CUDA devices
+# whose name contains the key; the measured matmul peak is reported beside it.
+CUDA_BF16_PEAKS = {  # first match wins: "NVIDIA H100 80GB HBM3" is the SXM part
+    "H200": 989.4e12,
+    "H100 PCIe": 756.0e12,
+    "H100 NVL": 835.5e12,
+    "H100": 989.4e12,
+    "A100": 312.0e12,
+    "L40S": 362.05e12,
+    "L4": 121.0e12,
+    "A10": 125.0e12,
+}
+
+
+def cuda_bf16_peak(device: str = "cuda") -> Dict:
+    """The device's name and its data-sheet dense bf16 peak (None when it is not in the table)."""
+    name = torch.cuda.get_device_name(device)
+    peak = next((v for k, v in CUDA_BF16_PEAKS.items() if k in name), None)
+    return {"device_name": name, "datasheet_bf16_flops_per_s": peak}
+
+
 def environment() -> Dict:
     import platform
 
@@ -109,13 +130,27 @@ def summary(xs: List[float]) -> Dict[str, float]:
     }
 
 
-def peak_matmul(n: int = 2048, repeats: int = 10, warmup: int = 2, dtype=torch.float32) -> Dict:
+def synchronized(fn: Callable[[], object], device: str = "cpu") -> Callable[[], object]:
+    """``fn`` followed by a wait for the device's queued work (CUDA kernels run asynchronously)."""
+    if torch.device(device).type != "cuda":
+        return fn
+
+    def call():
+        result = fn()
+        torch.cuda.synchronize(device)
+        return result
+
+    return call
+
+
+def peak_matmul(n: int = 2048, repeats: int = 10, warmup: int = 2, dtype=torch.float32, device: str = "cpu") -> Dict:
     """Best-of-``repeats`` FLOP/s of an ``n x n @ n x n`` matmul (fp32 unless told; 2 n^3 FLOPs)."""
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    out = torch.empty(n, n, dtype=dtype)
+    a, b = torch.randn(n, n, dtype=dtype, device=device), torch.randn(n, n, dtype=dtype, device=device)
+    out = torch.empty(n, n, dtype=dtype, device=device)
+    step = synchronized(lambda: torch.matmul(a, b, out=out), device)
     for _ in range(warmup):
-        torch.matmul(a, b, out=out)
-    times = [timed(lambda: torch.matmul(a, b, out=out)) for _ in range(repeats)]
+        step()
+    times = [timed(step) for _ in range(repeats)]
     flops = 2 * n**3
     return {
         "n": n,
@@ -126,10 +161,13 @@ def peak_matmul(n: int = 2048, repeats: int = 10, warmup: int = 2, dtype=torch.f
     }
 
 
-def matmul_probe(n: int = 2048, repeats: int = 2, dtype=torch.float32) -> float:
+def matmul_probe(n: int = 2048, repeats: int = 2, dtype=torch.float32, device: str = "cpu") -> float:
     """A short peak probe (best of ``repeats`` n^3 matmuls) to interleave with other timings."""
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    return 2 * n**3 / min(timed(lambda: a @ b) for _ in range(repeats))
+    a, b = torch.randn(n, n, dtype=dtype, device=device), torch.randn(n, n, dtype=dtype, device=device)
+    step = synchronized(lambda: a @ b, device)
+    if torch.device(device).type == "cuda":
+        step()  # the first call loads the kernel
+    return 2 * n**3 / min(timed(step) for _ in range(repeats))
 
 
 def saved_tensor_bytes(fn: Callable[[], Dict[str, torch.Tensor]], exclude: List[torch.Tensor]) -> int:

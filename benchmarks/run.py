@@ -66,7 +66,14 @@ def log(msg: str) -> None:
 
 
 def section_distill(
-    ours, ref, shapes: workloads.Shapes, warmup: int, reps: int, probe_n: int = 2048, probe_dtype=torch.float32
+    ours,
+    ref,
+    shapes: workloads.Shapes,
+    warmup: int,
+    reps: int,
+    probe_n: int = 2048,
+    probe_dtype=torch.float32,
+    device: str = "cpu",
 ) -> Dict:
     runners = {"ours": ours, "reference": ref}
     batch, padded = ours.batches[0], ours.padded[0]
@@ -84,7 +91,7 @@ def section_distill(
     peak_probe: List[float] = []
     for i in range(reps):
         order = ("ours", "reference") if i % 2 == 0 else ("reference", "ours")
-        peak_probe.append(measure.matmul_probe(probe_n, dtype=probe_dtype))
+        peak_probe.append(measure.matmul_probe(probe_n, dtype=probe_dtype, device=device))
         for k in order:
             m = measure.Measured(runners[k].step)
             times[k].append(m.seconds)
@@ -163,6 +170,19 @@ def section_saved_tensors(ours, ref) -> Dict:
         "sum of distinct storages autograd saves for backward during the loss forward "
         "(torch.autograd.graph.saved_tensors_hooks), parameters excluded"
     )
+    return out
+
+
+def section_cuda_memory(ours, ref, device: str) -> Dict:
+    """Peak CUDA memory allocated during one steady step of each side (models and optimizer
+    state included: what the device must hold)."""
+    out = {}
+    for name, side in (("ours", ours), ("reference", ref)):
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        side.step()
+        out[f"{name}_peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+    out["ratio_ours_over_ref"] = out["ours_peak_gib"] / out["reference_peak_gib"]
     return out
 
 
@@ -279,27 +299,28 @@ def section_inference(batches: List[int], seq: int, warmup: int, reps: int, seed
 # ---------------------------------------------------------------------------------------------
 
 
-def section_variants(assets, shapes: workloads.Shapes, warmup: int, reps: int, compile_too: bool) -> Dict:
+def section_variants(
+    assets, shapes: workloads.Shapes, warmup: int, reps: int, compile_too: bool, device: str = "cpu"
+) -> Dict:
     """Variants of our step (config overrides), each timed interleaved against our plain fp32 step."""
+
+    def side(**overrides):
+        return workloads.RecipeSide(assets, shapes, SCRATCH, **{"device": device, "dtype": "fp32", **overrides})
+
     makers = {
-        "teacher bf16": lambda: workloads.RecipeSide(assets, shapes, SCRATCH, **{"teacher.dtype": "bf16"}),
-        "dtype=bf16 (autocast, fp32 weights)": lambda: workloads.RecipeSide(assets, shapes, SCRATCH, dtype="bf16"),
-        "dtype=bf16 + teacher bf16": lambda: workloads.RecipeSide(
-            assets, shapes, SCRATCH, dtype="bf16", **{"teacher.dtype": "bf16"}
-        ),
-        "cached teacher outputs (bound)": lambda: workloads.cached_teacher(
-            workloads.RecipeSide(assets, shapes, SCRATCH)
-        ),
+        "teacher bf16": lambda: side(**{"teacher.dtype": "bf16"}),
+        "dtype=bf16 (autocast, fp32 weights)": lambda: side(dtype="bf16"),
+        "dtype=bf16 + teacher bf16": lambda: side(dtype="bf16", **{"teacher.dtype": "bf16"}),
+        "cached teacher outputs (bound)": lambda: workloads.cached_teacher(side()),
     }
     if shapes.name == "embedding":
-        makers["padded rows (data.pack=false)"] = lambda: workloads.RecipeSide(
-            assets, shapes, SCRATCH, **{"data.pack": False}
-        )
+        makers["padded rows (data.pack=false)"] = lambda: side(**{"data.pack": False})
     if compile_too:
-        makers["torch.compile"] = lambda: workloads.RecipeSide(assets, shapes, SCRATCH, compile=True)
+        makers["torch.compile"] = lambda: side(compile=True)
+        makers["torch.compile + dtype=bf16"] = lambda: side(compile=True, dtype="bf16")
     out: Dict = {}
     for name, make in makers.items():
-        base, variant = workloads.RecipeSide(assets, shapes, SCRATCH), make()
+        base, variant = side(), make()
         a, b = (float(side.forward()["total"].detach()) for side in (base, variant))
         log(f"variant {name!r}: warm-up")
         started = time.perf_counter()
@@ -351,6 +372,7 @@ def workload_table(res: Dict) -> str:
         f"shapes={sh['name']}  teacher {sh['t_layers']}x{sh['t_hidden']}  student E={sh['s_embed']} "
         f"H={sh['s_hidden']} x{sh['s_iters']}  vocab {sh['vocab']}  threads {res['environment']['torch_threads']}  "
         f"cpu {res['environment']['cpu_model']}{'  bf16 autocast' if args_bf16(res) else ''}"
+        + (f"  device {res['environment']['cuda']['device_name']}" if res["environment"].get("cuda") else "")
     )
     eq = res.get("equivalence")
     if eq:
@@ -411,6 +433,14 @@ def workload_table(res: Dict) -> str:
                 "",
                 f"peak {fl['peak_flops_per_s'] / 1e9:.1f} GFLOP/s ({fl['peak_matmul_n']}^3 matmul, best of run)",
             )
+            if "ours_mfu_datasheet_bf16" in fl:
+                row(
+                    "  MFU (data sheet's dense bf16 peak)",
+                    f(fl["ours_mfu_datasheet_bf16"], ".1%"),
+                    f(fl["reference_mfu_datasheet_bf16"], ".1%"),
+                    "",
+                    res["environment"]["cuda"]["device_name"],
+                )
         row(
             "  fraction of a peak probe run beside it",
             f(o["fraction_of_probe_peak_median"], ".1%"),
@@ -441,6 +471,15 @@ def workload_table(res: Dict) -> str:
             f(st["ours_mib"]),
             f(st["reference_mib"]),
             f(st["ours_mib"] / st["reference_mib"], ".2f"),
+        )
+    cm = res.get("cuda_memory")
+    if cm:
+        row(
+            "peak CUDA memory of a step, GiB",
+            f(cm["ours_peak_gib"], ".2f"),
+            f(cm["reference_peak_gib"], ".2f"),
+            f(cm["ratio_ours_over_ref"], ".2f"),
+            "models, optimizer state and activations",
         )
     m = res.get("memory")
     if m:
@@ -547,6 +586,11 @@ def parse_args(argv=None):
         action="store_true",
         help="both sides' forward under CPU bf16 autocast (the recipe's dtype=bf16); peak is bf16 too",
     )
+    p.add_argument(
+        "--device",
+        default="cpu",
+        help="cpu or cuda[:N]: both sides on it; on CUDA, MFU against its bf16 peak and peak CUDA memory",
+    )
     p.add_argument("--profile", action="store_true", help="torch.profiler table of the top ops of each step")
     p.add_argument("--compile", action="store_true", help="also time our step under torch.compile (slow to compile)")
     p.add_argument("--keep-assets", action="store_true", help="keep the random checkpoints under the scratch dir")
@@ -566,19 +610,23 @@ def run_workload(shapes: workloads.Shapes, args, reps: int, warmup: int, peak_dt
         assets = workloads.make_assets(shapes, asset_dir, args.seed)
         if "distill" not in args.skip:
             torch.manual_seed(args.seed)
-            ours, ref = workloads.make_sides(assets, shapes, SCRATCH, args.bf16)
+            ours, ref = workloads.make_sides(assets, shapes, SCRATCH, args.bf16, args.device)
             res["equivalence"] = workloads.loss_agreement(ours, ref)
             log(f"losses: total rel diff {res['equivalence']['terms']['total']['rel_diff']:.2e}")
             res["saved_tensors"] = section_saved_tensors(ours, ref)
-            res["distill"] = section_distill(ours, ref, shapes, warmup, reps, probe_dtype=peak_dtype)
+            res["distill"] = section_distill(
+                ours, ref, shapes, warmup, reps, probe_dtype=peak_dtype, device=args.device
+            )
+            if args.device != "cpu":
+                res["cuda_memory"] = section_cuda_memory(ours, ref, args.device)
             if args.profile:
                 log("profiling")
                 res["profile"] = {k: workloads.profile_step(r) for k, r in (("ours", ours), ("reference", ref))}
             ours.close()
             del ours, ref
             if "variants" not in args.skip:
-                res["variants"] = section_variants(assets, shapes, warmup, max(3, reps // 2), args.compile)
-        if "memory" not in args.skip:
+                res["variants"] = section_variants(assets, shapes, warmup, max(3, reps // 2), args.compile, args.device)
+        if "memory" not in args.skip and args.device == "cpu":  # (CUDA: cuda_memory above)
             res["memory"] = section_memory(assets, shapes, args.seed, args.threads, args.mem_reps, args.bf16)
     finally:
         if not args.keep_assets:
@@ -627,9 +675,14 @@ def main(argv=None) -> int:
 
     peaks = []
     peak_dtype = torch.bfloat16 if args.bf16 else torch.float32
+    peak_n = 2048 if args.device == "cpu" else 8192  # a GPU needs a larger matmul to reach its peak
+    if args.device != "cpu":
+        res["environment"]["cuda"] = measure.cuda_bf16_peak(args.device)
+        if "inference" not in args.skip:
+            args.skip.append("inference")  # a CPU latency section
     if "peak" not in args.skip:
         log("peak matmul (start)")
-        peaks.append(measure.peak_matmul(dtype=peak_dtype))
+        peaks.append(measure.peak_matmul(n=peak_n, dtype=peak_dtype, device=args.device))
     for shapes in chosen:
         res["workloads"][shapes.name] = run_workload(shapes, args, reps, warmup, peak_dtype)
 
@@ -640,7 +693,7 @@ def main(argv=None) -> int:
 
     if "peak" not in args.skip:
         log("peak matmul (end)")
-        peaks.append(measure.peak_matmul(dtype=peak_dtype))
+        peaks.append(measure.peak_matmul(n=peak_n, dtype=peak_dtype, device=args.device))
         best = max(p["best_flops_per_s"] for p in peaks)
         res["flops"] = {
             "peak_dtype": str(peak_dtype),
@@ -654,6 +707,10 @@ def main(argv=None) -> int:
                     f"{k}_fraction_of_peak": w["distill"][k]["achieved_flops_per_s_median"] / best
                     for k in ("ours", "reference")
                 }
+                sheet = res["environment"].get("cuda", {}).get("datasheet_bf16_flops_per_s")
+                if sheet:  # MFU as GPU papers give it: against the data sheet's dense bf16 peak
+                    for k in ("ours", "reference"):
+                        w["flops"][f"{k}_mfu_datasheet_bf16"] = w["distill"][k]["achieved_flops_per_s_median"] / sheet
 
     res["environment"]["loadavg_at_end"] = list(os.getloadavg())
     res["duration_s"] = time.time() - started

@@ -254,7 +254,8 @@ class RecipeSide(Side):
         from components.training.distill import distill_forward
 
         with self.recipe.autocast():
-            out = distill_forward(self.student, self.teacher, self.recipe.loss_fn, self.batches[0])
+            batch = self.batches[0].to(self.recipe.device)
+            out = distill_forward(self.student, self.teacher, self.recipe.loss_fn, batch)
         return {"total": out.total, **out.terms}
 
     def close(self) -> None:
@@ -269,7 +270,7 @@ class ReferenceSide(Side):
 
     kind = "reference"
 
-    def __init__(self, assets: Dict[str, str], shapes: Shapes, batch):
+    def __init__(self, assets: Dict[str, str], shapes: Shapes, batch, device: str = "cpu"):
         from components.testing.reference_loop import LAYERS, MINIALBERT, ReferenceLoop
 
         quiet_transformers()
@@ -281,6 +282,7 @@ class ReferenceSide(Side):
             lr=LR,
             weight_decay=WEIGHT_DECAY,
             clip=CLIP,
+            device=device,
         )
         self.student, self.teacher = self.loop.student, self.loop.teacher
 
@@ -292,10 +294,10 @@ class ReferenceSide(Side):
             return self.loop.loss()
 
 
-def make_sides(assets: Dict[str, str], shapes: Shapes, scratch: Path, bf16: bool = False):
-    ours = RecipeSide(assets, shapes, scratch, **({"dtype": "bf16"} if bf16 else {}))
-    ref = ReferenceSide(assets, shapes, ours.padded[0])
-    ref.loop.bf16 = bf16  # forward under CPU bf16 autocast, as the recipe's dtype=bf16 does
+def make_sides(assets: Dict[str, str], shapes: Shapes, scratch: Path, bf16: bool = False, device: str = "cpu"):
+    ours = RecipeSide(assets, shapes, scratch, device=device, dtype="bf16" if bf16 else "fp32")
+    ref = ReferenceSide(assets, shapes, ours.padded[0], device)
+    ref.loop.bf16 = bf16  # forward under bf16 autocast, as the recipe's dtype=bf16 does
     return ours, ref
 
 

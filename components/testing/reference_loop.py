@@ -41,6 +41,7 @@ class ReferenceLoop:
             written with ``save_student``, so both sides start from the same weights).
         batch: a padded ``MaskedBatch``.
         loss: ``"minialbert"`` or ``"layers"`` (see the module docstring).
+        device: where both models and the batch are put (``"cuda"`` for the GPU benchmarks).
     """
 
     def __init__(
@@ -52,6 +53,7 @@ class ReferenceLoop:
         lr: float = 5e-4,
         weight_decay: float = 1e-4,
         clip: float = 1.0,
+        device: str = "cpu",
     ):
         if loss not in (MINIALBERT, LAYERS):
             raise ValueError(f"loss must be {MINIALBERT!r} or {LAYERS!r}, got {loss!r}")
@@ -68,6 +70,10 @@ class ReferenceLoop:
             .from_pretrained(student_dir, attn_implementation="eager", **no_pooler)
             .train()
         )
+        self.device = torch.device(device)
+        self.teacher.to(self.device)
+        self.student.to(self.device)
+        batch = None if batch is None else batch.to(self.device)
         assert self.student.config.num_hidden_groups == 1
         self.batch, self.kind, self.clip = batch, loss, clip
         n_t, n_s = self.teacher.config.num_hidden_layers, self.student.config.num_hidden_layers
@@ -140,10 +146,10 @@ class ReferenceLoop:
         total = 1.0 * s_out.loss + 3.0 * (att + hid) + 5.0 * out
         return {"total": total, "mlm": s_out.loss, "output": out, "hidden": hid, "attention": att}
 
-    bf16 = False  # the forward under CPU bf16 autocast (what the recipe's dtype=bf16 does)
+    bf16 = False  # the forward under bf16 autocast (what the recipe's dtype=bf16 does)
 
     def autocast(self):
-        return torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16)
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16)
 
     def step(self) -> float:
         with self.autocast():
