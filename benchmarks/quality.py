@@ -4,6 +4,7 @@
     python benchmarks/quality.py --quick          # 3 min per trained side, small probe: ~15 min on 2 cores
     python benchmarks/quality.py                  # 20 min per side, full probe, our recipe continued to 60 min
     python benchmarks/quality.py --budget-minutes 10 --long-minutes 0 --threads 2
+    python benchmarks/quality.py --dtypes fp32 bf16 --skip-plain --long-minutes 0   # dtype's cost or gain
 
 Sides, run one after another with the same threads, each trained side for the same wall-clock
 budget (the clock starts after setup; tokenisation is reported separately):
@@ -12,7 +13,8 @@ budget (the clock starts after setup; tokenisation is reported separately):
   random    the student of configs/embedding_teacher.yaml as initialised, untrained
   plain     components/testing/reference_loop.py: a plain transformers loop (AlbertModel student from the
             same initial weights, 32 padded sentences per step, hidden cosine + attention KL)
-  ours      the shipped config, run by the recipe's own train_step() (what `tune run` does)
+  ours      the shipped config, run by the recipe's own train_step() (what `tune run` does);
+            with several --dtypes, one side per dtype ("ours-fp32", "ours-bf16") from the same start
   ours-long the same run of our recipe continued to --long-minutes in total (not in --quick)
 
 Measured for each: on 512 held-out IMDB sentences, the cosine to the teacher of the last hidden
@@ -241,7 +243,7 @@ class Evaluator:
 # ---------------------------------------------------------------------------------------------
 
 
-def make_recipe(teacher_dir: Path, corpus: Path, output_dir: Path, seed: int):
+def make_recipe(teacher_dir: Path, corpus: Path, output_dir: Path, seed: int, dtype: str = "auto"):
     from omegaconf import OmegaConf
 
     from recipes.distill_recursive import DistillRecursiveRecipe
@@ -253,6 +255,7 @@ def make_recipe(teacher_dir: Path, corpus: Path, output_dir: Path, seed: int):
             {
                 "output_dir": str(output_dir),
                 "seed": seed,
+                "dtype": dtype,
                 "teacher": {"path": str(teacher_dir)},
                 "data": {"source": str(corpus), "hub_config": None, "split": "train", "eval_fraction": 0.0},
                 "eval_every_n_steps": None,
@@ -313,14 +316,14 @@ def train_plain(loop, tokenizer, sentences, seconds: float, seed: int) -> dict:
 
 def table(sides: dict) -> str:
     head = (
-        f"{'side':<10}{'steps':>7}{'sentences':>11}{'train s':>9}{'token cos':>11}{'sent cos':>10}"
+        f"{'side':<16}{'steps':>7}{'sentences':>11}{'train s':>9}{'token cos':>11}{'sent cos':>10}"
         f"{'layer cos':>11}{'probe acc':>11}{'/ teacher':>11}"
     )
     rows = [head, "-" * len(head)]
     for name, r in sides.items():
         trained = [f"{r['steps']:>7}", f"{r['sentences']:>11}", f"{r['seconds']:>9.0f}"] if "steps" in r else [" " * 27]
         rows.append(
-            f"{name:<10}" + "".join(trained) + f"{r['token_cosine']:>11.4f}{r['sentence_cosine']:>10.4f}"
+            f"{name:<16}" + "".join(trained) + f"{r['token_cosine']:>11.4f}{r['sentence_cosine']:>10.4f}"
             f"{r['layer_cosine']:>11.4f}{r['probe_accuracy']:>11.4f}{r['probe_vs_teacher']:>11.3f}"
         )
     return "\n".join(rows)
@@ -334,6 +337,14 @@ def main() -> None:
     p.add_argument("--budget-minutes", type=float, help="training wall clock per side (default 20, --quick 3)")
     p.add_argument("--long-minutes", type=float, help="our recipe continued to this many minutes (default 60; 0 skips)")
     p.add_argument("--seed", type=int, default=42)
+    p.add_argument(
+        "--dtypes",
+        nargs="+",
+        default=["auto"],
+        choices=["auto", "fp32", "bf16"],
+        help="our recipe's dtype; several train one side each from the same initial student (default: auto, as shipped)",
+    )
+    p.add_argument("--skip-plain", action="store_true", help="leave out the plain transformers loop")
     p.add_argument("--threads", type=int, default=os.cpu_count())
     p.add_argument("--out", type=Path)
     args = p.parse_args()
@@ -376,11 +387,12 @@ def main() -> None:
         }
         log(f"{len(train)} training sentences, {len(held_out)} held out; setting up the recipe")
         t0 = time.perf_counter()
-        recipe = make_recipe(teacher_dir, corpus, work / "recipe", args.seed)
+        recipe = make_recipe(teacher_dir, corpus, work / "recipe", args.seed, args.dtypes[0])
+        results["dtypes"] = {args.dtypes[0]: recipe.dtype_reason}
         results["recipe_setup_seconds"] = time.perf_counter() - t0
         results["recipe_windows"] = recipe.window_counts["training"]
         log(f"recipe set up in {results['recipe_setup_seconds']:.0f} s ({results['recipe_windows']} windows)")
-        from components.checkpointing.student import save_student
+        from components.checkpointing.student import load_student, save_student
 
         initial = work / "recipe" / "initial"  # the plain loop starts here (inside output_dir: the
         save_student(recipe.student, initial, format="albert")  # recipe writes nowhere else)
@@ -388,21 +400,29 @@ def main() -> None:
         sides["teacher"] = evaluate("teacher", ours_fn(recipe.teacher), recipe.teacher)
         sides["random"] = evaluate("random", ours_fn(recipe.student), recipe.student)
 
-        from components.testing.reference_loop import LAYERS, ReferenceLoop
+        if not args.skip_plain:
+            from components.testing.reference_loop import LAYERS, ReferenceLoop
 
-        log(f"plain loop: {budget / 60:.1f} min")
-        loop = ReferenceLoop(str(teacher_dir), str(initial), None, LAYERS)
-        trained = train_plain(loop, recipe.teacher.tokenizer, train, budget, args.seed)
-        sides["plain"] = {**trained, **evaluate("plain", hf_fn(loop.student), loop.student)}
-        del loop
+            log(f"plain loop: {budget / 60:.1f} min")
+            loop = ReferenceLoop(str(teacher_dir), str(initial), None, LAYERS)
+            trained = train_plain(loop, recipe.teacher.tokenizer, train, budget, args.seed)
+            sides["plain"] = {**trained, **evaluate("plain", hf_fn(loop.student), loop.student)}
+            del loop
 
-        log(f"our recipe: {budget / 60:.1f} min")
-        trained = train_ours(recipe, budget, {})
-        sides["ours"] = {**trained, **evaluate("ours", ours_fn(recipe.student), recipe.student)}
-        if long > budget:
-            log(f"our recipe, continued to {long / 60:.1f} min")
-            trained = train_ours(recipe, long, trained)
-            sides["ours-long"] = {**trained, **evaluate("ours-long", ours_fn(recipe.student), recipe.student)}
+        for i, dtype in enumerate(args.dtypes):
+            name = "ours" if len(args.dtypes) == 1 else f"ours-{dtype}"
+            if i > 0:  # the same initial student and data order, another dtype
+                recipe.cleanup()
+                recipe = make_recipe(teacher_dir, corpus, work / f"recipe-{dtype}", args.seed, dtype)
+                recipe.student.load_state_dict(load_student(initial).state_dict())
+                results["dtypes"][dtype] = recipe.dtype_reason
+            log(f"{name} ({recipe.dtype_reason}): {budget / 60:.1f} min")
+            trained = train_ours(recipe, budget, {})
+            sides[name] = {**trained, **evaluate(name, ours_fn(recipe.student), recipe.student)}
+            if long > budget:
+                log(f"{name}, continued to {long / 60:.1f} min")
+                trained = train_ours(recipe, long, trained)
+                sides[f"{name}-long"] = {**trained, **evaluate(f"{name}-long", ours_fn(recipe.student), recipe.student)}
         recipe.cleanup()
     finally:
         shutil.rmtree(work, ignore_errors=True)
