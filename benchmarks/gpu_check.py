@@ -137,6 +137,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         "data.hub_config=null", "data.eval_fraction=0", f"max_steps={steps['embedding']}", f"log_every_n_steps={every}",
     ))  # fmt: skip
 
+    if not assets:  # the tiny run's, built once
+        built = tiny / "smoke_assets"
+        assets = [f"teacher.assets_dir={built}", f"data.source.assets_dir={built}"]
     every = max(1, steps["distributed"] // 10)
     rows.append(distill_check(
         f"distributed (FSDP2), 1 process, {dtype}", "distill_recursive_distributed", "configs/tiny.yaml",
