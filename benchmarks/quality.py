@@ -5,6 +5,7 @@
     python benchmarks/quality.py                  # 20 min per side, full probe, our recipe continued to 60 min
     python benchmarks/quality.py --budget-minutes 10 --long-minutes 0 --threads 2
     python benchmarks/quality.py --dtypes fp32 bf16 --skip-plain --long-minutes 0   # dtype's cost or gain
+    python benchmarks/quality.py --skip-plain --set student.adapter_placement=minialbert   # a candidate config
 
 Sides, run one after another with the same threads, each trained side for the same wall-clock
 budget (the clock starts after setup; tokenisation is reported separately):
@@ -243,7 +244,7 @@ class Evaluator:
 # ---------------------------------------------------------------------------------------------
 
 
-def make_recipe(teacher_dir: Path, corpus: Path, output_dir: Path, seed: int, dtype: str = "auto"):
+def make_recipe(teacher_dir: Path, corpus: Path, output_dir: Path, seed: int, dtype: str = "auto", overrides=()):
     from omegaconf import OmegaConf
 
     from recipes.distill_recursive import DistillRecursiveRecipe
@@ -265,6 +266,7 @@ def make_recipe(teacher_dir: Path, corpus: Path, output_dir: Path, seed: int, dt
             }
         ),
     )
+    cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))  # --set key=value
     recipe = DistillRecursiveRecipe(cfg)
     recipe.setup()
     return recipe
@@ -345,6 +347,15 @@ def main() -> None:
         help="our recipe's dtype; several train one side each from the same initial student (default: auto, as shipped)",
     )
     p.add_argument("--skip-plain", action="store_true", help="leave out the plain transformers loop")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a config key of our recipe's side, as on tune run's command line (repeatable), e.g. "
+        "student.adapter_placement=minialbert",
+    )
     p.add_argument("--threads", type=int, default=os.cpu_count())
     p.add_argument("--out", type=Path)
     args = p.parse_args()
@@ -387,7 +398,7 @@ def main() -> None:
         }
         log(f"{len(train)} training sentences, {len(held_out)} held out; setting up the recipe")
         t0 = time.perf_counter()
-        recipe = make_recipe(teacher_dir, corpus, work / "recipe", args.seed, args.dtypes[0])
+        recipe = make_recipe(teacher_dir, corpus, work / "recipe", args.seed, args.dtypes[0], args.overrides)
         results["dtypes"] = {args.dtypes[0]: recipe.dtype_reason}
         results["recipe_setup_seconds"] = time.perf_counter() - t0
         results["recipe_windows"] = recipe.window_counts["training"]
@@ -395,7 +406,9 @@ def main() -> None:
         from components.checkpointing.student import load_student, save_student
 
         initial = work / "recipe" / "initial"  # the plain loop starts here (inside output_dir: the
-        save_student(recipe.student, initial, format="albert")  # recipe writes nowhere else)
+        save_student(
+            recipe.student, initial, format="native" if args.skip_plain else "albert"
+        )  # recipe writes nowhere else)
         evaluate = Evaluator(recipe.teacher, held_out, rt_texts, rt_labels, probe_split, args.seed)
         sides["teacher"] = evaluate("teacher", ours_fn(recipe.teacher), recipe.teacher)
         sides["random"] = evaluate("random", ours_fn(recipe.student), recipe.student)
@@ -413,7 +426,7 @@ def main() -> None:
             name = "ours" if len(args.dtypes) == 1 else f"ours-{dtype}"
             if i > 0:  # the same initial student and data order, another dtype
                 recipe.cleanup()
-                recipe = make_recipe(teacher_dir, corpus, work / f"recipe-{dtype}", args.seed, dtype)
+                recipe = make_recipe(teacher_dir, corpus, work / f"recipe-{dtype}", args.seed, dtype, args.overrides)
                 recipe.student.load_state_dict(load_student(initial).state_dict())
                 results["dtypes"][dtype] = recipe.dtype_reason
             log(f"{name} ({recipe.dtype_reason}): {budget / 60:.1f} min")
