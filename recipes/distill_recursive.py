@@ -29,7 +29,7 @@ from components.errors import CheckpointError, ConfigError, NonFiniteLossError
 from components.models.student import check_student, copy_teacher_embeddings
 from components.quantization import get_scheme, prepare_qat, set_fake_quantize
 from components.training.distill import distill_step, Evaluator, step_batches
-from components.training.parallel import bf16_cpu_warning, resolve_device, resolve_dtype, SingleDevice
+from components.training.parallel import log_precision, resolve_device, resolve_dtype, SingleDevice
 from components.training.run import configure_logging, execute, Run
 from components.training.schema import check_distill_setup, DistillConfig
 from components.training.stages import (
@@ -83,10 +83,7 @@ class DistillRecursiveRecipe:
             self.teacher = self._build_teacher().to(self.device)
         self.tokenizer = self.teacher.tokenizer
         asks = [key for key, on in (("dtype=bf16", self.bf16), ("teacher.dtype=bf16", _holds_bf16(self.teacher))) if on]
-        warning = bf16_cpu_warning(self.device, asks)
-        if warning:
-            log.warning(warning)
-        log.info("Compute dtype: %s", self.dtype_reason)
+        log_precision(log, self.device, self.dtype_reason, asks)
         with config_section("student"):
             self.student = self._build_student().to(self.device)
             if cfg.copy_teacher_embeddings:

@@ -49,7 +49,7 @@ from components.training.finetune import (
     write_results,
     write_split_predictions,
 )
-from components.training.parallel import bf16_cpu_warning, clip_gradients, resolve_device, resolve_dtype, SingleDevice
+from components.training.parallel import clip_gradients, log_precision, resolve_device, resolve_dtype, SingleDevice
 from components.training.run import configure_logging, execute, Run
 from components.training.schema import check_finetune_setup, FinetuneConfig
 from components.training.stages import apply_trainable, group_lambdas, param_groups, resolve_stages
@@ -84,10 +84,7 @@ class FinetuneRecipe:
     def setup(self) -> None:
         cfg = self.cfg
         resume = self.run.start()
-        warning = bf16_cpu_warning(self.device, ["dtype=bf16"] if self.bf16 else [])
-        if warning:
-            log.warning(warning)
-        log.info("Compute dtype: %s", self.dtype_reason)
+        log_precision(log, self.device, self.dtype_reason, ["dtype=bf16"] if self.bf16 else [])
         torch.manual_seed(cfg.seed)
         with config_section("checkpoint_dir"):
             folder = resolve_checkpoint_dir(cfg.checkpoint_dir, cfg.revision)

@@ -122,6 +122,16 @@ def bf16_cpu_warning(device: torch.device, what: Sequence[str], native: Optional
     )
 
 
+def log_precision(logger, device: torch.device, why: str, bf16_keys: Sequence[str]) -> None:
+    """Say at setup what a run computes in: ``why`` (from :func:`resolve_dtype`) at INFO, after
+    :func:`bf16_cpu_warning`'s warning when ``bf16_keys`` (the config keys asking for bf16) would
+    run emulated on this CPU."""
+    warning = bf16_cpu_warning(device, bf16_keys)
+    if warning:
+        logger.warning(warning)
+    logger.info("Compute dtype: %s", why)
+
+
 class SingleDevice:
     """One process on one device."""
 
