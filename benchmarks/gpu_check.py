@@ -41,6 +41,9 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(HERE))
 TUNE = Path(sys.executable).with_name("tune")
 
+import torch  # noqa: E402
+import workloads  # noqa: E402
+
 
 def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
@@ -83,10 +86,12 @@ def read_metrics(run_dir: Path) -> Dict:
 
 
 def distill_check(
-    name: str, recipe: str, config: str, run_dir: Path, out: Path, timeout: float, *overrides, nproc=None
+    name: str, recipe: str, config: str, run_dir: Path, steps: int, out: Path, timeout: float, *overrides, nproc=None
 ):
+    """``steps`` optimizer steps of a distillation recipe, logged ten times."""
     launcher = ["--nproc_per_node", str(nproc)] if nproc else []
-    command = tune(*launcher, f"recipes/{recipe}.py", "--config", config, f"output_dir={run_dir}", *overrides)
+    logging = [f"max_steps={steps}", f"log_every_n_steps={max(1, steps // 10)}"]
+    command = tune(*launcher, f"recipes/{recipe}.py", "--config", config, f"output_dir={run_dir}", *logging, *overrides)
     row = {**launch(name, command, out, timeout), **read_metrics(run_dir)}
     falling = row.get("loss_last") is not None and row["loss_last"] < row["loss_first"]
     row["ok"] = row["exit"] == 0 and falling
@@ -102,8 +107,6 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--smoke-assets", type=Path, help="an existing smoke assets folder (else built on the fly)")
     p.add_argument("--timeout", type=float, default=600, help="seconds per check")
     args = p.parse_args(argv)
-    import torch
-
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     cuda = device.startswith("cuda")
     dtype = "bf16" if cuda else "auto"  # the GPU check is a bf16 check; the CPU takes what suits it
@@ -122,29 +125,22 @@ def main(argv: Optional[List[str]] = None) -> int:
     rows = []
 
     tiny = out / "tiny"
-    every = max(1, steps["tiny"] // 10)
-    rows.append(distill_check(f"tiny distillation, {dtype}", "distill_recursive", "configs/tiny.yaml", tiny, out,
-                              args.timeout, *common, *assets, f"max_steps={steps['tiny']}", f"log_every_n_steps={every}"))  # fmt: skip
+    rows.append(distill_check(f"tiny distillation, {dtype}", "distill_recursive", "configs/tiny.yaml", tiny,
+                              steps["tiny"], out, args.timeout, *common, *assets))  # fmt: skip
 
-    import workloads
-
-    shapes = workloads.EMBEDDING
-    random_assets = workloads.make_assets(shapes, out / "embedding_assets")
-    every = max(1, steps["embedding"] // 10)
+    random_assets = workloads.make_assets(workloads.EMBEDDING, out / "embedding_assets")
     rows.append(distill_check(
         f"embedding distillation, {dtype}", "distill_recursive", "configs/embedding_teacher.yaml", out / "embedding",
-        out, args.timeout, *common, f"teacher.path={random_assets['teacher']}", f"data.source={random_assets['corpus']}",
-        "data.hub_config=null", "data.eval_fraction=0", f"max_steps={steps['embedding']}", f"log_every_n_steps={every}",
+        steps["embedding"], out, args.timeout, *common, f"teacher.path={random_assets['teacher']}",
+        f"data.source={random_assets['corpus']}", "data.hub_config=null", "data.eval_fraction=0",
     ))  # fmt: skip
 
     if not assets:  # the tiny run's, built once
         built = tiny / "smoke_assets"
         assets = [f"teacher.assets_dir={built}", f"data.source.assets_dir={built}"]
-    every = max(1, steps["distributed"] // 10)
     rows.append(distill_check(
         f"distributed (FSDP2), 1 process, {dtype}", "distill_recursive_distributed", "configs/tiny.yaml",
-        out / "distributed", out, args.timeout, *common, *assets, f"max_steps={steps['distributed']}",
-        f"log_every_n_steps={every}", nproc=1,
+        out / "distributed", steps["distributed"], out, args.timeout, *common, *assets, nproc=1,
     ))  # fmt: skip
 
     bench_json = out / "run.json"
