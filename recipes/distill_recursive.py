@@ -23,6 +23,7 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from components.checkpointing import save_student
+from components.checkpointing.sentence_transformers import teacher_sentence_modules
 from components.config import accepts, check_config, config_section, instantiate, missing_arguments, parse
 from components.data import build_windows, GlobalBatchSampler, MLMMasker
 from components.errors import CheckpointError, ConfigError, NonFiniteLossError
@@ -82,6 +83,9 @@ class DistillRecursiveRecipe:
         with self.parallel.main_first():  # rank 0, then each node's first rank, build any files (smoke assets)
             self.teacher = self._build_teacher().to(self.device)
         self.tokenizer = self.teacher.tokenizer
+        # a sentence-embedding teacher's pipeline, repeated in the student's folder (read now: a
+        # broken modules.json stops the run before training)
+        self.sentence_modules = teacher_sentence_modules(cfg.teacher)
         asks = [key for key, on in (("dtype=bf16", self.bf16), ("teacher.dtype=bf16", _holds_bf16(self.teacher))) if on]
         log_precision(log, self.device, self.dtype_reason, asks)
         with config_section("student"):
@@ -362,13 +366,21 @@ class DistillRecursiveRecipe:
 
         def write():
             try:
-                fmt = save_student(student, folder, self.tokenizer, metadata=metadata)
+                fmt = save_student(
+                    student, folder, self.tokenizer, metadata=metadata, sentence_modules=self.sentence_modules
+                )
             except OSError as e:
                 raise CheckpointError(
                     f"Could not export the student to {folder}: {e}. The checkpoint of step {self.run.saved_step} "
                     "holds it; free space and run again with resume_from_checkpoint=True to export"
                 ) from e
             log.info("Exported the student (%s format) to %s", fmt, folder)
+            if self.sentence_modules is not None:
+                log.info(
+                    "It is a sentence-transformers model too: SentenceTransformer(%r)%s",
+                    str(folder),
+                    " after `import components` (it registers the student's model type)" if fmt == "native" else "",
+                )
 
         self.run.on_main(write)
         return folder

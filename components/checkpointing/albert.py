@@ -2,6 +2,11 @@
 
 An adapter-free recursive student *is* ``AlbertForMaskedLM`` with one hidden group and one
 inner layer, so conversion is a renaming (plus an identity projector when E == H).
+
+A student without an MLM head is an ``AlbertModel``, which always has a pooler (a Linear and a
+tanh on the [CLS] hidden state) the student never had. It is written as an identity Linear, so
+``pooler_output`` is ``tanh`` of the student's [CLS] state and transformers initialises nothing
+at random on load (no "newly initialized" report); reading the folder back drops it.
 """
 
 from typing import Dict
@@ -98,7 +103,8 @@ def recursive_kwargs_from_albert(hf: Dict) -> Dict:
 
 
 def native_to_albert(state: Dict[str, torch.Tensor], config: Dict) -> Dict[str, torch.Tensor]:
-    """Our state dict -> ALBERT's (the tied decoder weight is left to ALBERT's tying)."""
+    """Our state dict -> ALBERT's (the tied decoder weight is left to ALBERT's tying; a headless
+    student gains an identity pooler)."""
     state = dict(state)
     if "projector.weight" not in state:  # E == H: ALBERT still has the Linear, as an identity
         h = config["hidden_size"]
@@ -110,6 +116,10 @@ def native_to_albert(state: Dict[str, torch.Tensor], config: Dict) -> Dict[str, 
         out["predictions.decoder.bias"] = out["predictions.bias"].clone()
         if config["tie_word_embeddings"]:
             out.pop("predictions.decoder.weight", None)
+    else:  # AlbertModel's pooler, as an identity (see the module docstring)
+        h, dtype = config["hidden_size"], out["albert.embeddings.word_embeddings.weight"].dtype
+        out["albert.pooler.weight"] = torch.eye(h, dtype=dtype)
+        out["albert.pooler.bias"] = torch.zeros(h, dtype=dtype)
     return out
 
 

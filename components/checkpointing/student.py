@@ -9,12 +9,18 @@ Every student family has a transformers format it is written in whenever it fits
 * a bottleneck student is a MobileBERT checkpoint (``MobileBertForMaskedLM``), except for
   IB-BERT-shaped attention, which transformers cannot build.
 
+Loading either prints no "newly initialized" report: a headless ALBERT gets an identity pooler
+(``albert``), a headless MobileBERT ``classifier_activation: false``, whose pooler has no weights.
+
 Any other student (adapters, a MiniALBERT-style wide head) is written in our own format:
 ``config.json`` with ``model_type`` the family (``recursive_encoder``, ``bottleneck_encoder``)
 and the builder arguments under that key, our weight names in ``model.safetensors``, and the
 tokenizer; ``import components`` registers these types with transformers' Auto classes.
 ``load_student`` rebuilds every one exactly, and also reads published ALBERT (one shared
 layer) and MobileBERT checkpoints, so they can start a distillation run.
+
+The student of a sentence-embedding teacher (one with ``modules.json``) is also a
+sentence-transformers folder (``components.checkpointing.sentence_transformers``).
 """
 
 import json
@@ -28,6 +34,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from components.checkpointing import albert, mobilebert
+from components.checkpointing.sentence_transformers import SentenceModules, write_sentence_modules
 from components.checkpointing.sizes import check_config_sizes, check_shapes
 from components.checkpointing.weights import weight_shapes
 from components.errors import CheckpointError
@@ -70,6 +77,12 @@ def _albert_from_hf(state: Dict, kwargs: Dict) -> Dict:
     return state
 
 
+def _mobilebert_config_kwargs(c: Dict) -> Dict:
+    # a MobileBertModel's pooler is a fresh Linear unless classifier_activation is off: then it is
+    # the [CLS] state itself, and a headless student has nothing for transformers to invent
+    return {**mobilebert.mobilebert_config_kwargs(c), **({} if c["mlm_head"] else {"classifier_activation": False})}
+
+
 FORMATS = {
     "albert": HFFormat(
         "recursive_encoder",
@@ -86,7 +99,7 @@ FORMATS = {
         "mobilebert",
         "MobileBertConfig",
         mobilebert.is_mobilebert_compatible,
-        mobilebert.mobilebert_config_kwargs,
+        _mobilebert_config_kwargs,
         mobilebert.bottleneck_kwargs_from_mobilebert,
         mobilebert.native_to_mobilebert,
         mobilebert.mobilebert_to_native,
@@ -112,7 +125,12 @@ def _native_state(model: nn.Module) -> dict:
 
 
 def save_student(
-    model: nn.Module, folder: Path, tokenizer=None, format: str = "auto", metadata: Optional[dict] = None
+    model: nn.Module,
+    folder: Path,
+    tokenizer=None,
+    format: str = "auto",
+    metadata: Optional[dict] = None,
+    sentence_modules: Optional[SentenceModules] = None,
 ) -> str:
     """Write ``model`` (and ``tokenizer``) to ``folder`` atomically; returns the format used.
 
@@ -121,6 +139,9 @@ def save_student(
             ``"native"``, or a transformers format by name (``"albert"``, ``"mobilebert"``).
         metadata: how the student was made (e.g. ``{"quantization_aware": {...}}``), saved in
             ``config.json`` under ``"recursive_distill"``; see ``student_metadata``.
+        sentence_modules: a sentence-embedding teacher's pipeline (``read_sentence_modules``):
+            the folder becomes a sentence-transformers model too, with this student as its
+            Transformer module.
     """
     family = encoder_family(model)
     fits = hf_format(model)
@@ -158,6 +179,9 @@ def save_student(
             save_file(state, str(tmp / "model.safetensors"), {"format": "pt"})
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
+        if sentence_modules is not None:
+            positions = model.config.get("max_position_embeddings")
+            write_sentence_modules(sentence_modules, tmp, model.spec.hidden_size, positions)
     return format
 
 
