@@ -66,7 +66,7 @@ def test_missing_required_sections():
         )
 
 
-def test_every_shipped_config_is_valid():
+def test_every_shipped_config_is_valid(monkeypatch):
     from components.training.schema import ExportConfig, FinetuneConfig
     from components.training.stages import expand_stages
     from tests.helpers import REPO
@@ -85,8 +85,16 @@ def test_every_shipped_config_is_valid():
         "glue_stsb.yaml",
         "ner_conll.yaml",
         "embedding_teacher.yaml",
+        "eval_tiny.yaml",
     }
+    monkeypatch.chdir(REPO)  # an evaluation suite names fine-tuning configs from the repository root
     for path in configs:
+        if path.name.startswith("eval"):  # recipes/evaluate.py: every task's config is read and checked too
+            from recipes.evaluate import EvaluateRecipe
+
+            recipe = EvaluateRecipe(OmegaConf.load(path))
+            assert recipe.tasks
+            continue
         if path.name.startswith("export"):  # recipes/export_student.py: the folders come from the command line
             check_config(
                 OmegaConf.merge(OmegaConf.load(path), {"checkpoint_dir": "s", "output_dir": "o"}), ExportConfig
