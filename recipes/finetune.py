@@ -13,6 +13,9 @@ Sentence classification and regression (single sentences or pairs) and token cla
     <output_dir>/predictions/    validation.tsv, test.tsv: the best model's predictions
     <output_dir>/results.json    the best validation metrics
 
+tuning=adapters on a model without adapters (an adapter-free student, a BERT checkpoint) first
+adds fresh identity adapters (the ``adapters`` keys; components.models.add_adapters).
+
 Checkpoints, resume, signals, the lock on output_dir and the metric logs work exactly as in
 distillation (components/training/run.py).
 """
@@ -22,7 +25,7 @@ import sys
 import time
 from functools import partial
 from pathlib import Path
-from typing import Dict
+from typing import Dict, Optional
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -38,6 +41,7 @@ from components.errors import CheckpointError
 from components.fingerprint import model_folder_fingerprint
 from components.inference import predict
 from components.inference.task_metrics import is_better, resolve_metric
+from components.models.adapters import add_adapters, PLACEMENTS
 from components.models.heads import TaskModel, tuning_patterns
 from components.training.distill import check_finite
 from components.training.finetune import (
@@ -97,6 +101,7 @@ class FinetuneRecipe:
         self.run.identify(data=self.task.fingerprint, model=model_folder_fingerprint(folder, weight_files(folder)[1]))
         self.metric = resolve_metric(self.task.task_type, cfg.task.metric)
         check_finetune_setup(cfg, encoder)
+        self.added_adapters = self._add_adapters(encoder)
         self.model = TaskModel(encoder, self.task.task_type, self.task.num_labels, cfg.classifier_dropout).to(
             self.device
         )
@@ -117,7 +122,9 @@ class FinetuneRecipe:
             f"{trained:,}",
             f"{total:,}",
             100 * trained / total,
-            "; the adapters' own LayerNorms train, the shared layer's stay frozen" if cfg.tuning == "adapters" else "",
+            "; the adapters' own LayerNorms train, the shared layer's stay frozen"
+            if cfg.tuning == "adapters" and PLACEMENTS[encoder.config["adapter_placement"]][1]
+            else "",
         )
         with config_section("optimizer"):
             groups = param_groups(self.trained, [stage], cfg.optimizer.get("weight_decay", 0.0))
@@ -126,11 +133,42 @@ class FinetuneRecipe:
             schedule = instantiate(cfg.lr_schedule, total_steps=self.max_steps)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, group_lambdas(groups, [stage], schedule))
         if cfg.tuning != "full":  # what an adapter set is put back on: all but the adapters it replaces
+            # (fresh adapters all train, so this is the base as it is on disk)
             replaced = [n[len("encoder.") :] for n, _ in self.trained if n.startswith("encoder.")]
             self.base = {"path": str(cfg.checkpoint_dir), "sha256": base_fingerprint(encoder.state_dict(), replaced)}
+            if self.added_adapters is not None:
+                self.base["adds_adapters"] = self.added_adapters
         if resume is not None:
             self._load_checkpoint(*resume)
         self.metrics = self.run.open_metrics(self.step + 1)
+
+    def _add_adapters(self, encoder) -> Optional[Dict]:
+        """tuning=adapters on a model without adapters: fresh identity ones (the ``adapters``
+        keys), returned as the adapter set records them; a model with its own keeps them."""
+        cfg = self.cfg
+        if cfg.tuning != "adapters":
+            return None
+        if encoder.adapters is not None:
+            log.info(
+                "%s has %s adapters of its own (reduction factor %d): tuning those; the adapters keys are not used",
+                cfg.checkpoint_dir,
+                encoder.config["adapter_placement"],
+                encoder.config["adapter_reduction_factor"],
+            )
+            return None
+        added = {"placement": cfg.adapters.placement, "reduction_factor": cfg.adapters.reduction_factor}
+        with config_section("adapters"):
+            add_adapters(encoder, **added)
+        log.info(
+            "%s has no adapters: added fresh %s adapters (reduction factor %d) to each of its %d %s, "
+            "identities until they train",
+            cfg.checkpoint_dir,
+            added["placement"],
+            added["reduction_factor"],
+            encoder.spec.num_layers,
+            "iterations" if "num_iterations" in encoder.config else "layers",
+        )
+        return added
 
     def _load_checkpoint(self, path: Path, state: Dict) -> None:
         try:

@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 
 from components.checkpointing import load_student
 from components.checkpointing.resume import load_checkpoint
-from components.errors import CheckpointError, ConfigError, RunInterrupted, TaskDataError
+from components.errors import CheckpointError, RunInterrupted, TaskDataError
 from components.inference import MultiTaskModel
 from components.smoke.tasks import smoke_task, SMOKE_TASK_CONFIGS
 from components.training.run import execute
@@ -75,9 +75,11 @@ def read_predictions(path: Path):
     return {int(i): p for i, p in rows[1:]}
 
 
-def test_adapter_tuning_changes_only_adapters_and_head(base, tasks, tmp_path):
+def test_adapter_tuning_changes_only_adapters_and_head(base, tasks, tmp_path, caplog):
     out = tmp_path / "run"
-    recipe = run_finetune(finetune_config(out, base, tasks["sst2"]))
+    with caplog.at_level("INFO", logger="finetune"):
+        recipe = run_finetune(finetune_config(out, base, tasks["sst2"]))
+    assert "has minialbert adapters of its own (reduction factor 4): tuning those" in caplog.text
     before = load_student(str(base), mlm_head=False).state_dict()
     after = load_checkpoint(out / "checkpoints" / "step_00000008")["model"]
     changed = []
@@ -97,6 +99,7 @@ def test_adapter_tuning_changes_only_adapters_and_head(base, tasks, tmp_path):
     assert all(n.startswith(("encoder.adapters.", "head.")) for n in saved)
     assert manifest["bytes"] < 0.25 * manifest["base_bytes"]
     assert manifest["base"]["path"] == str(base)
+    assert "adds_adapters" not in manifest["base"]  # the base's own adapters, not fresh ones
     trained = sum(p.numel() for p in recipe.params)
     assert trained == sum(t.numel() for t in saved.values())
     assert not (out / "model").exists()
@@ -338,9 +341,7 @@ def test_bad_task_data_names_the_file_and_the_column(base, tasks, tmp_path):
 def test_every_kind_of_model_and_the_ones_that_cannot_work(base, tasks, tmp_path, teacher_dir, corpus_file):
     with pytest.raises(CheckpointError, match="No model at"):
         run_finetune(finetune_config(tmp_path / "a", tmp_path, tasks["sst2"]))
-    # a BERT checkpoint fine-tunes (full or head), but has no adapters to tune
-    with pytest.raises(ConfigError, match="tuning=adapters but .* has no adapters"):
-        run_finetune(finetune_config(tmp_path / "b", teacher_dir, tasks["sst2"]))
+    # a BERT checkpoint fine-tunes (tuning=adapters adds fresh adapters: tests/test_fresh_adapters.py)
     run_finetune(finetune_config(tmp_path / "c", teacher_dir, tasks["sst2"], tuning="full", max_steps=4))
     assert (tmp_path / "c" / "model" / "model.safetensors").is_file()
     # an adapter-free student is written as ALBERT: it fine-tunes too, and its full model reloads

@@ -7,7 +7,9 @@ adapter sets (one base, many tasks).
   builder arguments, the head, the labels), ``model.safetensors`` and the tokenizer.
 * An adapter set (``tuning=adapters`` or ``head``): only the tensors the run trained (adapters
   and head, or the head) in ``adapters.safetensors``, and ``adapter_set.json`` naming the base
-  by a SHA-256 of its frozen weights; loading a set onto another base is an error.
+  by a SHA-256 of its frozen weights; loading a set onto another base is an error. A set trained
+  on a base without adapters that got fresh ones (``components.models.add_adapters``) says so
+  in ``base.adds_adapters`` (placement, reduction factor); its base is the one on disk.
 """
 
 import hashlib
@@ -34,7 +36,9 @@ FINETUNED_MODEL_TYPE = "finetuned_encoder"
 ADAPTER_SET_FILE, ADAPTER_WEIGHTS_FILE = "adapter_set.json", "adapters.safetensors"
 FORMAT_VERSION = 1
 # 2: the base fingerprint covers the base's own adapters wherever the set does not replace them
-ADAPTER_SET_VERSION = 2
+# 3: base.adds_adapters: the set puts fresh adapters onto an adapter-free base (older sets never do)
+ADAPTER_SET_VERSION = 3
+FINGERPRINT_COVERS_BASE_ADAPTERS = 2  # the first version whose head-only sets may run on a base's adapters
 
 
 def load_encoder(path: str, revision: Optional[str] = None) -> Tuple[nn.Module, Any]:
@@ -199,9 +203,15 @@ def save_adapter_set(
 ) -> Dict[str, Any]:
     """Write the ``trained`` tensors (``encoder.adapters.*``, ``head.*``) and a manifest naming the
     base (``base["sha256"]``: ``base_fingerprint`` of the base, less the adapter tensors the
-    set holds); returns the manifest."""
+    set holds; ``base["adds_adapters"]``: ``{"placement", "reduction_factor"}`` of the fresh
+    adapters the run put onto an adapter-free base, else absent); returns the manifest."""
     state = {k: v.detach().cpu().contiguous() for k, v in trained.items()}
-    base_state = {k: v for k, v in model.encoder.state_dict().items() if not k.startswith("mlm_head.")}
+    added = base.get("adds_adapters") is not None  # then the base on disk holds no adapters
+    base_state = {
+        k: v
+        for k, v in model.encoder.state_dict().items()
+        if not k.startswith("mlm_head.") and not (added and k.startswith("adapters."))
+    }
     manifest = {
         "format": "adapter_set",
         "format_version": ADAPTER_SET_VERSION,
@@ -244,3 +254,14 @@ def check_base(manifest: Dict[str, Any], fingerprint: str, where: str, base_name
             f"(weights sha256 {expected[:12]}...), not on {base_name} (sha256 {fingerprint[:12]}...): "
             "load it onto its own base"
         )
+
+
+def added_adapters(manifest: Mapping[str, Any], where: Any) -> Optional[Dict[str, Any]]:
+    """``{"placement", "reduction_factor"}`` of the fresh adapters an adapter set puts onto its
+    adapter-free base (``base.adds_adapters``), or ``None``; checked, as manifests may come from strangers."""
+    added = (manifest.get("base") or {}).get("adds_adapters")
+    if added is None:
+        return None
+    if not isinstance(added, dict) or set(added) != {"placement", "reduction_factor"}:
+        raise CheckpointError(f"{where}: base.adds_adapters must hold placement and reduction_factor, got {added!r}")
+    return dict(added)

@@ -1,4 +1,4 @@
-from components.models.adapters import BottleneckAdapter, PLACEMENTS
+from components.models.adapters import add_adapters, BottleneckAdapter, PLACEMENTS
 from components.models.bert import BertEncoder
 from components.models.bottleneck import bottleneck_tiny, BottleneckEncoder, mobilebert, mobilebert_tiny
 from components.models.output import EncoderOutput, EncoderSpec
@@ -11,6 +11,7 @@ from components.models.recursive import (
 from components.models.teacher import FrozenTeacher
 
 __all__ = [
+    "add_adapters",
     "BertEncoder",
     "bottleneck_tiny",
     "BottleneckEncoder",

@@ -9,6 +9,7 @@ from typing import Collection, Optional
 import torch
 from torch import nn
 
+from components.models.adapters import adapter_layers, start_as_identity
 from components.models.layers import (
     apply_mlm_head,
     attention_bias,
@@ -22,7 +23,13 @@ from components.models.output import EncoderOutput, EncoderSpec
 
 
 class BertEncoder(nn.Module):
-    """Embeddings, ``num_layers`` post-LN transformer layers, and an optional MLM head."""
+    """Embeddings, ``num_layers`` post-LN transformer layers, and an optional MLM head.
+
+    ``adapter_placement`` (``"houlsby"``, ``"pfeiffer"``, ``"minialbert"``; ``None``: none, as
+    every checkpoint) gives each layer its own adapters, ``adapters[i]`` for layer ``i``: what
+    adapter tuning adds to a BERT checkpoint (``components.models.adapters.add_adapters``),
+    saved in ``config`` so a fine-tuned model rebuilds them.
+    """
 
     def __init__(
         self,
@@ -41,6 +48,8 @@ class BertEncoder(nn.Module):
         type_vocab_size: int = 2,
         pad_token_id: int = 0,
         position_offset: int = 0,
+        adapter_placement: Optional[str] = None,
+        adapter_reduction_factor: int = 16,
     ):
         super().__init__()
         self.config = dict(
@@ -59,6 +68,8 @@ class BertEncoder(nn.Module):
             type_vocab_size=type_vocab_size,
             pad_token_id=pad_token_id,
             position_offset=position_offset,
+            adapter_placement=adapter_placement,
+            adapter_reduction_factor=adapter_reduction_factor,
         )
         self.embeddings = Embeddings(
             vocab_size,
@@ -93,7 +104,13 @@ class BertEncoder(nn.Module):
             if mlm_head
             else None
         )
+        self.adapters = (
+            adapter_layers(adapter_placement, hidden_size, adapter_reduction_factor, num_layers)
+            if adapter_placement
+            else None
+        )
         init_weights(self)
+        start_as_identity(self.adapters)
 
     @property
     def spec(self) -> EncoderSpec:
@@ -126,9 +143,14 @@ class BertEncoder(nn.Module):
         bias = attention_bias(attention_mask, x.dtype, segment_ids)
         hidden_states, attentions = [x], {}
         for i, layer in enumerate(self.layers, start=1):
-            x, probs = layer(x, bias, need_probs=i in attention_layers)
+            adapters = self.adapters[i - 1] if self.adapters is not None else None
+            x, probs = layer(x, bias, adapters, need_probs=i in attention_layers)
             hidden_states.append(x)
             if probs is not None:
                 attentions[i] = probs
         logits = apply_mlm_head(self.mlm_head, x, logits_mask, return_logits)
         return EncoderOutput(tuple(hidden_states), attentions, logits)
+
+    def adapter_parameters(self):
+        """The per-layer adapters (none unless added): what adapter tuning trains besides a head."""
+        return [] if self.adapters is None else list(self.adapters.parameters())

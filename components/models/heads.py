@@ -99,9 +99,10 @@ def task_loss(task_type: str, logits: torch.Tensor, labels: torch.Tensor) -> tor
 def tuning_patterns(tuning: str) -> List[str]:
     """What trains in each tuning mode, as globs over ``TaskModel`` parameter names.
 
-    ``adapters``: the per-iteration adapters (with their LayerNorms, MiniALBERT's variant) and
-    the head; the embeddings, the projector and the shared layer, LayerNorms included, stay
-    frozen (MiniALBERT's adapter tuning).
+    ``adapters``: the per-iteration (per-layer, for a BERT encoder) adapters, with their
+    LayerNorms in MiniALBERT's variant, and the head; the embeddings, the projector and the
+    shared layer (the layers), LayerNorms included, stay frozen (MiniALBERT's adapter tuning).
+    An encoder without adapters gets fresh ones first (``components.models.add_adapters``).
     """
     patterns = {"full": ["*"], "adapters": ["encoder.adapters.*", "head.*"], "head": ["head.*"]}
     if tuning not in patterns:

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from components.models.adapters import adapter_set
+from components.models.adapters import adapter_layers, start_as_identity
 from components.models.layers import (
     apply_mlm_head,
     attention_bias,
@@ -118,10 +118,9 @@ class RecursiveEncoder(nn.Module):
             attention_dropout,
             layer_norm_eps,
         )
+        # (components.models.adapters.add_adapters puts fresh ones into an adapter-free encoder)
         self.adapters = (
-            nn.ModuleList(
-                adapter_set(adapter_placement, hidden_size, adapter_reduction_factor) for _ in range(num_iterations)
-            )
+            adapter_layers(adapter_placement, hidden_size, adapter_reduction_factor, num_iterations)
             if adapter_placement
             else None
         )
@@ -134,12 +133,9 @@ class RecursiveEncoder(nn.Module):
 
     def reset_parameters(self) -> None:
         init_weights(self)
-        if self.adapters is not None:
-            # W_up = 0: Houlsby and Pfeiffer adapters start as identities; MiniALBERT's start as
-            # LayerNorm(x), which only re-normalises a post-LN input.
-            for adapters in self.adapters:
-                for adapter in adapters.values():
-                    nn.init.zeros_(adapter.up.weight)
+        # W_up = 0: Houlsby and Pfeiffer adapters start as identities; MiniALBERT's start as
+        # LayerNorm(x), which only re-normalises a post-LN input.
+        start_as_identity(self.adapters)
         self.tie_weights()
 
     def tie_weights(self) -> None:

@@ -7,6 +7,7 @@ from typing import Any, Dict, List, Literal, Optional, Sequence
 
 from components.config import bounded, Component, component_field, config_section
 from components.errors import ConfigError
+from components.models.adapters import FRESH_PLACEMENTS, takes_adapters
 from components.quantization.schemes import SCHEME_NAMES
 from components.training.stages import check_stage_patterns, StageConfig
 
@@ -165,6 +166,19 @@ class TaskDataConfig:
 
 
 @dataclass
+class FreshAdaptersConfig:
+    """recipes/finetune.py's ``adapters`` section: the adapters ``tuning=adapters`` adds to a
+    model without any (an adapter-free student, a BERT checkpoint), one set per iteration (per
+    layer for BERT). A model with adapters of its own tunes those and ignores this section."""
+
+    # houlsby: after the attention and the FFN outputs; pfeiffer: after the FFN output only. Both
+    # start as the identity (W_up = 0), so the model computes exactly what it did until they
+    # train; MiniALBERT's LayerNorm'd adapters would not, so they cannot be added fresh.
+    placement: Literal[FRESH_PLACEMENTS] = "houlsby"
+    reduction_factor: int = bounded(16, low=1)  # bottleneck width: hidden_size / this (must divide it)
+
+
+@dataclass
 class FinetuneConfig:
     """recipes/finetune.py: a student (or any BERT-family checkpoint) fine-tuned on one task."""
 
@@ -176,8 +190,12 @@ class FinetuneConfig:
     task: TaskConfig = field(default_factory=dict)  # what is predicted and scored (keys below)
     revision: Optional[str] = None  # of a Hub checkpoint_dir
     # full: everything trains; adapters: the per-iteration adapters and the head (MiniALBERT's
-    # adapter tuning; the run saves an adapter set); head: the head only
+    # adapter tuning; the run saves an adapter set), fresh ones (`adapters` below) on a model
+    # without any; head: the head only
     tuning: Literal["full", "adapters", "head"] = "full"
+    # tuning=adapters on a model without adapters (an adapter-free student, a BERT checkpoint):
+    # the identity-initialised adapters it adds (keys below); unused otherwise
+    adapters: FreshAdaptersConfig = field(default_factory=dict)
     classifier_dropout: float = bounded(0.1, low=0.0, high=1.0, high_open=True)  # before the head's classifier
     # any torch.optim optimizer with its arguments; biases and norm weights are never decayed
     optimizer: Component = component_field(
@@ -249,9 +267,10 @@ def check_distill_setup(cfg, stages: Optional[List[Dict]], parameter_names: Sequ
 
 
 def check_finetune_setup(cfg, encoder) -> None:
-    """The tuning mode against the model fine-tuning starts from."""
-    if cfg.tuning == "adapters" and getattr(encoder, "adapters", None) is None:
+    """The tuning mode against the model fine-tuning starts from: adapters tune where the model
+    has them or can take fresh ones (``adapters``; the recipe adds them)."""
+    if cfg.tuning == "adapters" and getattr(encoder, "adapters", None) is None and not takes_adapters(encoder):
         raise ConfigError(
-            f"tuning=adapters but {cfg.checkpoint_dir} has no adapters (an adapter-free student or a BERT "
-            "checkpoint): use tuning=full or tuning=head, or distil a student with adapters"
+            f"tuning=adapters but {cfg.checkpoint_dir} has no adapters and a {type(encoder).__name__} has no "
+            "sites for fresh ones: use tuning=full or tuning=head"
         )
