@@ -40,18 +40,18 @@ from components.evaluation.cells import (
     finetune_lrs,
     probe_scores,
     read_result,
-    reported_metric,
+    reported_metrics,
     similarity_scores,
     task_settings,
     write_result,
 )
 from components.evaluation.models import latencies, open_model
 from components.evaluation.report import Column, markdown, plot, summarize, write_json
-from components.evaluation.schema import EvalTaskConfig, EvaluateConfig
 from components.io import set_write_root
 from components.training.metrics import MetricLogger
 from components.training.parallel import resolve_device
 from components.training.run import _instantiate_optional, claim_output_dir, configure_logging, execute
+from components.training.schema import EvalTaskConfig, EvaluateConfig
 from recipes.finetune import FinetuneRecipe
 
 log = logging.getLogger("evaluate")
@@ -71,10 +71,11 @@ class EvaluateRecipe:
             check_name("models:", name)
         if self.cfg.reference is not None and self.cfg.reference not in self.models:
             raise ConfigError(f"reference {self.cfg.reference!r} is not one of the models {sorted(self.models)}")
-        if not self.cfg.tasks:
+        tasks = {name: spec for name, spec in self.cfg.tasks.items() if spec is not None}  # name: null drops one
+        if not tasks:
             raise ConfigError("tasks is empty: name at least one task")
         self.tasks: Dict[str, Dict[str, Any]] = {}
-        for name, spec in self.cfg.tasks.items():
+        for name, spec in tasks.items():
             check_name("tasks:", name)
             spec = check_section(
                 OmegaConf.to_container(spec) if OmegaConf.is_config(spec) else spec, EvalTaskConfig, f"tasks.{name}"
@@ -82,10 +83,10 @@ class EvaluateRecipe:
             with config_section(f"tasks.{name}"):
                 settings = task_settings(name, spec, OmegaConf.to_container(self.cfg.finetune_defaults))
                 sections = data_sections(name, settings, self.cfg.output_dir)
-            metric = reported_metric(
-                spec["kind"], spec["metric"] or sections["task"]["metric"], sections["task"]["type"]
-            )
-            self.tasks[name] = {"spec": spec, "settings": settings, "sections": sections, "metric": metric}
+            # a similarity column is Spearman unless named: a config file's task.metric is for fine-tuning
+            named = spec["metric"] or (sections["task"]["metric"] if spec["kind"] != "similarity" else None)
+            metric = reported_metrics(spec["kind"], named, sections["task"]["type"])
+            self.tasks[name] = {"spec": spec, "settings": settings, "sections": sections, "metrics": metric}
         self.lock = None
         self.metrics = None
 
@@ -102,7 +103,7 @@ class EvaluateRecipe:
             spec = task["spec"]
             tunings = spec["tuning"] if spec["kind"] == "finetune" else [None]
             for tuning in tunings:
-                columns.append(Column(name, spec["kind"], task["metric"], tuning, show_tuning=len(tunings) > 1))
+                columns.append(Column(name, spec["kind"], task["metrics"], tuning, show_tuning=len(tunings) > 1))
         return columns
 
     def _cells(self, name: str, model) -> List[Cell]:
@@ -120,9 +121,9 @@ class EvaluateRecipe:
         for task_name, task in self.tasks.items():
             spec = task["spec"]
             if spec["kind"] == "finetune":
-                if not model.can_finetune:
-                    continue  # an ONNX file cannot be fine-tuned: its cells stay empty ("—")
                 for tuning in spec["tuning"]:
+                    if tuning not in model.tunings:  # an ONNX file; adapters on a bottleneck student
+                        continue  # its column stays empty ("—")
                     for lr in finetune_lrs(task_name, spec, task["settings"]):
                         for seed in spec["seeds"]:
                             settings = {k: v for k, v in task["settings"].items() if k != "output_dir"}
@@ -287,7 +288,7 @@ class EvaluateRecipe:
             "fine-tuning: the best learning rate's mean over seeds (± standard error when several seeds).",
             f"Latency: median of {self.cfg.latency.repeats} fp32 forward passes on {torch.get_num_threads()} CPU threads "
             "(ONNX Runtime for int8 exports), random token ids, batch x sequence length.",
-            "—: not measured (an int8 export is not fine-tuned; it is evaluated on its features).",
+            "—: not measured (an int8 export is not fine-tuned, only evaluated on its features; a bottleneck student takes no adapters).",
         ]
         write_json(self.output_dir / "results.json", summary)
         (self.output_dir / "report.md").parent.mkdir(parents=True, exist_ok=True)

@@ -191,19 +191,23 @@ def test_fine_tuning_columns_take_the_best_rate_by_its_mean_over_seeds():
         {"task": "t", "tuning": "full", "lr": 2e-3, "seed": s, "metrics": {"accuracy": v, "mse": m}}
         for s, v, m in ((0, 0.85, 0.5), (1, 0.95, 0.5))
     ]
-    best = column_score(Column("t", "finetune", "accuracy", "full"), cells)
+    best = column_score(Column("t", "finetune", ("accuracy",), "full"), cells)
     assert best["lr"] == 2e-3 and best["value"] == pytest.approx(0.90) and best["n"] == 2
     # sample standard deviation of (0.85, 0.95) is 0.1 / sqrt(2); over sqrt(2) seeds: 0.05
     assert best["stderr"] == pytest.approx(0.05)
-    lowest = column_score(Column("t", "finetune", "mse", "full"), cells)  # lower is better
+    lowest = column_score(Column("t", "finetune", ("mse",), "full"), cells)  # lower is better
     assert lowest["lr"] == 1e-3 and lowest["value"] == pytest.approx(0.2)
-    one = column_score(Column("t", "finetune", "accuracy", "full"), cells[:1])
+    one = column_score(Column("t", "finetune", ("accuracy",), "full"), cells[:1])
     assert one["stderr"] is None and one["value"] == 0.80
-    assert column_score(Column("t", "finetune", "accuracy", "head"), cells) is None
+    assert column_score(Column("t", "finetune", ("accuracy",), "head"), cells) is None
+    # several metrics (GLUE's F1/accuracy): each is shown, the score is their mean, and the best rate by it
+    both = column_score(Column("t", "finetune", ("accuracy", "mse"), "full"), cells)
+    assert both["lr"] == 2e-3 and both["value"] == pytest.approx((0.90 + 0.5) / 2)
+    assert both["metrics"] == pytest.approx({"accuracy": 0.90, "mse": 0.5})
 
 
 def test_the_average_and_the_percentages_of_the_reference():
-    columns = [Column("a", "probe", "accuracy"), Column("b", "similarity", "spearman")]
+    columns = [Column("a", "probe", ("accuracy",)), Column("b", "similarity", ("spearman",))]
     cells = [
         {"model": "t", "task": "a", "metrics": {"accuracy": 0.8}},
         {"model": "t", "task": "b", "metrics": {"spearman": 0.5}},

@@ -213,10 +213,12 @@ def similarity_scores(model, sections, split: str, batch_size: int) -> Dict[str,
     return compute_metrics("regression", cosine(a, b).tolist(), gold.astype(np.float64).tolist())
 
 
-def reported_metric(kind: str, metric: Optional[str], task_type: str) -> str:
-    """The metric a task's column shows."""
+def reported_metrics(kind: str, metric, task_type: str) -> tuple:
+    """The metrics a task's column shows (one, or several as GLUE reports them)."""
+    if isinstance(metric, (list, tuple)):
+        return tuple(m for one in metric for m in reported_metrics(kind, one, task_type))
     if kind == "similarity":
-        return resolve_metric("regression", metric or "spearman")
+        return (resolve_metric("regression", metric or "spearman"),)
     if kind == "probe" and metric is None:
-        return "accuracy" if task_type == "classification" else "pearson"
-    return resolve_metric(task_type, metric)
+        return ("accuracy" if task_type == "classification" else "pearson",)
+    return (resolve_metric(task_type, metric),)

@@ -15,7 +15,7 @@ import json
 import statistics
 import time
 from pathlib import Path
-from typing import Dict, Iterable, List, Optional
+from typing import Dict, Iterable, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -26,6 +26,7 @@ from components.checkpointing.tokenizers import load_tokenizer
 from components.checkpointing.weights import weight_files
 from components.errors import CheckpointError, require
 from components.fingerprint import files_fingerprint, model_folder_fingerprint
+from components.models.adapters import takes_adapters
 
 EXPORT_FILE, ONNX_FILE = "export.json", "model.onnx"
 
@@ -59,13 +60,19 @@ class TorchModel:
     """A student or BERT-family encoder, in fp32 on ``device``."""
 
     kind = "torch"
-    can_finetune = True
 
     def __init__(self, name: str, path: str, device: torch.device):
         self.name, self.path, self.device = name, str(path), device
         self.folder = resolve_checkpoint_dir(self.path)
         self.encoder, self.tokenizer = load_encoder(str(self.folder))
         self.encoder.to(device).eval()
+
+    @property
+    def tunings(self) -> Tuple[str, ...]:
+        """The fine-tuning modes this model takes: adapters where it has them or has sites for
+        fresh ones (not a bottleneck student)."""
+        adapters = getattr(self.encoder, "adapters", None) is not None or takes_adapters(self.encoder)
+        return ("full", "adapters", "head") if adapters else ("full", "head")
 
     @property
     def max_length(self) -> int:
@@ -111,7 +118,7 @@ class OnnxModel:
     """An int8 export (recipes/export_student.py) run by ONNX Runtime on the CPU."""
 
     kind = "onnx"
-    can_finetune = False
+    tunings: Tuple[str, ...] = ()  # a served file is not fine-tuned: it is evaluated on its features
 
     def __init__(self, name: str, path: str, threads: int):
         ort = require("onnxruntime")

@@ -13,7 +13,7 @@ import math
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from components.inference.task_metrics import LOWER_IS_BETTER
 from components.io import atomic_file
@@ -23,7 +23,7 @@ from components.io import atomic_file
 class Column:
     task: str
     kind: str
-    metric: str
+    metrics: Tuple[str, ...]  # one, or several shown together (GLUE's F1/accuracy); the score is their mean
     tuning: Optional[str] = None
     show_tuning: bool = False  # the task has several tunings: name each column's
 
@@ -34,32 +34,40 @@ class Column:
     @property
     def header(self) -> str:
         what = self.tuning if self.show_tuning else {"finetune": "", "probe": "", "similarity": ""}[self.kind]
-        return f"{self.task}{' ' + what if what else ''} ({self.metric})"
+        return f"{self.task}{' ' + what if what else ''} ({'/'.join(self.metrics)})"
 
 
 def _stderr(values: Sequence[float]) -> Optional[float]:
     return statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else None
 
 
+def _value(column: Column, metrics: Mapping[str, float]) -> float:
+    return statistics.mean(metrics[m] for m in column.metrics)
+
+
 def column_score(column: Column, cells: List[Mapping[str, Any]]) -> Optional[Dict[str, Any]]:
-    """The reported score of one model in one column, from its finished cells (None: none)."""
+    """The reported score of one model in one column, from its finished cells (None: none):
+    ``value`` (the mean of the column's metrics) and ``metrics`` (each of them)."""
     mine = [c for c in cells if c["task"] == column.task and c.get("tuning") == column.tuning and c.get("metrics")]
     if not mine:
         return None
     if column.kind != "finetune":
-        return {"value": mine[0]["metrics"][column.metric], "n": 1}
-    by_lr: Dict[float, List[float]] = {}
+        metrics = mine[0]["metrics"]
+        return {"value": _value(column, metrics), "metrics": {m: metrics[m] for m in column.metrics}, "n": 1}
+    by_lr: Dict[float, List[Mapping[str, float]]] = {}
     for c in mine:
-        by_lr.setdefault(c["lr"], []).append(c["metrics"][column.metric])
-    sign = -1 if column.metric in LOWER_IS_BETTER else 1
-    lr, values = max(by_lr.items(), key=lambda item: sign * statistics.mean(item[1]))
+        by_lr.setdefault(c["lr"], []).append(c["metrics"])
+    sign = -1 if column.metrics[0] in LOWER_IS_BETTER else 1
+    lr, runs = max(by_lr.items(), key=lambda item: sign * statistics.mean(_value(column, m) for m in item[1]))
+    values = [_value(column, m) for m in runs]
     return {
         "value": statistics.mean(values),
+        "metrics": {m: statistics.mean(r[m] for r in runs) for m in column.metrics},
         "stderr": _stderr(values),
         "n": len(values),
         "lr": lr,
         "seeds": sorted(c["seed"] for c in mine if c["lr"] == lr),
-        "by_lr": {f"{k:g}": statistics.mean(v) for k, v in sorted(by_lr.items())},
+        "by_lr": {f"{k:g}": statistics.mean(_value(column, m) for m in v) for k, v in sorted(by_lr.items())},
     }
 
 
@@ -105,7 +113,8 @@ def summarize(
     return {
         "reference": reference,
         "columns": [
-            {"key": c.key, "task": c.task, "kind": c.kind, "tuning": c.tuning, "metric": c.metric} for c in columns
+            {"key": c.key, "task": c.task, "kind": c.kind, "tuning": c.tuning, "metrics": list(c.metrics)}
+            for c in columns
         ],
         "models": rows,
     }
@@ -114,7 +123,7 @@ def summarize(
 def _score(s: Optional[Mapping[str, Any]]) -> str:
     if s is None:
         return "—"
-    text = f"{100 * s['value']:.1f}"
+    text = "/".join(f"{100 * v:.1f}" for v in s["metrics"].values())
     if s.get("stderr") is not None:
         text += f" ± {100 * s['stderr']:.1f}"
     return text
