@@ -38,6 +38,7 @@ from components.evaluation.cells import (
     data_sections,
     finetune_config,
     finetune_lrs,
+    predict_scores,
     probe_scores,
     read_result,
     reported_metrics,
@@ -120,7 +121,12 @@ class EvaluateRecipe:
         ]
         for task_name, task in self.tasks.items():
             spec = task["spec"]
-            if spec["kind"] == "finetune":
+            if spec["kind"] == "finetune" and model.kind == "finetuned":
+                # a fine-tuned model is scored as it is, in its own tuning's column of a task of its type
+                if model.task_model.task_type == task["sections"]["task"]["type"] and model.tuning in spec["tuning"]:
+                    digest = {"model": fingerprint, "sections": task["sections"], "split": spec["split"]}
+                    cells.append(Cell(name, task_name, "predict", digest, tuning=model.tuning))
+            elif spec["kind"] == "finetune":
                 for tuning in spec["tuning"]:
                     if tuning not in model.tunings:  # an ONNX file; adapters on a bottleneck student
                         continue  # its column stays empty ("—")
@@ -229,7 +235,9 @@ class EvaluateRecipe:
         task = self.tasks[cell.task]
         spec, sections = task["spec"], task["sections"]
         with config_section(f"tasks.{cell.task}"):
-            if cell.kind == "probe":
+            if cell.kind == "predict":
+                metrics = predict_scores(model, sections, spec["split"], self.cfg.batch_size)
+            elif cell.kind == "probe":
                 metrics = probe_scores(
                     model, sections, spec["split"], spec["probe_c"], self.cfg.batch_size, spec["max_train_rows"]
                 )

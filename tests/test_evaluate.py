@@ -182,6 +182,48 @@ def test_a_stop_signal_in_a_fine_tuning_cell_resumes_it(distilled_student, tasks
     assert json.loads((run / "results.json").read_text())["best"]["step"] in (2, 4, 6)
 
 
+def test_fine_tuned_models_and_adapter_sets_are_scored_as_they_are(distilled_student, tasks, tmp_path, monkeypatch):
+    """A fine-tuned model and an adapter set are rows too: their own task's column is their own
+    predictions, equal to what their fine-tuning run measured; nothing is trained again."""
+    from recipes.finetune import FinetuneRecipe
+
+    runs = {}
+    for tuning in ("full", "adapters"):
+        cfg = {
+            "output_dir": str(tmp_path / tuning),
+            "checkpoint_dir": str(distilled_student),
+            "tuning": tuning,
+            "device": "cpu",
+            "max_steps": 4,
+            "eval_every_n_steps": 2,
+            **_task(tasks, "sst2"),
+        }
+        cfg["data"].update(max_length=32, batch_size=16, eval_batch_size=100)
+        execute(FinetuneRecipe(OmegaConf.create(cfg)))
+        runs[tuning] = json.loads((tmp_path / tuning / "results.json").read_text())["best"]["metrics"]
+    models = {"sst2_full": tmp_path / "full" / "model", "sst2_adapters": tmp_path / "adapters" / "adapter_set"}
+    only = {
+        "sst2": {"kind": "finetune", "overrides": _task(tasks, "sst2"), "tuning": ["full", "adapters", "head"]},
+        "probe": {"kind": "probe", "overrides": _task(tasks, "sst2"), "max_train_rows": 100},
+    }
+    cfg = suite(tmp_path / "eval", models, tasks, reference=None, tasks=only)
+    cfg.finetune_defaults.data.max_length = 32
+    calls = Calls(monkeypatch)
+    evaluate(cfg)
+    assert not [c for c in calls.cells if c.endswith("[finetune]")]  # nothing fine-tuned again
+    rows = json.loads((tmp_path / "eval" / "results.json").read_text())["models"]
+    assert rows["sst2_full"]["kind"] == "finetuned"
+    assert rows["sst2_full"]["scores"]["sst2/full"]["metrics"]["accuracy"] == pytest.approx(runs["full"]["accuracy"])
+    assert rows["sst2_full"]["scores"]["sst2/adapters"] is None
+    adapters = rows["sst2_adapters"]["scores"]
+    assert adapters["sst2/adapters"]["metrics"]["accuracy"] == pytest.approx(runs["adapters"]["accuracy"])
+    assert adapters["sst2/full"] is None and adapters["probe"] is not None
+    # an adapter set needs its base on disk: it counts the base's bytes and the set's
+    assert (
+        rows["sst2_adapters"]["bytes"] > (tmp_path / "adapters" / "adapter_set" / "adapters.safetensors").stat().st_size
+    )
+
+
 # ------------------------------------------------------------------ the figures, by hand
 def test_fine_tuning_columns_take_the_best_rate_by_its_mean_over_seeds():
     cells = [

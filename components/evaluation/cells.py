@@ -24,6 +24,7 @@ from components.config import check_section, config_section, instantiate
 from components.data.task_data import load_task_data, task_batches, TaskData
 from components.errors import ConfigError, TaskDataError
 from components.evaluation.models import features
+from components.inference.predict import predict
 from components.inference.task_metrics import compute_metrics, resolve_metric
 from components.io import atomic_file
 from components.training.schema import TaskConfig, TaskDataConfig
@@ -188,6 +189,24 @@ def probe_scores(
         head = Ridge(alpha=1.0 / c)
     probe = make_pipeline(StandardScaler(), head).fit(x_train, y_train)
     return compute_metrics(task.task_type, probe.predict(x_eval).tolist(), y_eval.tolist(), task.label_names)
+
+
+def predict_scores(model, sections, split: str, batch_size: int) -> Dict[str, float]:
+    """A fine-tuned model's own predictions on ``split`` of its task, scored with the task's
+    metrics; its labels must be the task's, in the same order."""
+    task = load_sections(sections, model.tokenizer)
+    own, theirs = model.task.get("label_values"), task.label_values
+    if own is not None and theirs is not None and [str(v) for v in own] != [str(v) for v in theirs]:
+        raise ConfigError(
+            f"{model.path} was fine-tuned for the labels {own}, but this task's data has {theirs}: "
+            "it cannot be scored on this task"
+        )
+    if split not in task.splits or not task.labelled[split]:
+        raise TaskDataError(f"split {split!r} is not a labelled split of the task's data ({sorted(task.splits)})")
+    _, metrics = predict(
+        model.task_model, task.splits[split], task, batch_size, model.tokenizer.pad_token_id, 8, model.device
+    )
+    return metrics
 
 
 def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:

@@ -3,6 +3,8 @@ size, and latency.
 
 * ``TorchModel``: any folder this library writes that holds an encoder (a student, native or
   ALBERT format) or a Hugging Face BERT-family checkpoint (folder or Hub id), run by torch in fp32.
+* ``FinetunedModel``: a fine-tuned model (``model/`` of a ``tuning=full`` run) or an adapter set on
+  its base (``adapter_set/``), scored on its own task as it is, and on probes with its encoder.
 * ``OnnxModel``: an export folder (``model.onnx`` + ``export.json``, recipes/export_student.py),
   run by ONNX Runtime as it is served.
 
@@ -20,12 +22,19 @@ from typing import Dict, Iterable, List, Optional, Tuple
 import numpy as np
 import torch
 
-from components.checkpointing.finetuned import load_encoder
+from components.checkpointing.finetuned import (
+    ADAPTER_SET_FILE,
+    ADAPTER_WEIGHTS_FILE,
+    FINETUNED_MODEL_TYPE,
+    load_encoder,
+    load_task_model,
+)
 from components.checkpointing.hub import resolve_checkpoint_dir
 from components.checkpointing.tokenizers import load_tokenizer
 from components.checkpointing.weights import weight_files
 from components.errors import CheckpointError, require
 from components.fingerprint import files_fingerprint, model_folder_fingerprint
+from components.inference.adapter_sets import MultiTaskModel
 from components.models.adapters import takes_adapters
 
 EXPORT_FILE, ONNX_FILE = "export.json", "model.onnx"
@@ -114,6 +123,56 @@ class TorchModel:
         del self.encoder
 
 
+class FinetunedModel(TorchModel):
+    """A model fine-tuned by recipes/finetune.py: its ``model/`` folder (tuning=full) or its
+    ``adapter_set/`` on the base the manifest names. It is not trained again: its task's column
+    gets its predictions; probes and similarity read its encoder (with the set's adapters)."""
+
+    kind = "finetuned"
+    tunings: Tuple[str, ...] = ()
+
+    def __init__(self, name: str, path: str, device: torch.device):
+        self.name, self.path, self.device = name, str(path), device
+        self.folder = Path(path)
+        if (self.folder / ADAPTER_SET_FILE).is_file():
+            manifest = json.loads((self.folder / ADAPTER_SET_FILE).read_text())
+            base = str((manifest.get("base") or {}).get("path"))
+            tasks = MultiTaskModel(base, device)
+            tasks.add(name, str(self.folder))  # checks the set against its base
+            self.task_model, self.tokenizer, self.task = tasks.task_model(name), tasks.tokenizer, manifest["task"]
+            self.base_folder = resolve_checkpoint_dir(base)
+            self.files = [self.folder / ADAPTER_SET_FILE, self.folder / ADAPTER_WEIGHTS_FILE]
+        else:
+            self.task_model, self.task = load_task_model(str(self.folder))
+            self.base_folder = None
+            self.files = weight_files(self.folder)[1]
+            self.tokenizer = load_tokenizer(self.folder, self.task_model.encoder.spec.vocab_size)
+        self.task_model.to(device).eval()
+        self.encoder = self.task_model.encoder
+        self.tuning = self.task.get("tuning", "full")
+
+    def fingerprint(self) -> Dict:
+        found = files_fingerprint(
+            [self.folder / "config.json", *self.files] if self.base_folder is None else self.files, root=self.folder
+        )
+        if self.base_folder is not None:
+            found["base"] = model_folder_fingerprint(self.base_folder, weight_files(self.base_folder)[1])
+        return found
+
+    def size(self) -> Dict[str, int]:
+        """The encoder's parameters; bytes of what it needs on disk (an adapter set: its base's
+        weights and the set)."""
+        files = list(self.files) + (weight_files(self.base_folder)[1] if self.base_folder is not None else [])
+        unique = {p.data_ptr(): p for p in self.encoder.parameters()}
+        return {
+            "parameters": sum(p.numel() for p in unique.values()),
+            "bytes": sum(Path(f).stat().st_size for f in files),
+        }
+
+    def close(self) -> None:
+        del self.encoder, self.task_model
+
+
 class OnnxModel:
     """An int8 export (recipes/export_student.py) run by ONNX Runtime on the CPU."""
 
@@ -183,13 +242,23 @@ class OnnxModel:
 
 
 def open_model(name: str, path: str, device: torch.device, threads: int):
-    """The model at ``path``: an export folder (``export.json`` + ``model.onnx``) or an encoder."""
+    """The model at ``path``: an export folder (``export.json`` + ``model.onnx``), a fine-tuned
+    model or adapter set, or an encoder."""
     folder = Path(path)
     if (folder / EXPORT_FILE).is_file() and (folder / ONNX_FILE).is_file():
         return OnnxModel(name, path, threads)
     if (folder / EXPORT_FILE).is_file():
         raise CheckpointError(f"models.{name}: {folder} holds {EXPORT_FILE} but no {ONNX_FILE}")
+    if (folder / ADAPTER_SET_FILE).is_file() or _model_type(folder) == FINETUNED_MODEL_TYPE:
+        return FinetunedModel(name, path, device)
     return TorchModel(name, path, device)
+
+
+def _model_type(folder: Path) -> Optional[str]:
+    try:
+        return json.loads((folder / "config.json").read_text()).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        return None  # not a local folder with a config: a Hub id, or the loader's error to give
 
 
 def features(model, batches: Iterable[Dict[str, torch.Tensor]]) -> np.ndarray:

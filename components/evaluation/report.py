@@ -45,6 +45,10 @@ def _value(column: Column, metrics: Mapping[str, float]) -> float:
     return statistics.mean(metrics[m] for m in column.metrics)
 
 
+def _rate(lr: Optional[float]) -> str:
+    return "as given" if lr is None else f"{lr:g}"  # None: a fine-tuned model scored as it is
+
+
 def column_score(column: Column, cells: List[Mapping[str, Any]]) -> Optional[Dict[str, Any]]:
     """The reported score of one model in one column, from its finished cells (None: none):
     ``value`` (the mean of the column's metrics) and ``metrics`` (each of them)."""
@@ -66,8 +70,8 @@ def column_score(column: Column, cells: List[Mapping[str, Any]]) -> Optional[Dic
         "stderr": _stderr(values),
         "n": len(values),
         "lr": lr,
-        "seeds": sorted(c["seed"] for c in mine if c["lr"] == lr),
-        "by_lr": {f"{k:g}": statistics.mean(_value(column, m) for m in v) for k, v in sorted(by_lr.items())},
+        "seeds": sorted(c["seed"] for c in mine if c["lr"] == lr and c["seed"] is not None),
+        "by_lr": {_rate(k): statistics.mean(_value(column, m) for m in v) for k, v in by_lr.items()},
     }
 
 

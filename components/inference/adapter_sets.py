@@ -175,6 +175,11 @@ class MultiTaskModel:
         self.added = {**adds, "set": str(path)}
         self._active = None  # the encoder holds no task's adapters yet
 
+    def task_model(self, name: str) -> TaskModel:
+        """Task ``name``'s model: the shared encoder, holding this task's adapters (until another
+        task is used)."""
+        return self._model(name)
+
     def _model(self, name: str) -> TaskModel:
         """Task ``name``'s model: the shared encoder, holding this task's adapters."""
         try:
