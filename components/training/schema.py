@@ -197,9 +197,11 @@ class FinetuneConfig:
     # the identity-initialised adapters it adds (keys below); unused otherwise
     adapters: FreshAdaptersConfig = field(default_factory=dict)
     classifier_dropout: float = bounded(0.1, low=0.0, high=1.0, high_open=True)  # before the head's classifier
-    # any torch.optim optimizer with its arguments; biases and norm weights are never decayed
+    # any torch.optim optimizer with its arguments; biases and norm weights are never decayed.
+    # fused AdamW (one kernel for all tensors) makes a CPU step 1.16x (fp32) to 1.23x (bf16)
+    # faster on a 22.7M-parameter BERT (benchmarks/finetune_vs_trainer.py); same updates to 1e-7
     optimizer: Component = component_field(
-        {"_component_": "torch.optim.AdamW", "lr": 5e-5, "weight_decay": 0.01}, provided=("params",)
+        {"_component_": "torch.optim.AdamW", "lr": 5e-5, "weight_decay": 0.01, "fused": True}, provided=("params",)
     )
     # the learning-rate multiplier by step: linear_warmup_decay or cosine_warmup_decay (warmup_steps, final_ratio)
     lr_schedule: Component = component_field(
