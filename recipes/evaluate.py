@@ -268,9 +268,10 @@ class EvaluateRecipe:
             recipe.setup()
             recipe.train()
         except RunInterrupted as e:
+            where = str(e).split(". Run the same command")[0]  # the fine-tuning run's own advice does not apply
             raise RunInterrupted(
-                f"Evaluation stopped in cell {cell.label()} ({e}). Run the same command again: finished cells are "
-                "kept and this one resumes from its checkpoint",
+                f"Evaluation stopped in cell {cell.label()} ({where}). Run the same command again: finished cells "
+                "are kept and this one resumes from its checkpoint",
                 e.exit_code,
             ) from None
         finally:
