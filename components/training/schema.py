@@ -277,7 +277,8 @@ class EvaluateConfig:
     # name -> a student folder, a fine-tuning base, a Hub id or folder of a BERT-family checkpoint, or
     # an int8 export folder (export.json + model.onnx, run by ONNX Runtime). `name: null` drops a name.
     models: Dict[str, Optional[str]]
-    tasks: Dict[str, Any]  # name -> a task (keys below: EvalTaskConfig), a column group of the table; `name: null` drops one
+    # name -> a task (keys below: EvalTaskConfig), a column group of the table; `name: null` drops one
+    tasks: Dict[str, Any]
     reference: Optional[str] = None  # the model every figure is also given as a percentage of (the teacher)
     # Fine-tuning config keys every finetune task starts from (below its config file and overrides)
     finetune_defaults: Dict[str, Any] = field(default_factory=dict)
