@@ -141,17 +141,18 @@ def finetune_lrs(name: str, spec: Mapping[str, Any], settings: Mapping[str, Any]
 
 
 # ------------------------------------------------------------------ probe and similarity
-def load_sections(sections: Mapping[str, Any], tokenizer, text_column: Optional[str] = None) -> TaskData:
-    """The task's splits tokenised by ``tokenizer`` (``text_column``: read that column as a
-    single sentence, for similarity)."""
+def load_sections(sections: Mapping[str, Any], model, text_column: Optional[str] = None) -> TaskData:
+    """The task's splits tokenised by ``model``'s tokenizer, at most to its positions
+    (``text_column``: read that column as a single sentence, for similarity)."""
     data, task = dict(sections["data"]), dict(sections["task"])
+    data["max_length"] = min(data["max_length"], model.max_length)
     if isinstance(data["source"], dict) and "_component_" in data["source"]:
         with config_section("data.source"):
             data["source"] = instantiate(data["source"])
     if text_column is not None:
         data.update(text_column=text_column, text_pair_column=None)
         task.update(input="single")
-    return load_task_data(data, task, tokenizer)
+    return load_task_data(data, task, model.tokenizer)
 
 
 def _split_features(model, task: TaskData, split: str, batch_size: int, pad_token_id: int):
@@ -174,7 +175,7 @@ def probe_scores(
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    task = load_sections(sections, model.tokenizer)
+    task = load_sections(sections, model)
     if task.task_type == "token_classification":
         raise ConfigError("a probe scores sentence tasks (classification or regression), not token_classification")
     pad = model.tokenizer.pad_token_id
@@ -194,7 +195,7 @@ def probe_scores(
 def predict_scores(model, sections, split: str, batch_size: int) -> Dict[str, float]:
     """A fine-tuned model's own predictions on ``split`` of its task, scored with the task's
     metrics; its labels must be the task's, in the same order."""
-    task = load_sections(sections, model.tokenizer)
+    task = load_sections(sections, model)
     own, theirs = model.task.get("label_values"), task.label_values
     if own is not None and theirs is not None and [str(v) for v in own] != [str(v) for v in theirs]:
         raise ConfigError(
@@ -224,8 +225,8 @@ def similarity_scores(model, sections, split: str, batch_size: int) -> Dict[str,
     if task["type"] == "token_classification":
         raise ConfigError("a similarity task scores sentence pairs, not token_classification")
     pad = model.tokenizer.pad_token_id
-    first = load_sections(sections, model.tokenizer, data["text_column"])
-    second = load_sections(sections, model.tokenizer, data["text_pair_column"])
+    first = load_sections(sections, model, data["text_column"])
+    second = load_sections(sections, model, data["text_pair_column"])
     a, gold = _split_features(model, first, split, batch_size, pad)
     b, _ = _split_features(model, second, split, batch_size, pad)
     # class ids of a binary pair task (paraphrase or not) serve as scores too

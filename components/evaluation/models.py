@@ -204,7 +204,9 @@ class OnnxModel:
 
     @property
     def max_length(self) -> int:
-        return int(self.report.get("max_length") or 512)
+        """The student's positions (the file takes sequences up to them), else BERT's 512."""
+        student = self._student()
+        return student["positions"] if student is not None else 512
 
     def fingerprint(self) -> Dict:
         return files_fingerprint([self.folder / ONNX_FILE, self.folder / EXPORT_FILE], root=self.folder)
@@ -218,14 +220,25 @@ class OnnxModel:
         hidden = torch.from_numpy(self._run(inputs)).float()
         return mean_pool(hidden, batch["attention_mask"])
 
+    def _student(self) -> Optional[Dict[str, int]]:
+        """Parameters and positions of the student the file was exported from, when it is there."""
+        if not hasattr(self, "_student_info"):
+            student = Path(self.report.get("student") or "")
+            self._student_info = None
+            if (student / "config.json").is_file():
+                encoder, _ = load_encoder(str(student))
+                unique = {p.data_ptr(): p for p in encoder.parameters()}
+                positions = encoder.config["max_position_embeddings"] - encoder.config.get("position_offset", 0)
+                self._student_info = {"parameters": sum(p.numel() for p in unique.values()), "positions": positions}
+        return self._student_info
+
     def size(self) -> Dict[str, int]:
         """Parameters: the exported student's (its encoder, as for every other row; the file's
         int8 weights are the same tensors), or the file's weight elements when the student is gone;
         bytes: model.onnx."""
-        student = Path(self.report.get("student") or "")
-        if (student / "config.json").is_file():
-            encoder, _ = load_encoder(str(student))
-            parameters = sum(p.numel() for p in {p.data_ptr(): p for p in encoder.parameters()}.values())
+        student = self._student()
+        if student is not None:
+            parameters = student["parameters"]
         else:
             import onnx
 
