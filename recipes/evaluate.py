@@ -19,6 +19,7 @@ similarity (components/evaluation/cells.py). Writes into ``output_dir``:
 
 import logging
 import shutil
+import signal
 import sys
 import time
 from pathlib import Path
@@ -90,6 +91,7 @@ class EvaluateRecipe:
             self.tasks[name] = {"spec": spec, "settings": settings, "sections": sections, "metrics": metric}
         self.lock = None
         self.metrics = None
+        self.stop_signal = None
 
     # ------------------------------------------------------------------ setup
     def setup(self) -> None:
@@ -185,6 +187,12 @@ class EvaluateRecipe:
                     progress.clear()
                     self._finish(cell, self._finetune(cell, path))
                     progress.update(1)
+                    if self.stop_signal is not None:  # asked to stop as the cell ended: it is kept
+                        raise RunInterrupted(
+                            f"Evaluation stopped by {signal.Signals(self.stop_signal).name} after cell {cell.label()}. "
+                            "Run the same command again: finished cells are kept",
+                            self.stop_signal,
+                        )
             progress.close()
             for cell in cells:
                 result = read_result(cell, self.output_dir)
@@ -277,6 +285,7 @@ class EvaluateRecipe:
         finally:
             recipe.cleanup()
             set_write_root(self.output_dir)  # the fine-tuning run confined writes to its own folder
+        self.stop_signal = recipe.run.stop_signal  # a stop asked for after the cell's last step
         best = recipe.best
         return {
             "metrics": best["metrics"],

@@ -224,6 +224,28 @@ def test_fine_tuned_models_and_adapter_sets_are_scored_as_they_are(distilled_stu
     )
 
 
+def test_a_stop_asked_for_in_a_cells_last_step_stops_after_that_cell(distilled_student, tasks, tmp_path, monkeypatch):
+    from recipes.finetune import FinetuneRecipe
+
+    out = tmp_path / "eval"
+    only = {"sst2": {"kind": "finetune", "overrides": _task(tasks, "sst2"), "tuning": ["head"], "seeds": [0, 1]}}
+    cfg = suite(out, {"student": distilled_student}, tasks, reference=None, tasks=only)
+    original = FinetuneRecipe._train_step
+
+    def step(recipe, batch):
+        if recipe.step == recipe.max_steps - 1 and recipe.cfg.seed == 0:  # the first cell's last step
+            signal.raise_signal(signal.SIGTERM)
+        return original(recipe, batch)
+
+    monkeypatch.setattr(FinetuneRecipe, "_train_step", step)
+    with pytest.raises(RunInterrupted, match="stopped by SIGTERM after cell student / sst2 head lr=0.002 seed=0"):
+        evaluate(cfg)
+    monkeypatch.undo()
+    calls = Calls(monkeypatch)
+    evaluate(cfg)
+    assert calls.cells == ["student / sst2 head lr=0.002 seed=1 [finetune]"]  # the first cell was kept
+
+
 # ------------------------------------------------------------------ the figures, by hand
 def test_fine_tuning_columns_take_the_best_rate_by_its_mean_over_seeds():
     cells = [
