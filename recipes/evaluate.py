@@ -49,10 +49,10 @@ from components.evaluation.cells import (
 )
 from components.evaluation.models import latencies, open_model
 from components.evaluation.report import Column, markdown, plot, summarize, write_json
-from components.io import set_write_root
+from components.io import atomic_file, set_write_root
 from components.training.metrics import MetricLogger
 from components.training.parallel import resolve_device
-from components.training.run import _instantiate_optional, claim_output_dir, configure_logging, execute
+from components.training.run import claim_output_dir, configure_logging, execute, instantiate_optional
 from components.training.schema import EvalTaskConfig, EvaluateConfig
 from recipes.finetune import FinetuneRecipe
 
@@ -96,7 +96,7 @@ class EvaluateRecipe:
     # ------------------------------------------------------------------ setup
     def setup(self) -> None:
         self.lock = claim_output_dir(self.output_dir)
-        sink = _instantiate_optional("metric_logger", self.cfg.metric_logger) if self.cfg.metric_logger else None
+        sink = instantiate_optional("metric_logger", self.cfg.metric_logger) if self.cfg.metric_logger else None
         self.metrics = MetricLogger(self.output_dir, sink=sink)
         self.columns = self._columns()
 
@@ -309,11 +309,9 @@ class EvaluateRecipe:
             "—: not measured (an int8 export is not fine-tuned, only evaluated on its features; a bottleneck student takes no adapters).",
         ]
         write_json(self.output_dir / "results.json", summary)
-        (self.output_dir / "report.md").parent.mkdir(parents=True, exist_ok=True)
-        from components.io import atomic_file
-
+        table = markdown(summary, self.columns, title, notes)
         with atomic_file(self.output_dir / "report.md", "report") as f:
-            f.write(markdown(summary, self.columns, title, notes))
+            f.write(table)
         picture = plot(summary, self.output_dir / "report.png", title)
         log.info(
             "Evaluation finished in %.0f s: %s, %s%s",
@@ -322,7 +320,7 @@ class EvaluateRecipe:
             self.output_dir / "results.json",
             f", {picture}" if picture else "",
         )
-        print(markdown(summary, self.columns, title))
+        print(table)
 
     def cleanup(self) -> None:
         if self.metrics is not None:

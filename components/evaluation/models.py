@@ -46,6 +46,11 @@ def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
 
 
+def parameter_count(module: torch.nn.Module) -> int:
+    """Parameters of ``module``, a tied tensor counted once."""
+    return sum(p.numel() for p in {p.data_ptr(): p for p in module.parameters()}.values())
+
+
 def _median_ms(run, warmup: int, repeats: int) -> float:
     for _ in range(warmup):
         run()
@@ -100,10 +105,9 @@ class TorchModel:
 
     def size(self) -> Dict[str, int]:
         """Parameters of the encoder (no MLM head) and bytes of its weight files on disk."""
-        unique = {p.data_ptr(): p for p in self.encoder.parameters()}
         files = weight_files(self.folder)[1]
         return {
-            "parameters": sum(p.numel() for p in unique.values()),
+            "parameters": parameter_count(self.encoder),
             "bytes": sum(Path(f).stat().st_size for f in files),
         }
 
@@ -163,9 +167,8 @@ class FinetunedModel(TorchModel):
         """The encoder's parameters; bytes of what it needs on disk (an adapter set: its base's
         weights and the set)."""
         files = list(self.files) + (weight_files(self.base_folder)[1] if self.base_folder is not None else [])
-        unique = {p.data_ptr(): p for p in self.encoder.parameters()}
         return {
-            "parameters": sum(p.numel() for p in unique.values()),
+            "parameters": parameter_count(self.encoder),
             "bytes": sum(Path(f).stat().st_size for f in files),
         }
 
@@ -227,9 +230,8 @@ class OnnxModel:
             self._student_info = None
             if (student / "config.json").is_file():
                 encoder, _ = load_encoder(str(student))
-                unique = {p.data_ptr(): p for p in encoder.parameters()}
                 positions = encoder.config["max_position_embeddings"] - encoder.config.get("position_offset", 0)
-                self._student_info = {"parameters": sum(p.numel() for p in unique.values()), "positions": positions}
+                self._student_info = {"parameters": parameter_count(encoder), "positions": positions}
         return self._student_info
 
     def size(self) -> Dict[str, int]:

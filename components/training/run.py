@@ -293,7 +293,7 @@ class Run:
         config's ``metric_logger`` (any torchtune metric logger) or TensorBoard."""
         sink = None
         if self.is_main and self.cfg.get("metric_logger") is not None:
-            sink = _instantiate_optional("metric_logger", self.cfg.metric_logger)
+            sink = instantiate_optional("metric_logger", self.cfg.metric_logger)
             if hasattr(sink, "log_config"):  # WandB and MLflow record the run's config
                 sink.log_config(self.cfg)
         self.metrics = MetricLogger(self.output_dir, purge_step=next_step, enabled=self.is_main, sink=sink)
@@ -321,7 +321,7 @@ class Run:
         node.setdefault("output_dir", str(self.output_dir / "profiling"))
         if self.parallel.device.type != "cuda":  # profile what there is
             node["cuda"] = node["xpu"] = False
-        profiler = _instantiate_optional("profiler", node)
+        profiler = instantiate_optional("profiler", node)
         profiler = profiler[0] if isinstance(profiler, tuple) else profiler  # setup_torch_profiler: (profiler, cfg)
         if self.parallel.device.type != "cuda" and isinstance(profiler, torch.profiler.profile):
             # torchtune's trace handler ranks ops by CUDA time, which is all zeros here
@@ -450,7 +450,7 @@ def _short(value: Any, limit: int = 300) -> str:
     return text if len(text) <= limit else text[:limit] + "..."
 
 
-def _instantiate_optional(section: str, node):
+def instantiate_optional(section: str, node):
     """Instantiate an observability component; a missing package (wandb, mlflow) is one line."""
     try:
         return instantiate(node)
