@@ -229,6 +229,46 @@ def test_split_batches_with_global_counts_equal_one_batch():
     assert total.item() == pytest.approx(whole.item(), rel=1e-6)
 
 
+def test_sentence_term_compares_mean_pooled_last_layers_by_hand():
+    loss_fn = DistillationLoss(*specs(), weights={"sentence": 1.0})
+    student, teacher, labels, mask = records(2)
+    out = loss_fn(student, teacher, labels, mask)
+    assert set(out.terms) == {"sentence"}
+    expected = []
+    for row in range(2):
+        n = int(mask[row].sum())  # the padding token of row 1 is not in its mean
+        s = [sum(student.hidden_states[-1][row, i, d].item() for i in range(n)) / n for d in range(8)]
+        t = [sum(teacher.hidden_states[-1][row, i, d].item() for i in range(n)) / n for d in range(8)]
+        expected.append(1 - cosine(s, t))
+    assert out.terms["sentence"].item() == pytest.approx(sum(expected) / 2, rel=1e-5)
+    # packed: two sequences in one row (segments 1 and 2) are the same two sentences
+    packed = loss_fn(
+        EncoderOutput(tuple(torch.cat([h[0], h[1, :2]])[None] for h in student.hidden_states), {}, None),
+        EncoderOutput(tuple(torch.cat([h[0], h[1, :2]])[None] for h in teacher.hidden_states), {}, None),
+        torch.full((1, 5), -100),
+        torch.ones(1, 5, dtype=torch.long),
+        segment_ids=torch.tensor([[1, 1, 1, 2, 2]]),
+    )
+    assert packed.terms["sentence"].item() == pytest.approx(sum(expected) / 2, rel=1e-5)
+    # divided by the step's sequence count when given (split micro-batches)
+    half = loss_fn(student, teacher, labels, mask, num_sequences=4)
+    assert half.terms["sentence"].item() == pytest.approx(sum(expected) / 4, rel=1e-5)
+
+
+def test_layer_weights_scale_each_mapped_layer():
+    student, teacher, labels, mask = records(3)
+    per_layer = [
+        HiddenAlignmentLoss()(student.hidden_states[s], teacher.hidden_states[t], mask) for s, t in [(1, 2), (2, 4)]
+    ]
+    weighted = DistillationLoss(*specs(), weights={"hidden": 1.0}, layer_weights={2: 3.0})
+    out = weighted(student, teacher, labels, mask)
+    assert out.terms["hidden"].item() == pytest.approx((per_layer[0] + 3 * per_layer[1]).item(), rel=1e-6)
+    with pytest.raises(ValueError, match="layer_weights names student layer 3, which the layer map does not map"):
+        DistillationLoss(*specs(), weights={"hidden": 1.0}, layer_weights={3: 2.0})
+    with pytest.raises(ValueError, match="negative weight"):
+        DistillationLoss(*specs(), weights={"hidden": 1.0}, layer_weights={1: -1.0})
+
+
 def test_projection_when_student_is_narrower():
     loss_fn = DistillationLoss(*specs(student_hidden=4))
     assert loss_fn.projection is not None and loss_fn.projection.weight.shape == (8, 4)

@@ -140,8 +140,16 @@ def test_trigram_students_refuse_packed_rows():
 def test_distillation_loss_is_the_same_packed(student_name):
     models = encoders()
     teacher, student = FrozenTeacher(models["bert"]), models[student_name].train()
-    weights = {"mlm": 1.0, "output": 5.0, "hidden": 3.0, "attention": 3.0, "embedding": 1.0, "feature_map": 1.0}
-    loss_fn = DistillationLoss(student.spec, teacher.spec, weights=weights)
+    weights = {
+        "mlm": 1.0,
+        "output": 5.0,
+        "hidden": 3.0,
+        "attention": 3.0,
+        "embedding": 1.0,
+        "sentence": 2.0,
+        "feature_map": 1.0,
+    }
+    loss_fn = DistillationLoss(student.spec, teacher.spec, weights=weights, layer_weights={1: 2.0})
     batch = padded_batch(mask_every=4)
     packed = pack_batch(batch, PAD)
     results = []
@@ -152,7 +160,7 @@ def test_distillation_loss_is_the_same_packed(student_name):
         grads = {n: p.grad.clone() for n, p in student.named_parameters() if p.grad is not None}
         results.append((out, grads))
     (a, ga), (b, gb) = results
-    assert set(a.terms) == set(b.terms) and len(a.terms) >= 4
+    assert set(a.terms) == set(b.terms) and len(a.terms) >= 5 and "sentence" in a.terms
     for term in a.terms:
         torch.testing.assert_close(b.terms[term], a.terms[term], rtol=2e-5, atol=1e-6)
     assert ga.keys() == gb.keys()
@@ -243,7 +251,13 @@ def test_embedding_teacher_config_runs_on_a_headless_teacher(tmp_path, tokenizer
     recipe = run_recipe(cfg)
     assert recipe.step_batches(step=0)[0].segment_ids is not None  # packed
     records = logged(tmp_path / "run")
-    assert set(records[3]) >= {"loss/hidden", "loss/attention", "eval/alignment_cosine/student_2_teacher_4"}
+    assert set(records[3]) >= {
+        "loss/hidden",
+        "loss/attention",
+        "eval/alignment_cosine/student_2_teacher_4",
+        "eval/sentence_cosine",
+    }
+    assert -1.0 <= records[3]["eval/sentence_cosine"] <= 1.0
     assert "loss/mlm" not in records[3]
     student = AlbertModel.from_pretrained(str(tmp_path / "run" / "student"))
     assert student.config.num_hidden_layers == 2

@@ -1,12 +1,17 @@
 """The composite distillation loss: weights, the layer map, and every term for logging.
 
     total = w_mlm * mlm + w_output * output
-          + sum over layer-wise terms x of  w_x * sum_{(s, t) in active map} x(s, t)
+          + sum over layer-wise terms x of  w_x * sum_{(s, t) in active map} v_s * x(s, t)
           + w_embedding * hidden(embeddings)
+          + w_sentence * hidden(mean-pooled last layers)
 
 Layer-wise terms: ``hidden`` (cosine or MSE, MiniALBERT/TinyBERT), ``attention`` (per-head KL),
 ``feature_map`` (MobileBERT's LayerNorm-then-MSE), ``feature_mean`` and ``feature_variance``
-(MobileBERT's released mean/variance transfer). Each mapped layer has weight 1. The *active*
+(MobileBERT's released mean/variance transfer). Each mapped student layer ``s`` has weight
+``v_s`` (``layer_weights``, 1 unless given). ``sentence`` compares what sentence-embedding users
+consume: the mean over each sequence's tokens of the student's last layer and of the teacher's
+(Reimers & Gurevych 2020, "Making Monolingual Sentence Embeddings Multilingual using Knowledge
+Distillation", distil such embeddings with MSE; the term uses ``hidden_metric``). The *active*
 map is the whole layer map unless a stage selects some student layers (``set_layers``):
 MobileBERT's progressive transfer trains layer k with layer k's losses only. Pre-training
 distillation, ``a * MLM + (1 - a) * KD``, is the weights ``{mlm: a, output: 1 - a}``.
@@ -20,6 +25,7 @@ from dataclasses import dataclass
 from typing import Dict, List, Literal, Mapping, Optional, Sequence, Set, Tuple, Union
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from components.losses.terms import (
@@ -32,9 +38,19 @@ from components.losses.terms import (
 )
 from components.models.output import EncoderOutput, EncoderSpec
 
-TERMS = ("mlm", "output", "hidden", "attention", "embedding", "feature_map", "feature_mean", "feature_variance")
+TERMS = (
+    "mlm",
+    "output",
+    "hidden",
+    "attention",
+    "embedding",
+    "sentence",
+    "feature_map",
+    "feature_mean",
+    "feature_variance",
+)
 LossTerm = Literal[
-    "mlm", "output", "hidden", "attention", "embedding", "feature_map", "feature_mean", "feature_variance"
+    "mlm", "output", "hidden", "attention", "embedding", "sentence", "feature_map", "feature_mean", "feature_variance"
 ]
 # terms summed over the (active) layer map
 LAYER_TERMS = ("hidden", "attention", "feature_map", "feature_mean", "feature_variance")
@@ -75,6 +91,22 @@ def resolve_layer_map(layer_map: LayerMap, num_student: int, num_teacher: int) -
     return pairs
 
 
+def segment_means(
+    hidden: torch.Tensor, attention_mask: torch.Tensor, segment_ids: Optional[torch.Tensor] = None
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The mean over each sequence's tokens: ``[batch, K, hidden]`` and which of the K slots
+    hold a sequence (``[batch, K]``, bool). ``segment_ids`` numbers the sequences of packed rows
+    1..K (0: padding); without it each row is one sequence."""
+    if segment_ids is None:
+        segment_ids = attention_mask.long()
+    segment_ids = segment_ids * (attention_mask > 0)
+    k = max(int(segment_ids.max()), 1)
+    members = F.one_hot(segment_ids, k + 1)[..., 1:].to(torch.float32)  # [batch, seq, K]
+    counts = members.sum(1)  # [batch, K]
+    sums = torch.einsum("bsk,bsh->bkh", members, hidden.float())
+    return sums / counts.clamp_min(1).unsqueeze(-1), counts > 0
+
+
 @dataclass
 class LossOutput:
     total: torch.Tensor
@@ -94,6 +126,8 @@ class DistillationLoss(nn.Module):
             distribution; ``"element"`` also divides by the sequence length, as MiniALBERT's
             ``KLDivLoss(reduction="mean")`` did (use it to keep the paper's loss weights
             balanced as published: at 256 tokens the term is 256x smaller).
+        layer_weights: ``{student layer: weight}`` for the layer-wise terms; unnamed mapped
+            layers weigh 1 (e.g. ``{6: 3.0}`` puts three times the weight on the last of six).
 
     When the student is narrower than the teacher, learned linear projections map student
     hidden states to the teacher's width (``projection``: one shared by all mapped layers and the
@@ -112,6 +146,7 @@ class DistillationLoss(nn.Module):
         hidden_metric: Literal["cosine", "mse"] = "cosine",
         attention_reduction: Literal["distribution", "element"] = "distribution",
         projection: Literal["shared", "per_layer"] = "shared",
+        layer_weights: Optional[Mapping[int, float]] = None,
     ):
         super().__init__()
         if student.vocab_size != teacher.vocab_size:
@@ -120,6 +155,16 @@ class DistillationLoss(nn.Module):
             )
         self.student_spec, self.teacher_spec = student, teacher
         self.layer_map = resolve_layer_map(layer_map, student.num_layers, teacher.num_layers)
+        self.layer_weights = {s: 1.0 for s, _ in self.layer_map}
+        for s, v in (layer_weights or {}).items():
+            if int(s) not in self.layer_weights:
+                raise ValueError(
+                    f"layer_weights names student layer {s}, which the layer map does not map "
+                    f"(mapped: {sorted(self.layer_weights)})"
+                )
+            if v < 0:
+                raise ValueError(f"layer_weights: student layer {s} has a negative weight {v}")
+            self.layer_weights[int(s)] = float(v)
         if projection not in ("shared", "per_layer"):
             raise ValueError(f"projection must be 'shared' or 'per_layer', got {projection!r}")
         self.projection = self.projections = None
@@ -208,6 +253,8 @@ class DistillationLoss(nn.Module):
         attention_mask: torch.Tensor,
         num_masked: Optional[float] = None,
         num_tokens: Optional[float] = None,
+        segment_ids: Optional[torch.Tensor] = None,
+        num_sequences: Optional[float] = None,
     ) -> LossOutput:
         """Compute every active term.
 
@@ -217,6 +264,10 @@ class DistillationLoss(nn.Module):
             attention_mask: ``[batch, seq]``, 1 for tokens and 0 for padding.
             num_masked, num_tokens: masked / non-padding token counts to divide by (those of
                 the whole optimizer step); default to this batch's.
+            segment_ids: ``[batch, seq]`` of packed rows (``pack_batch``): which sequence of its
+                row each token belongs to, 0 for padding; ``None``: one sequence per row.
+            num_sequences: the sequence count the ``sentence`` term divides by (the step's);
+                defaults to this batch's.
         """
         w = self.weights
         masked_labels = labels[labels != -100]
@@ -238,10 +289,20 @@ class DistillationLoss(nn.Module):
                     (self.project(student.hidden_states[s], s), teacher.hidden_states[t])
                     for s, t in self.active_layer_map
                 )
-            sums[term] = sum(loss(s, t, attention_mask, "sum") for s, t in pairs) / max(num_tokens, 1)
+            weights = [self.layer_weights[s] for s, _ in self.active_layer_map]
+            sums[term] = sum(v * loss(s, t, attention_mask, "sum") for v, (s, t) in zip(weights, pairs)) / max(
+                num_tokens, 1
+            )
         if w["embedding"]:
             sums["embedding"] = self.hidden(
                 self.project(student.hidden_states[0], 0), teacher.hidden_states[0], attention_mask, "sum"
             ) / max(num_tokens, 1)
+        if w["sentence"]:
+            pooled_student, valid = segment_means(
+                self.project(student.hidden_states[-1], len(student.hidden_states) - 1), attention_mask, segment_ids
+            )
+            pooled_teacher, _ = segment_means(teacher.hidden_states[-1], attention_mask, segment_ids)
+            num_sequences = valid.sum().item() if num_sequences is None else num_sequences
+            sums["sentence"] = self.hidden(pooled_student, pooled_teacher, valid, "sum") / max(num_sequences, 1)
         total = sum(w[name] * value for name, value in sums.items())
         return LossOutput(total=total, terms=sums)

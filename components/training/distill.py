@@ -12,7 +12,7 @@ from tqdm import tqdm
 
 from components.data.mlm import GlobalBatchSampler, MLMMasker, pad_batch, round_up, step_generator
 from components.errors import NonFiniteLossError
-from components.losses.distillation import DistillationLoss, LossOutput
+from components.losses.distillation import DistillationLoss, LossOutput, segment_means
 from components.training.parallel import clip_gradients
 
 # Sums a tensor over ranks (identity on one device).
@@ -39,6 +39,13 @@ class MaskedBatch:
     @property
     def masked_positions(self) -> torch.Tensor:
         return self.labels != -100
+
+    @property
+    def num_sequences(self) -> int:
+        """Sequences in the batch: the rows holding tokens, or the packed sequences of each row."""
+        if self.segment_ids is None:
+            return int((self.attention_mask.sum(1) > 0).sum())
+        return int(self.segment_ids.max(1).values.sum())
 
 
 def pack_batch(batch: MaskedBatch, pad_token_id: int) -> MaskedBatch:
@@ -113,6 +120,7 @@ def distill_forward(
     batch: MaskedBatch,
     num_masked: Optional[float] = None,
     num_tokens: Optional[float] = None,
+    num_sequences: Optional[float] = None,
 ) -> LossOutput:
     """Teacher and student forward on one micro-batch, and the loss terms, asking each encoder
     only for what the active terms read."""
@@ -134,7 +142,16 @@ def distill_forward(
         return_logits=loss_fn.needs_student_logits,
         **packed,
     )
-    return loss_fn(student_out, teacher_out, batch.labels, batch.attention_mask, num_masked, num_tokens)
+    return loss_fn(
+        student_out,
+        teacher_out,
+        batch.labels,
+        batch.attention_mask,
+        num_masked,
+        num_tokens,
+        segment_ids=batch.segment_ids,
+        num_sequences=num_sequences,
+    )
 
 
 @dataclass
@@ -166,12 +183,12 @@ def distill_step(
     step. ``stop`` (this rank wants to stop) rides along with the loss reduction, so that every
     rank learns whether any asked. ``parallel`` is a SingleDevice or DataParallel."""
     device = parallel.device
-    num_masked, num_tokens = count_tokens(batches, parallel.reduce_sum).tolist()
+    num_masked, num_tokens, num_sequences = count_tokens(batches, parallel.reduce_sum).tolist()
     totals: Dict[str, torch.Tensor] = {}
     for i, batch in enumerate(batches):
         parallel.set_gradient_sync(student, i == len(batches) - 1)
         with autocast():
-            out = distill_forward(student, teacher, loss_fn, batch.to(device), num_masked, num_tokens)
+            out = distill_forward(student, teacher, loss_fn, batch.to(device), num_masked, num_tokens, num_sequences)
         (out.total * parallel.loss_scale).backward()
         for name, value in [("total", out.total), *out.terms.items()]:
             totals[name] = totals.get(name, 0.0) + value.detach().float()
@@ -197,8 +214,9 @@ def check_finite(value, step: int, what: str, terms: Dict[str, float]) -> None:
 
 
 class Evaluator:
-    """Held-out metrics: the student's MLM loss and accuracy, the teacher's for reference, and
-    the cosine of each mapped student iteration with its teacher layer. The held-out batches
+    """Held-out metrics: the student's MLM loss and accuracy, the teacher's for reference, the
+    cosine of each mapped student iteration with its teacher layer, and of the sequences' mean
+    last hidden states (``sentence_cosine``, what sentence-embedding users compare). The held-out batches
     are masked once, so every evaluation scores the same predictions."""
 
     def __init__(
@@ -265,6 +283,13 @@ class Evaluator:
                     student_hidden[mask], t_out.hidden_states[t].float()[mask], dim=-1
                 )
                 add(f"cos_{s}", cos.sum())
+            # what sentence-embedding users consume: the mean-pooled last layers
+            pooled_s, rows = segment_means(
+                loss_fn.project(s_out.hidden_states[-1].float(), len(s_out.hidden_states) - 1), batch.attention_mask
+            )
+            pooled_t, _ = segment_means(t_out.hidden_states[-1].float(), batch.attention_mask)
+            add("sentences", rows.sum())
+            add("sentence_cos", torch.nn.functional.cosine_similarity(pooled_s[rows], pooled_t[rows], dim=-1).sum())
         totals = {k: reduce(v).item() for k, v in sorted(sums.items())}
         masked_total, tokens_total = max(totals["masked"], 1), max(totals["tokens"], 1)
         metrics = {}
@@ -274,14 +299,19 @@ class Evaluator:
                 metrics[f"eval/{who}_mlm_accuracy"] = totals[f"{who}_correct"] / masked_total
         for s, t in loss_fn.layer_map:
             metrics[f"eval/alignment_cosine/student_{s}_teacher_{t}"] = totals[f"cos_{s}"] / tokens_total
+        metrics["eval/sentence_cosine"] = totals["sentence_cos"] / max(totals["sentences"], 1)
         student.train(was_training)
         return metrics
 
 
 def count_tokens(batches: Sequence[MaskedBatch], reduce: Reduce = no_reduce) -> torch.Tensor:
-    """[masked tokens, non-padding tokens] over this step's micro-batches (and ranks)."""
+    """[masked tokens, non-padding tokens, sequences] over this step's micro-batches (and ranks)."""
     counts = torch.tensor(
-        [sum(int(b.masked_positions.sum()) for b in batches), sum(int(b.attention_mask.sum()) for b in batches)],
+        [
+            sum(int(b.masked_positions.sum()) for b in batches),
+            sum(int(b.attention_mask.sum()) for b in batches),
+            sum(b.num_sequences for b in batches),
+        ],
         dtype=torch.float64,
     )
     return reduce(counts)
