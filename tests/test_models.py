@@ -12,6 +12,7 @@ from components.models import (
     recursive_tiny,
     RecursiveEncoder,
 )
+from components.models.layers import attention_bias
 from tests.helpers import make_hf_teacher
 
 TOL = 1e-5
@@ -114,6 +115,28 @@ def test_zero_initialised_houlsby_adapters_are_identities():
     assert torch.equal(with_adapters(ids, mask).logits, plain(ids, mask).logits)
     torch.nn.init.normal_(with_adapters.adapters[1]["ffn_out"].up.weight, std=0.1)
     assert not torch.allclose(with_adapters(ids, mask).logits, plain(ids, mask).logits)
+
+
+def test_iteration_embeddings_start_as_the_plain_student_and_make_each_depth_differ(tmp_path, tokenizer):
+    torch.manual_seed(0)
+    embedded = recursive_tiny(adapter_placement=None, iteration_embeddings=True, vocab_size=len(tokenizer)).eval()
+    plain = recursive_tiny(adapter_placement=None, vocab_size=len(tokenizer)).eval()
+    plain.load_state_dict({k: v for k, v in embedded.state_dict().items() if k != "iteration_embeddings"})
+    ids, mask = batch(len(tokenizer))
+    assert torch.equal(embedded(ids, mask).logits, plain(ids, mask).logits)  # zeros: the same function
+    # iteration i's input is the previous output plus vector i, by hand through the shared layer
+    torch.nn.init.normal_(embedded.iteration_embeddings, std=0.5)
+    out = embedded(ids, mask, return_logits=False)
+    bias = attention_bias(mask, torch.float32)
+    for i in range(1, embedded.num_iterations + 1):
+        expected, _ = embedded.layer(out.hidden_states[i - 1] + embedded.iteration_embeddings[i - 1], bias, None, False)
+        torch.testing.assert_close(out.hidden_states[i], expected, rtol=0, atol=0)
+    assert not torch.allclose(out.hidden_states[-1], plain(ids, mask, return_logits=False).hidden_states[-1])
+    # saved natively (no transformers format has them) and read back exactly
+    assert save_student(embedded, tmp_path / "s", tokenizer) == "native"
+    reloaded = load_student(str(tmp_path / "s")).eval()
+    assert reloaded.config["iteration_embeddings"] is True
+    assert torch.equal(reloaded(ids, mask).logits, embedded(ids, mask).logits)
 
 
 def test_adapter_sites_per_placement():

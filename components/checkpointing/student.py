@@ -63,7 +63,11 @@ class HFFormat:
 
 
 def _albert_fits(c: Dict) -> bool:
-    return c["adapter_placement"] is None and (not c["mlm_head"] or c["mlm_head_size"] == c["embedding_size"])
+    return (
+        c["adapter_placement"] is None
+        and not c.get("iteration_embeddings")
+        and (not c["mlm_head"] or c["mlm_head_size"] == c["embedding_size"])
+    )
 
 
 def _albert_from_hf(state: Dict, kwargs: Dict) -> Dict:

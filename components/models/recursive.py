@@ -42,6 +42,10 @@ class RecursiveEncoder(nn.Module):
         adapter_placement: ``"minialbert"`` (pre-adapters), ``"houlsby"``, ``"pfeiffer"``, or
             ``None`` for no adapters (an ALBERT model).
         adapter_reduction_factor: adapter bottleneck is ``H // adapter_reduction_factor``.
+        iteration_embeddings: a learned vector per iteration added to the shared layer's input
+            (the Universal Transformer's timestep embedding, Dehghani et al. 2019), so the one
+            layer can act differently at each depth: ``N * H`` parameters, starting at zero
+            (the same function as without). Such a student is saved in the native format only.
         mlm_head: whether to build the masked-LM head.
         mlm_head_size: width of the MLM head's transform; defaults to ``E`` (ALBERT's head).
             MiniALBERT's released models use ``H``.
@@ -61,6 +65,7 @@ class RecursiveEncoder(nn.Module):
         num_iterations: int = 6,
         adapter_placement: Optional[str] = "minialbert",
         adapter_reduction_factor: int = 16,
+        iteration_embeddings: bool = False,
         mlm_head: bool = True,
         mlm_head_size: Optional[int] = None,
         tie_word_embeddings: bool = False,
@@ -88,6 +93,7 @@ class RecursiveEncoder(nn.Module):
             num_iterations=num_iterations,
             adapter_placement=adapter_placement,
             adapter_reduction_factor=adapter_reduction_factor,
+            iteration_embeddings=iteration_embeddings,
             mlm_head=mlm_head,
             mlm_head_size=mlm_head_size,
             tie_word_embeddings=tie_word_embeddings,
@@ -124,6 +130,9 @@ class RecursiveEncoder(nn.Module):
             if adapter_placement
             else None
         )
+        self.iteration_embeddings = (
+            nn.Parameter(torch.zeros(num_iterations, hidden_size)) if iteration_embeddings else None
+        )
         self.mlm_head = (
             MLMHead(hidden_size, mlm_head_size, vocab_size, activation, layer_norm_eps) if mlm_head else None
         )
@@ -136,6 +145,8 @@ class RecursiveEncoder(nn.Module):
         # W_up = 0: Houlsby and Pfeiffer adapters start as identities; MiniALBERT's start as
         # LayerNorm(x), which only re-normalises a post-LN input.
         start_as_identity(self.adapters)
+        if self.iteration_embeddings is not None:
+            nn.init.zeros_(self.iteration_embeddings)
         self.tie_weights()
 
     def tie_weights(self) -> None:
@@ -182,6 +193,8 @@ class RecursiveEncoder(nn.Module):
         for i in range(1, self.num_iterations + 1):
             adapters = self.adapters[i - 1] if self.adapters is not None else None
             need_probs = i in attention_layers
+            if self.iteration_embeddings is not None:
+                x = x + self.iteration_embeddings[i - 1].to(x.dtype)
             if self.activation_checkpointing and self.training:
                 x, probs = checkpoint(self.layer, x, bias, adapters, need_probs, use_reentrant=False)
             else:
