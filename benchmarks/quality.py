@@ -6,6 +6,8 @@
     python benchmarks/quality.py --budget-minutes 10 --long-minutes 0 --threads 2
     python benchmarks/quality.py --dtypes fp32 bf16 --skip-plain --long-minutes 0   # dtype's cost or gain
     python benchmarks/quality.py --skip-plain --set student.adapter_placement=minialbert   # a candidate config
+    python benchmarks/quality.py --skip-plain --variant sent loss.weights.sentence=3     # shipped + a variant
+    python benchmarks/quality.py --summarize results/quality_*.json                     # mean ± s.e. over seeds
 
 Sides, run one after another with the same threads, each trained side for the same wall-clock
 budget (the clock starts after setup; tokenisation is reported separately):
@@ -313,6 +315,28 @@ def train_plain(loop, tokenizer, sentences, seconds: float, seed: int) -> dict:
 # ---------------------------------------------------------------------------------------------
 
 
+def our_sides(args) -> list:
+    """(name, dtype, overrides) of each side of our recipe: every dtype x (the shipped config and
+    every --variant)."""
+    variants = [("", [])] + [(v[0], v[1:]) for v in args.variants]
+    sides = []
+    for dtype in args.dtypes:
+        for variant, overrides in variants:
+            parts = ["ours"] + ([dtype] if len(args.dtypes) > 1 else []) + ([variant] if variant else [])
+            sides.append(("-".join(parts), dtype, list(args.overrides) + list(overrides)))
+    return sides
+
+
+def start_from(student, initial) -> None:
+    """Load the initial student's weights; a variant's own new parameters (adapters) keep their
+    initialisation."""
+    missing, unexpected = student.load_state_dict(initial.state_dict(), strict=False)
+    if unexpected:
+        sys.exit(f"a variant's student lacks parameters of the initial one: {unexpected[:5]}")
+    if missing:
+        log(f"  {len(missing)} parameters of this variant are not in the initial student: initialised anew")
+
+
 def table(sides: dict) -> str:
     head = (
         f"{'side':<16}{'steps':>7}{'sentences':>11}{'train s':>9}{'token cos':>11}{'sent cos':>10}"
@@ -324,6 +348,31 @@ def table(sides: dict) -> str:
         rows.append(
             f"{name:<16}" + "".join(trained) + f"{r['token_cosine']:>11.4f}{r['sentence_cosine']:>10.4f}"
             f"{r['layer_cosine']:>11.4f}{r['probe_accuracy']:>11.4f}{r['probe_vs_teacher']:>11.3f}"
+        )
+    return "\n".join(rows)
+
+
+def summarize(paths) -> str:
+    """Mean and standard error over runs (one JSON per seed) of every side they share."""
+    runs = [json.loads(Path(p).read_text()) for p in paths]
+    names = [n for n in runs[0]["sides"] if all(n in r["sides"] for r in runs)]
+    seeds = [r["args"]["seed"] for r in runs]
+
+    def stat(values):
+        values = np.asarray(values, dtype=float)
+        se = values.std(ddof=1) / np.sqrt(len(values)) if len(values) > 1 else float("nan")
+        return f"{values.mean():.3f} ± {se:.3f}"
+
+    head = "| side | steps | sentence cos | token cos (last) | iterations 1-5 | last - others | probe | / teacher |"
+    rows = [f"seeds {seeds}", head, "|" + "---|" * 8]
+    for n in names:
+        sides = [r["sides"][n] for r in runs]
+        per_layer = [s["per_layer_cosine"] for s in sides]
+        gap = [p[-1] - float(np.mean(p[:-1])) for p in per_layer]
+        rows.append(
+            f"| {n} | {np.mean([s.get('steps', 0) for s in sides]):,.0f} | {stat([s['sentence_cosine'] for s in sides])} "
+            f"| {stat([s['token_cosine'] for s in sides])} | {stat([np.mean(p[:-1]) for p in per_layer])} "
+            f"| {stat(gap)} | {stat([s['probe_accuracy'] for s in sides])} | {stat([s['probe_vs_teacher'] for s in sides])} |"
         )
     return "\n".join(rows)
 
@@ -353,9 +402,30 @@ def main() -> None:
         help="a config key of our recipe's side, as on tune run's command line (repeatable), e.g. "
         "student.adapter_placement=minialbert",
     )
+    p.add_argument(
+        "--variant",
+        dest="variants",
+        action="append",
+        nargs="+",
+        default=[],
+        metavar="NAME [KEY=VALUE ...]",
+        help="one more side of our recipe, NAME, with these config keys on top of --set (repeatable; "
+        "every variant starts from the same initial student and data order), e.g. "
+        "--variant sentence loss.weights.sentence=3",
+    )
     p.add_argument("--threads", type=int, default=os.cpu_count())
     p.add_argument("--out", type=Path)
+    p.add_argument(
+        "--summarize",
+        nargs="+",
+        type=Path,
+        metavar="JSON",
+        help="print mean ± standard error over these result files (one per seed) and exit",
+    )
     args = p.parse_args()
+    if args.summarize:
+        print(summarize(args.summarize))
+        return
     budget = 60 * (args.budget_minutes if args.budget_minutes is not None else 3 if args.quick else 20)
     long = 60 * (args.long_minutes if args.long_minutes is not None else 0 if args.quick else 60)
     probe_split = (2000, 1000) if args.quick else None
@@ -395,8 +465,9 @@ def main() -> None:
         }
         log(f"{len(train)} training sentences, {len(held_out)} held out; setting up the recipe")
         t0 = time.perf_counter()
-        recipe = make_recipe(teacher_dir, corpus, work / "recipe", args.seed, args.dtypes[0], args.overrides)
-        results["dtypes"] = {args.dtypes[0]: recipe.dtype_reason}
+        first = our_sides(args)[0]
+        recipe = make_recipe(teacher_dir, corpus, work / "recipe", args.seed, first[1], first[2])
+        results["dtypes"] = {first[1]: recipe.dtype_reason}
         results["recipe_setup_seconds"] = time.perf_counter() - t0
         results["recipe_windows"] = recipe.window_counts["training"]
         log(f"recipe set up in {results['recipe_setup_seconds']:.0f} s ({results['recipe_windows']} windows)")
@@ -419,20 +490,25 @@ def main() -> None:
             sides["plain"] = {**trained, **evaluate("plain", hf_fn(loop.student), loop.student)}
             del loop
 
-        for i, dtype in enumerate(args.dtypes):
-            name = "ours" if len(args.dtypes) == 1 else f"ours-{dtype}"
-            if i > 0:  # the same initial student and data order, another dtype
+        for i, (name, dtype, overrides) in enumerate(our_sides(args)):
+            if i > 0:  # the same initial student and data order, another dtype or variant
                 recipe.cleanup()
-                recipe = make_recipe(teacher_dir, corpus, work / f"recipe-{dtype}", args.seed, dtype, args.overrides)
-                recipe.student.load_state_dict(load_student(initial).state_dict())
+                recipe = make_recipe(teacher_dir, corpus, work / f"recipe-{i}", args.seed, dtype, overrides)
+                start_from(recipe.student, load_student(initial))
                 results["dtypes"][dtype] = recipe.dtype_reason
-            log(f"{name} ({recipe.dtype_reason}): {budget / 60:.1f} min")
+            log(
+                f"{name} ({recipe.dtype_reason}{', ' if overrides else ''}{' '.join(overrides)}): {budget / 60:.1f} min"
+            )
             trained = train_ours(recipe, budget, {})
-            sides[name] = {**trained, **evaluate(name, ours_fn(recipe.student), recipe.student)}
+            sides[name] = {**trained, **evaluate(name, ours_fn(recipe.student), recipe.student), "overrides": overrides}
             if long > budget:
                 log(f"{name}, continued to {long / 60:.1f} min")
                 trained = train_ours(recipe, long, trained)
-                sides[f"{name}-long"] = {**trained, **evaluate(f"{name}-long", ours_fn(recipe.student), recipe.student)}
+                sides[f"{name}-long"] = {
+                    **trained,
+                    **evaluate(f"{name}-long", ours_fn(recipe.student), recipe.student),
+                    "overrides": overrides,
+                }
         recipe.cleanup()
     finally:
         shutil.rmtree(work, ignore_errors=True)
