@@ -27,7 +27,7 @@ from components.checkpointing.sentence_transformers import teacher_sentence_modu
 from components.config import accepts, check_config, config_section, instantiate, missing_arguments, parse
 from components.data import build_windows, GlobalBatchSampler, MLMMasker
 from components.errors import CheckpointError, ConfigError, NonFiniteLossError
-from components.models.student import check_student, copy_teacher_embeddings
+from components.models.student import check_student, copy_teacher_embeddings, init_from_teacher
 from components.quantization import get_scheme, prepare_qat, set_fake_quantize
 from components.training.distill import distill_step, Evaluator, step_batches
 from components.training.parallel import log_precision, resolve_device, resolve_dtype, SingleDevice
@@ -92,6 +92,9 @@ class DistillRecursiveRecipe:
             self.student = self._build_student().to(self.device)
             if cfg.copy_teacher_embeddings:
                 copy_teacher_embeddings(self.student, self.teacher.encoder)
+            start = cfg.init_from_teacher
+            if start.layer is not None or start.embeddings:
+                init_from_teacher(self.student, self.teacher.encoder, start.layer, start.embeddings)
         with config_section("loss"):
             self.loss_fn = instantiate(cfg.loss, student=self.student.spec, teacher=self.teacher.spec).to(self.device)
         self.default_weights = dict(self.loss_fn.weights)  # for stages that set none

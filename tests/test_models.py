@@ -417,3 +417,37 @@ def test_the_recipe_warns_about_a_bf16_teacher_on_such_a_cpu(tmp_path, teacher_d
     with caplog.at_level("WARNING"):
         run_recipe(cfg)
     assert "teacher.dtype=bf16 on a CPU without bf16 instructions" in caplog.text
+
+
+def test_init_from_teacher_copies_a_layer_and_factorises_the_embeddings(teacher_dir):
+    from components.errors import ConfigError
+    from components.models.student import init_from_teacher
+
+    teacher = hf_teacher(str(teacher_dir)).encoder
+    h = teacher.config["hidden_size"]
+    student = recursive_tiny(
+        adapter_placement=None,
+        vocab_size=teacher.config["vocab_size"],
+        hidden_size=h,
+        num_heads=teacher.config["num_heads"],
+        intermediate_size=teacher.config["intermediate_size"],
+        embedding_size=h // 2,
+        max_position_embeddings=teacher.config["max_position_embeddings"],
+    )
+    done = init_from_teacher(student, teacher, layer=2, embeddings=True)
+    assert len(done) == 2
+    for k, v in teacher.layers[1].state_dict().items():
+        assert torch.equal(student.layer.state_dict()[k], v), k
+    # the stacked tables are rebuilt as well as a rank-E factorisation can (Eckart-Young)
+    names = ["word_embeddings", "position_embeddings", "token_type_embeddings"]
+    theirs = torch.cat([getattr(teacher.embeddings, n).weight for n in names])
+    rebuilt = torch.cat([getattr(student.embeddings, n).weight for n in names]) @ student.projector.weight.T
+    tail = torch.linalg.svdvals(theirs)[h // 2 :]
+    assert torch.linalg.norm(rebuilt - theirs).item() == pytest.approx(tail.square().sum().sqrt().item(), rel=1e-3)
+    assert torch.linalg.norm(rebuilt - theirs) < 0.9 * torch.linalg.norm(theirs)
+    n = len(teacher.layers)
+    with pytest.raises(ConfigError, match=f"the teacher has layers 1..{n}"):
+        init_from_teacher(student, teacher, layer=n + 1)
+    narrow = recursive_tiny(adapter_placement=None, vocab_size=teacher.config["vocab_size"], hidden_size=h * 2)
+    with pytest.raises(ConfigError, match="shapes differ from teacher layer 1"):
+        init_from_teacher(narrow, teacher, layer=1)

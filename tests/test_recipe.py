@@ -258,3 +258,33 @@ def test_no_masking_for_hidden_state_and_attention_distillation(tmp_path, teache
     ):
         run_recipe(cfg)
     assert not (tmp_path / "other" / "checkpoints").exists()
+
+
+def test_init_from_teacher_starts_the_shared_layer_and_embeddings_from_the_teacher(tmp_path, teacher_dir, corpus_file):
+    from omegaconf import OmegaConf
+
+    from recipes.distill_recursive import DistillRecursiveRecipe
+
+    cfg = tiny_config(
+        tmp_path / "run",
+        teacher_dir,
+        corpus_file,
+        **{
+            "student.hidden_size": 32,  # the teacher's shapes: width 32, 4 heads, FFN 64
+            "student.intermediate_size": 64,
+            "student.embedding_size": 16,
+            "init_from_teacher": {"layer": 4, "embeddings": True},
+        },
+    )
+    recipe = DistillRecursiveRecipe(OmegaConf.create(cfg))
+    recipe.setup()
+    try:
+        teacher = recipe.teacher.encoder
+        for k, v in teacher.layers[3].state_dict().items():
+            assert torch.equal(recipe.student.layer.state_dict()[k], v), k
+        # the student's factorised word embeddings, projected, are a rank-16 fit of the teacher's
+        word = recipe.student.embeddings.word_embeddings.weight @ recipe.student.projector.weight.T
+        error = torch.linalg.norm(word - teacher.embeddings.word_embeddings.weight)
+        assert error < 0.9 * torch.linalg.norm(teacher.embeddings.word_embeddings.weight)
+    finally:
+        recipe.cleanup()

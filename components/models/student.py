@@ -109,3 +109,66 @@ def copy_teacher_embeddings(student: nn.Module, teacher: nn.Module) -> List[str]
         f"; not {', '.join(skipped)}" if skipped else "",
     )
     return copied
+
+
+def init_from_teacher(student: nn.Module, teacher: nn.Module, layer: Optional[int] = None, embeddings: bool = False):
+    """Start a recursive student from its teacher's weights; returns what was initialised.
+
+    ``layer``: the 1-based teacher layer whose weights become the shared layer's (shapes must
+    agree: the same width, heads and FFN). ``embeddings``: the teacher's word, position and
+    token-type embeddings factorised to the student's width E by a truncated SVD of the three
+    tables stacked (ALBERT's factorisation ``V x H = (V x E)(E x H)``, fitted instead of
+    learned): the tables get ``U_E S_E``, the projector ``V_E^T``, the embedding LayerNorm the
+    identity, so the projector's output is the teacher's embedding sum up to the SVD's error
+    (the teacher's own LayerNorm then differs: a start, not an equivalence)."""
+    teacher_layers = getattr(teacher, "layers", None)
+    if not hasattr(student, "layer") or teacher_layers is None:
+        raise ConfigError(
+            f"init_from_teacher needs a recursive student and a layered teacher, got "
+            f"{type(student).__name__} and {type(teacher).__name__}"
+        )
+    done = []
+    with torch.no_grad():
+        if layer is not None:
+            if not 1 <= layer <= len(teacher_layers):
+                raise ConfigError(f"init_from_teacher.layer={layer}: the teacher has layers 1..{len(teacher_layers)}")
+            source = {k: _full(v) for k, v in teacher_layers[layer - 1].state_dict().items()}
+            target = student.layer.state_dict()
+            wrong = [
+                f"{k} {tuple(v.shape)} vs {tuple(source[k].shape)}"
+                for k, v in target.items()
+                if k in source and source[k].shape != v.shape
+            ]
+            if wrong or source.keys() != target.keys():
+                raise ConfigError(
+                    f"init_from_teacher.layer: the shared layer's shapes differ from teacher layer {layer}'s: "
+                    + ("; ".join(wrong) or "different parameters")
+                )
+            student.layer.load_state_dict(source)
+            done.append(f"the shared layer from teacher layer {layer}")
+        if embeddings:
+            mine, theirs = student.embeddings, teacher.embeddings
+            names = ["word_embeddings", "position_embeddings", "token_type_embeddings"]
+            tables = [_full(getattr(theirs, n).weight).float() for n in names]
+            width = mine.word_embeddings.weight.shape[1]
+            rows = [getattr(mine, n).weight.shape[0] for n in names]
+            if [t.shape[0] for t in tables] != rows or not isinstance(student.projector, nn.Linear):
+                raise ConfigError(
+                    "init_from_teacher.embeddings needs the teacher's vocabulary, positions and token types "
+                    f"({[t.shape[0] for t in tables]}) and a student projecting E={width} to H"
+                )
+            u, s, vt = torch.linalg.svd(torch.cat(tables), full_matrices=False)
+            factors = (u[:, :width] * s[:width]).split(rows)
+            for n, f in zip(names, factors):
+                getattr(mine, n).weight.copy_(f)
+            mine.norm.weight.fill_(1.0)
+            mine.norm.bias.zero_()
+            student.projector.weight.copy_(vt[:width].T)
+            student.projector.bias.zero_()
+            done.append(f"the embeddings from the teacher's, factorised to E={width} by SVD")
+    logging.getLogger(__name__).info("Initialised %s", " and ".join(done) or "nothing")
+    return done
+
+
+def _full(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor

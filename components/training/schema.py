@@ -47,6 +47,14 @@ class QuantizationConfig:
 
 
 @dataclass
+class InitFromTeacherConfig:
+    # the 1-based teacher layer whose weights start a recursive student's shared layer (null: none)
+    layer: Optional[int] = bounded(None, low=1)
+    # the teacher's embedding tables factorised to the student's width E by a truncated SVD
+    embeddings: bool = False
+
+
+@dataclass
 class DistillConfig:
     """recipes/distill_recursive.py (and _distributed.py): a teacher distilled into a student."""
 
@@ -76,6 +84,8 @@ class DistillConfig:
     stages: Optional[List[StageConfig]] = None
     # Start the student's embeddings from the teacher's wherever name and shape agree (MobileBERT)
     copy_teacher_embeddings: bool = False
+    # Start a recursive student from its teacher's weights (docs: distillation)
+    init_from_teacher: InitFromTeacherConfig = field(default_factory=dict)
     quantization: QuantizationConfig = field(default_factory=dict)  # what QAT stages train for (keys below)
     seed: int = 42  # seeds initialisation, data order and masking
     device: str = "auto"  # auto | cpu | cuda | cuda:N
