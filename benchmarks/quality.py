@@ -172,21 +172,34 @@ def run_model(fn, model, batches, last_pooled: bool = False):
 
 
 def alignment(states, teacher_states, batches) -> dict:
+    """Held-out cosines to the teacher: per token for each mapped layer (iteration i vs teacher
+    layer i), of the mean-pooled last layer, and per token after centring each side on its own
+    mean token of that layer (what is left once the direction all tokens share is removed: the
+    teacher's layers differ in how much of their cosine that shared direction gives for free)."""
     layers = len(teacher_states[0]) - 1
     token = torch.zeros(layers + 1, dtype=torch.float64)
+    centred = torch.zeros(layers + 1, dtype=torch.float64)
     n_tokens, sentence = 0, []
+    flat = [
+        [torch.cat([x[i][mask.bool()] for x, (_, mask) in zip(side, batches)]) for i in range(layers + 1)]
+        for side in (states, teacher_states)
+    ]
     for s, t, (_, mask) in zip(states, teacher_states, batches):
         m = mask.bool()
         n_tokens += int(m.sum())
         for i in range(1, layers + 1):
             token[i] += F.cosine_similarity(s[i][m], t[i][m], dim=-1).double().sum()
         sentence.append(F.cosine_similarity(mean_pool(s[-1], mask), mean_pool(t[-1], mask), dim=-1))
+    for i in range(1, layers + 1):
+        s, t = flat[0][i], flat[1][i]
+        centred[i] = F.cosine_similarity(s - s.mean(0), t - t.mean(0), dim=-1).double().mean()
     token /= n_tokens
     return {
         "token_cosine": float(token[layers]),
         "sentence_cosine": float(torch.cat(sentence).mean()),
         "layer_cosine": float(token[1:].mean()),
         "per_layer_cosine": [round(float(c), 4) for c in token[1:]],
+        "per_layer_centred_cosine": [round(float(c), 4) for c in centred[1:]],
     }
 
 
@@ -265,7 +278,11 @@ def make_recipe(teacher_dir: Path, corpus: Path, output_dir: Path, seed: int, dt
             }
         ),
     )
-    cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))  # --set key=value
+    for key, section in OmegaConf.from_dotlist([o for o in overrides if "." not in o.split("=", 1)[0]]).items():
+        cfg[key] = section  # a whole section (student={_component_: ...}) replaces the shipped one
+    cfg = OmegaConf.merge(
+        cfg, OmegaConf.from_dotlist([o for o in overrides if "." in o.split("=", 1)[0]])
+    )  # --set key.sub=value
     recipe = DistillRecursiveRecipe(cfg)
     recipe.setup()
     return recipe
@@ -360,19 +377,28 @@ def summarize(paths) -> str:
 
     def stat(values):
         values = np.asarray(values, dtype=float)
-        se = values.std(ddof=1) / np.sqrt(len(values)) if len(values) > 1 else float("nan")
-        return f"{values.mean():.3f} ± {se:.3f}"
+        if len(values) == 1:
+            return f"{values[0]:.3f}"
+        return f"{values.mean():.3f} ± {values.std(ddof=1) / np.sqrt(len(values)):.3f}"
 
-    head = "| side | steps | sentence cos | token cos (last) | iterations 1-5 | last - others | probe | / teacher |"
-    rows = [f"seeds {seeds}", head, "|" + "---|" * 8]
+    head = (
+        "| side | steps | sentence cos | token cos (last) | iterations 1-5 | last - others "
+        "| centred: last - others | probe | / teacher |"
+    )
+    rows = [f"seeds {seeds}", head, "|" + "---|" * 9]
+
+    def gap(per_layer):
+        return per_layer[-1] - float(np.mean(per_layer[:-1]))
+
     for n in names:
         sides = [r["sides"][n] for r in runs]
         per_layer = [s["per_layer_cosine"] for s in sides]
-        gap = [p[-1] - float(np.mean(p[:-1])) for p in per_layer]
+        centred = [s["per_layer_centred_cosine"] for s in sides if "per_layer_centred_cosine" in s]
         rows.append(
             f"| {n} | {np.mean([s.get('steps', 0) for s in sides]):,.0f} | {stat([s['sentence_cosine'] for s in sides])} "
             f"| {stat([s['token_cosine'] for s in sides])} | {stat([np.mean(p[:-1]) for p in per_layer])} "
-            f"| {stat(gap)} | {stat([s['probe_accuracy'] for s in sides])} | {stat([s['probe_vs_teacher'] for s in sides])} |"
+            f"| {stat([gap(p) for p in per_layer])} | {stat([gap(p) for p in centred]) if centred else '—'} "
+            f"| {stat([s['probe_accuracy'] for s in sides])} | {stat([s['probe_vs_teacher'] for s in sides])} |"
         )
     return "\n".join(rows)
 
@@ -494,7 +520,8 @@ def main() -> None:
             if i > 0:  # the same initial student and data order, another dtype or variant
                 recipe.cleanup()
                 recipe = make_recipe(teacher_dir, corpus, work / f"recipe-{i}", args.seed, dtype, overrides)
-                start_from(recipe.student, load_student(initial))
+                if not any(o.startswith("init_from_teacher") for o in overrides):  # (those start from the teacher)
+                    start_from(recipe.student, load_student(initial))
                 results["dtypes"][dtype] = recipe.dtype_reason
             log(
                 f"{name} ({recipe.dtype_reason}{', ' if overrides else ''}{' '.join(overrides)}): {budget / 60:.1f} min"

@@ -260,9 +260,15 @@ def _grads(model, ids, mask):
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-def test_activation_checkpointing_gives_the_same_gradients():
+@pytest.mark.parametrize("family", ["recursive", "bert"])
+def test_activation_checkpointing_gives_the_same_gradients(family):
+    from components.models.bert import BertEncoder
+
     torch.manual_seed(0)
-    student = recursive_tiny(dropout=0.0, attention_dropout=0.0)
+    if family == "recursive":
+        student = recursive_tiny(dropout=0.0, attention_dropout=0.0)
+    else:  # an untied student (every layer its own)
+        student = BertEncoder(1000, 64, 2, 4, 128, dropout=0.0, attention_dropout=0.0, max_position_embeddings=64)
     ids, mask = batch()
     plain = _grads(student, ids, mask)
     student.activation_checkpointing = True

@@ -8,6 +8,7 @@ from typing import Collection, Optional
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from components.models.adapters import adapter_layers, start_as_identity
 from components.models.layers import (
@@ -109,6 +110,7 @@ class BertEncoder(nn.Module):
             if adapter_placement
             else None
         )
+        self.activation_checkpointing = False
         init_weights(self)
         start_as_identity(self.adapters)
 
@@ -144,7 +146,10 @@ class BertEncoder(nn.Module):
         hidden_states, attentions = [x], {}
         for i, layer in enumerate(self.layers, start=1):
             adapters = self.adapters[i - 1] if self.adapters is not None else None
-            x, probs = layer(x, bias, adapters, need_probs=i in attention_layers)
+            if self.activation_checkpointing and self.training:
+                x, probs = checkpoint(layer, x, bias, adapters, i in attention_layers, use_reentrant=False)
+            else:
+                x, probs = layer(x, bias, adapters, need_probs=i in attention_layers)
             hidden_states.append(x)
             if probs is not None:
                 attentions[i] = probs
