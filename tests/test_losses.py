@@ -269,6 +269,15 @@ def test_layer_weights_scale_each_mapped_layer():
         DistillationLoss(*specs(), weights={"hidden": 1.0}, layer_weights={1: -1.0})
 
 
+def test_sentence_term_needs_a_projection_for_the_last_layer():
+    narrow = specs(student_hidden=4)
+    with pytest.raises(ValueError, match="sentence term compares the student's last layer"):
+        DistillationLoss(*narrow, weights={"sentence": 1.0}, layer_map=[2, None], projection="per_layer")
+    loss_fn = DistillationLoss(*narrow, weights={"sentence": 1.0}, layer_map=[2, 4], projection="per_layer")
+    student, teacher, labels, mask = records(4, student_hidden=4)
+    assert loss_fn(student, teacher, labels, mask).terms["sentence"].item() > 0
+
+
 def test_projection_when_student_is_narrower():
     loss_fn = DistillationLoss(*specs(student_hidden=4))
     assert loss_fn.projection is not None and loss_fn.projection.weight.shape == (8, 4)

@@ -203,6 +203,15 @@ class DistillationLoss(nn.Module):
             )
         if (full["output"] or full["mlm"]) and not self.student_spec.has_mlm_head:
             raise ValueError("The mlm and output losses need a student with an MLM head")
+        if (
+            full["sentence"]
+            and self.projections is not None
+            and str(self.student_spec.num_layers) not in self.projections
+        ):
+            raise ValueError(
+                "The sentence term compares the student's last layer, which the layer map leaves out, so "
+                "projection=per_layer has no projection for it: map the last layer or use projection=shared"
+            )
         if not any(full.values()):
             raise ValueError("Every loss weight is 0: nothing to train")
         return full
