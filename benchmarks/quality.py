@@ -179,21 +179,18 @@ def alignment(states, teacher_states, batches) -> dict:
     layers = len(teacher_states[0]) - 1
     token = torch.zeros(layers + 1, dtype=torch.float64)
     centred = torch.zeros(layers + 1, dtype=torch.float64)
-    n_tokens, sentence = 0, []
-    flat = [
-        [torch.cat([x[i][mask.bool()] for x, (_, mask) in zip(side, batches)]) for i in range(layers + 1)]
-        for side in (states, teacher_states)
-    ]
-    for s, t, (_, mask) in zip(states, teacher_states, batches):
-        m = mask.bool()
-        n_tokens += int(m.sum())
-        for i in range(1, layers + 1):
-            token[i] += F.cosine_similarity(s[i][m], t[i][m], dim=-1).double().sum()
-        sentence.append(F.cosine_similarity(mean_pool(s[-1], mask), mean_pool(t[-1], mask), dim=-1))
+
+    def tokens(side, i):  # every held-out token of layer i
+        return torch.cat([x[i][mask.bool()] for x, (_, mask) in zip(side, batches)])
+
     for i in range(1, layers + 1):
-        s, t = flat[0][i], flat[1][i]
+        s, t = tokens(states, i), tokens(teacher_states, i)
+        token[i] = F.cosine_similarity(s, t, dim=-1).double().mean()
         centred[i] = F.cosine_similarity(s - s.mean(0), t - t.mean(0), dim=-1).double().mean()
-    token /= n_tokens
+    sentence = [
+        F.cosine_similarity(mean_pool(s[-1], mask), mean_pool(t[-1], mask), dim=-1)
+        for s, t, (_, mask) in zip(states, teacher_states, batches)
+    ]
     return {
         "token_cosine": float(token[layers]),
         "sentence_cosine": float(torch.cat(sentence).mean()),

@@ -35,15 +35,17 @@ from components.checkpointing.weights import weight_files
 from components.errors import CheckpointError, require
 from components.fingerprint import files_fingerprint, model_folder_fingerprint
 from components.inference.adapter_sets import MultiTaskModel
+from components.losses.distillation import segment_means
 from components.models.adapters import takes_adapters
 
 EXPORT_FILE, ONNX_FILE = "export.json", "model.onnx"
 
 
 def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """``[batch, seq, H]`` -> ``[batch, H]``: the mean over positions where ``mask`` is 1."""
-    mask = mask.to(hidden.dtype).unsqueeze(-1)
-    return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
+    """``[batch, seq, H]`` -> ``[batch, H]``: the mean over positions where ``mask`` is 1 (the
+    distillation loss's pooling, ``segment_means``, with one sequence per row)."""
+    pooled, _ = segment_means(hidden, mask)
+    return pooled[:, 0].to(hidden.dtype)
 
 
 def parameter_count(module: torch.nn.Module) -> int:
