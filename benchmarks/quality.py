@@ -172,32 +172,36 @@ def run_model(fn, model, batches, last_pooled: bool = False):
         model.train(was_training)
 
 
-def alignment(states, teacher_states, batches) -> dict:
-    """Held-out cosines to the teacher: per token for each mapped layer (iteration i vs teacher
-    layer i), of the mean-pooled last layer, and per token after centring each side on its own
-    mean token of that layer (what is left once the direction all tokens share is removed: the
-    teacher's layers differ in how much of their cosine that shared direction gives for free)."""
+def alignment(states, teacher_states, batches, pairs=None) -> dict:
+    """Held-out cosines to the teacher: per token for each mapped layer (``pairs`` of (student,
+    teacher) layers, the recipe's layer map; by default iteration i vs teacher layer i), of the
+    last layers (the student's last, what users embed, vs the teacher's) per token and
+    mean-pooled, and per token after centring each side on its own mean token of that layer
+    (what is left once the direction all tokens share is removed: the teacher's layers differ in
+    how much of their cosine that shared direction gives for free)."""
     layers = len(teacher_states[0]) - 1
-    token = torch.zeros(layers + 1, dtype=torch.float64)
-    centred = torch.zeros(layers + 1, dtype=torch.float64)
+    by_teacher = dict((t, s) for s, t in sorted(pairs or [(i, i) for i in range(1, layers + 1)]))
+    by_teacher[layers] = len(states[0]) - 1  # the last: always the student's last layer
+    token, centred = [], []
 
     def tokens(side, i):  # every held-out token of layer i
         return torch.cat([x[i][mask.bool()] for x, (_, mask) in zip(side, batches)])
 
-    for i in range(1, layers + 1):
-        s, t = tokens(states, i), tokens(teacher_states, i)
-        token[i] = F.cosine_similarity(s, t, dim=-1).double().mean()
-        centred[i] = F.cosine_similarity(s - s.mean(0), t - t.mean(0), dim=-1).double().mean()
+    for t_layer in sorted(by_teacher):
+        s, t = tokens(states, by_teacher[t_layer]), tokens(teacher_states, t_layer)
+        token.append(float(F.cosine_similarity(s, t, dim=-1).double().mean()))
+        centred.append(float(F.cosine_similarity(s - s.mean(0), t - t.mean(0), dim=-1).double().mean()))
     sentence = [
         F.cosine_similarity(mean_pool(s[-1], mask), mean_pool(t[-1], mask), dim=-1)
         for s, t, (_, mask) in zip(states, teacher_states, batches)
     ]
     return {
-        "token_cosine": float(token[layers]),
+        "token_cosine": token[-1],
         "sentence_cosine": float(torch.cat(sentence).mean()),
-        "layer_cosine": float(token[1:].mean()),
-        "per_layer_cosine": [round(float(c), 4) for c in token[1:]],
-        "per_layer_centred_cosine": [round(float(c), 4) for c in centred[1:]],
+        "layer_cosine": float(np.mean(token)),
+        "per_layer_cosine": [round(c, 4) for c in token],
+        "per_layer_centred_cosine": [round(c, 4) for c in centred],
+        "per_layer_pairs": [[by_teacher[t], t] for t in sorted(by_teacher)],
     }
 
 
@@ -232,9 +236,9 @@ class Evaluator:
         self.seed, self.teacher_probe = seed, None
         self.teacher_states = run_model(ours_fn(teacher), teacher, self.held)
 
-    def __call__(self, name: str, fn, model) -> dict:
+    def __call__(self, name: str, fn, model, pairs=None) -> dict:
         t0 = time.perf_counter()
-        result = alignment(run_model(fn, model, self.held), self.teacher_states, self.held)
+        result = alignment(run_model(fn, model, self.held), self.teacher_states, self.held, pairs)
         feats = np.empty((len(self.labels), self.teacher_states[0][-1].shape[-1]), dtype=np.float32)
         feats[self.rt_order] = torch.cat(run_model(fn, model, self.rt, last_pooled=True)).numpy()
         result["probe_accuracy"] = probe(feats, self.labels, self.n_train, self.seed)
@@ -536,14 +540,18 @@ def main() -> None:
                 f"{name} ({recipe.dtype_reason}{', ' if overrides else ''}{' '.join(overrides)}): {budget / 60:.1f} min"
             )
             trained = train_ours(recipe, budget, {})
-            sides[name] = {**trained, **evaluate(name, ours_fn(recipe.student), recipe.student), "overrides": overrides}
+            sides[name] = {
+                **trained,
+                **evaluate(name, ours_fn(recipe.student), recipe.student, recipe.loss_fn.layer_map),
+                "overrides": overrides,
+            }
             save()
             if long > budget:
                 log(f"{name}, continued to {long / 60:.1f} min")
                 trained = train_ours(recipe, long, trained)
                 sides[f"{name}-long"] = {
                     **trained,
-                    **evaluate(f"{name}-long", ours_fn(recipe.student), recipe.student),
+                    **evaluate(f"{name}-long", ours_fn(recipe.student), recipe.student, recipe.loss_fn.layer_map),
                     "overrides": overrides,
                 }
                 save()
