@@ -175,6 +175,11 @@ def run_model(fn, model, batches, last_pooled: bool = False):
         model.train(was_training)
 
 
+def tokens(states, batches, i) -> torch.Tensor:
+    """Every held-out token's state at layer i: ``[tokens, hidden]``."""
+    return torch.cat([x[i][mask.bool()] for x, (_, mask) in zip(states, batches)])
+
+
 def alignment(states, teacher_states, batches, pairs=None) -> dict:
     """Held-out cosines to the teacher: per token for each mapped layer (``pairs`` of (student,
     teacher) layers, the recipe's layer map; by default iteration i vs teacher layer i), of the
@@ -187,11 +192,8 @@ def alignment(states, teacher_states, batches, pairs=None) -> dict:
     by_teacher[layers] = len(states[0]) - 1  # the last: always the student's last layer
     token, centred = [], []
 
-    def tokens(side, i):  # every held-out token of layer i
-        return torch.cat([x[i][mask.bool()] for x, (_, mask) in zip(side, batches)])
-
     for t_layer in sorted(by_teacher):
-        s, t = tokens(states, by_teacher[t_layer]), tokens(teacher_states, t_layer)
+        s, t = tokens(states, batches, by_teacher[t_layer]), tokens(teacher_states, batches, t_layer)
         token.append(float(F.cosine_similarity(s, t, dim=-1).double().mean()))
         centred.append(float(F.cosine_similarity(s - s.mean(0), t - t.mean(0), dim=-1).double().mean()))
     sentence = [
@@ -214,7 +216,7 @@ def layer_steps(states, batches) -> list:
     well a linear map (least squares, fit on half the tokens) predicts the output from the input
     on the other half (held-out cosine). A layer that changes its input more, and less linearly,
     is a harder target for a student's iteration."""
-    hidden = [torch.cat([x[i][mask.bool()] for x, (_, mask) in zip(states, batches)]) for i in range(len(states[0]))]
+    hidden = [tokens(states, batches, i) for i in range(len(states[0]))]
     n = hidden[0].shape[0]
     order = torch.randperm(n, generator=torch.Generator().manual_seed(0))
     fit, held = order[: n // 2], order[n // 2 :]
