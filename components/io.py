@@ -39,6 +39,19 @@ def set_write_root(root: Optional[os.PathLike]) -> None:
     _write_root = Path(root).resolve() if root is not None else None
 
 
+@contextmanager
+def write_root(root: Optional[os.PathLike]) -> Iterator[None]:
+    """Inside the block writes are confined to ``root`` (``None``: anywhere); then the previous
+    confinement returns. For a process that runs recipes and writes its own files beside them
+    (a benchmark's results)."""
+    previous = _write_root
+    set_write_root(root)
+    try:
+        yield
+    finally:
+        set_write_root(previous)
+
+
 def check_write_path(path: os.PathLike, what: str = "output") -> Path:
     """``path`` resolved, if it lies inside the write root; else ``UnsafePathError``."""
     resolved = Path(path).resolve()

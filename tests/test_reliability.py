@@ -19,9 +19,11 @@ from components.checkpointing.resume import list_checkpoints, load_checkpoint
 from components.data import CorpusError, load_documents
 from components.io import (
     atomic_directory,
+    atomic_file,
     recover_interrupted_writes,
     set_write_root,
     UnsafePathError,
+    write_root,
 )
 from tests.helpers import make_hf_teacher, REPO, tune_command
 from tests.recipe_helpers import logged, run_recipe, tiny_config
@@ -419,6 +421,22 @@ def test_a_symlink_cannot_redirect_checkpoints(tmp_path):
     finally:
         set_write_root(None)
     assert list(outside.iterdir()) == []
+
+
+def test_write_root_lifts_for_a_block_and_comes_back(tmp_path):
+    """A process that runs a recipe and writes its own files beside it (quality.py's results)."""
+    run, results = tmp_path / "run", tmp_path / "results.json"
+    run.mkdir()
+    set_write_root(run)
+    try:
+        with write_root(None), atomic_file(results, "results") as f:
+            f.write("{}")
+        with pytest.raises(UnsafePathError, match="outside output_dir"):  # confined again
+            with atomic_file(tmp_path / "other.json", "results") as f:
+                f.write("{}")
+    finally:
+        set_write_root(None)
+    assert results.read_text() == "{}" and not (tmp_path / "other.json").exists()
 
 
 def test_old_format_bin_teachers_load(tmp_path, tokenizer):
