@@ -462,7 +462,8 @@ def summarize(paths) -> str:
         sides = [r["sides"][n] for r in runs]
         per_layer = [s["per_layer_cosine"] for s in sides]
         centred = [s["per_layer_centred_cosine"] for s in sides if "per_layer_centred_cosine" in s]
-        relay = [s["relayed"][-1][1] for s in sides if s.get("relayed")]  # the teacher's last layer
+        # the teacher's last layer on the side's input (files older than the measurement lack it)
+        relay = [s["relayed"][-1][1] for s in sides] if all(s.get("relayed") for s in sides) else []
         rows.append(
             f"| {n} | {np.mean([s.get('steps', 0) for s in sides]):,.0f} | {stat([s['sentence_cosine'] for s in sides])} "
             f"| {stat([s['token_cosine'] for s in sides])} | {stat([np.mean(p[:-1]) for p in per_layer])} "
